@@ -1,0 +1,151 @@
+"""Every prompt `twice` sends to a language model, in one place: the three instruction tasks (paper Stage 2),
+the teacher prompt that writes rationales (Stage 1, Appendix F in spirit) and the rationale-quality judge (RQ2).
+
+Prompts are plain strings; `twice.tasks` turns them into chat messages and token ids. Item text comes from data,
+so every field is passed through `clean()` first: a review that says "<end_of_turn>" or "<item>" can never forge a
+chat turn or an answer tag (design.md, "Output format").
+
+The layout follows the authors' released prompts (../shared/data/twice_official_sample): a [Purchase History] block
+of items (title / item_id / description / details / review / rating word), a [Candidate List] block, then the
+instruction. Our answer tags are the paper's `<think>` and `<item>` (configurable in `Tags`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+RATING_WORDS = {1: "Terrible", 2: "Bad", 3: "Okay", 4: "Good", 5: "Excellent"}
+
+SYSTEM_RECOMMENDER = ("You are a recommendation expert who suggests the optimal next item based on the customer's "
+                      "purchase history.")
+SYSTEM_ITEM_EXPERT = "You are an expert with in-depth knowledge of the items of this catalogue."
+
+
+@dataclass(frozen=True)
+class Tags:
+    think: str = "think"
+    item: str = "item"
+
+    def wrap_item(self, item_id: str) -> str:
+        return f"<{self.item}>{item_id}</{self.item}>"
+
+    def wrap_think(self, text: str) -> str:
+        return f"<{self.think}>{text}</{self.think}>"
+
+
+# Strings that must never survive inside data-derived text: Gemma chat control tokens and our answer tags.
+_CONTROL = re.compile(r"<\s*/?\s*(start_of_turn|end_of_turn|bos|eos|pad|think|item|item_nm|item_id|item_info)\s*>",
+                      re.IGNORECASE)
+
+
+def clean(text: str | None, max_chars: int | None = None) -> str:
+    """Data text -> prompt-safe text: control strings and tags defused ("<item>" -> "(item)"), whitespace folded,
+    length capped. Capping happens after cleaning so a cut never leaves half a tag."""
+    if not text:
+        return ""
+    text = _CONTROL.sub(lambda m: "(" + m.group(0).strip("<>").strip() + ")", str(text))
+    text = " ".join(text.split())
+    if max_chars is not None and len(text) > max_chars:
+        text = text[:max_chars].rstrip() + "..."
+    return text
+
+
+def render_details(details: dict | None, max_chars: int) -> str:
+    if not details or max_chars <= 0:
+        return ""
+    return clean(", ".join(f'"{k}": "{v}"' for k, v in details.items()), max_chars)
+
+
+def render_item(title: str, item_id: str, description: str = "", details: dict | None = None,
+                review: str | None = None, rating: int | None = None, *,
+                desc_chars: int = 200, review_chars: int = 200, details_chars: int = 0) -> str:
+    """One item as the authors' prompts show it. Review/rating lines only for history items."""
+    lines = [f"title:{clean(title, 300)}", f"- item_id:{clean(item_id, 64)}"]
+    if desc_chars > 0:
+        lines.append(f"- description:{clean(description, desc_chars)}")
+    if details_chars > 0:
+        lines.append(f"- details:{render_details(details, details_chars)}")
+    if review is not None and review_chars > 0:
+        lines.append(f"- review:{clean(review, review_chars)}")
+    if rating is not None:
+        lines.append(f"- rating:{RATING_WORDS.get(int(rating), 'Okay')}")
+    return "\n".join(lines)
+
+
+def recommendation_prompt(history_block: str, candidates_block: str, reasoning: bool, tags: Tags = Tags(),
+                          domain: str = "") -> str:
+    """Task 2 (reasoning=False) and Task 3 (reasoning=True): history + candidates -> answer in tags."""
+    where = f" in the {domain} domain" if domain else ""
+    if reasoning:
+        instruction = (
+            f"Based on the [Purchase History], reason about the customer's preferences (their ratings and reviews, "
+            f"positive and negative) and identify the single most suitable next item{where} from the "
+            f"[Candidate List]. First write your reasoning inside <{tags.think}> </{tags.think}>, then the "
+            f"recommended item ID inside <{tags.item}> </{tags.item}>.\n"
+            f"Answer format: <{tags.think}>your reasoning</{tags.think}><{tags.item}>item ID</{tags.item}>")
+    else:
+        instruction = (
+            f"Based on the [Purchase History], identify the single most suitable next item{where} from the "
+            f"[Candidate List]. Answer with the recommended item ID inside <{tags.item}> </{tags.item}> and "
+            f"nothing else.\nAnswer format: <{tags.item}>item ID</{tags.item}>")
+    return (f"[Purchase History]\n{history_block}\n\n[Candidate List]\n{candidates_block}\n\n"
+            f"***Instruction***\n{instruction}")
+
+
+def item_description_prompt(title: str, domain: str = "") -> str:
+    """Task 1: title -> the item's description and details (item knowledge)."""
+    where = f" in the {domain} domain" if domain else ""
+    return (f"[Item Title]\n{clean(title, 300)}\n\n***Instruction***\nFor the given [Item Title]{where}, write "
+            f"the item's ID, description and details.")
+
+
+def item_description_answer(item_id: str, description: str, details: dict | None, desc_chars: int = 400,
+                            details_chars: int = 200) -> str:
+    text = f"item_id:{clean(item_id, 64)}\n- description:{clean(description, desc_chars)}"
+    if details_chars > 0 and details:
+        text += f"\n- details:{render_details(details, details_chars)}"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: the teacher. It sees the history AND the true next item, explains the causal link, and tags whether
+# the link is real (self-annotated curation: instances it tags irrelevant are dropped).
+
+TEACHER_SYSTEM = ("You are an expert analyst of customer behaviour. You explain, from a customer's purchase history, "
+                  "why they bought the next item, and you honestly judge whether the history really explains it.")
+
+VERDICT_RELEVANT, VERDICT_IRRELEVANT = "RELEVANT", "IRRELEVANT"
+
+
+def teacher_prompt(history_block: str, target_block: str, exemplars: list[dict]) -> str:
+    """Few-shot prompt: each exemplar is {"history": str, "target": str, "rationale": str, "verdict": str}."""
+    shots = "\n\n".join(
+        f"### Example {i + 1}\n[Purchase History]\n{ex['history']}\n[Next Item]\n{ex['target']}\n"
+        f"<rationale>{ex['rationale']}</rationale>\n<verdict>{ex['verdict']}</verdict>"
+        for i, ex in enumerate(exemplars))
+    return (
+        "Explain why the customer bought the [Next Item], using only the [Purchase History]: link the preferences "
+        "the history shows (items, ratings, reviews) to concrete attributes of the next item. Write the rationale "
+        "as the recommender would, before knowing the answer: infer the preference first, then say why the item "
+        "fits. Mention at least one history item and one attribute of the next item.\n"
+        f"Then judge the link: <verdict>{VERDICT_RELEVANT}</verdict> if the history clearly explains the purchase, "
+        f"<verdict>{VERDICT_IRRELEVANT}</verdict> if there is no clear connection.\n"
+        "Answer exactly as: <rationale>...</rationale><verdict>RELEVANT or IRRELEVANT</verdict>\n\n"
+        f"{shots}\n\n### Now this customer\n[Purchase History]\n{history_block}\n[Next Item]\n{target_block}\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RQ2: the rationale-quality judge (paper: 0 incorrect, 1 correct + insufficient, 2 correct + acceptable,
+# 3 correct + satisfying). "Correct" = the recommended item exists in the catalogue (not hallucinated).
+
+JUDGE_SYSTEM = "You are a strict evaluator of product-recommendation explanations."
+
+
+def judge_prompt(history_block: str, recommended_block: str, rationale: str, item_exists: bool) -> str:
+    return (
+        "Score the recommendation rationale below on this scale:\n"
+        "0: Incorrect (the recommended item does not exist in the catalogue, or the rationale contradicts the history)\n"
+        "1: Correct and Insufficient rationale\n2: Correct and Acceptable rationale\n3: Correct and Satisfying rationale\n"
+        f"The recommended item {'exists' if item_exists else 'does NOT exist'} in the catalogue.\n\n"
+        f"[Purchase History]\n{history_block}\n\n[Recommended Item]\n{recommended_block}\n\n"
+        f"[Rationale]\n{clean(rationale, 4000)}\n\nAnswer with <score>N</score> and one sentence of justification.")
