@@ -103,8 +103,8 @@ def split_candidates(ds, split: str) -> dict[int, list[int]]:
 def recommend_example(ds, user, split: str, candidates: list[int], cfg: TaskConfig, tokenizer=None,
                       reasoning: bool = False, rationale: str | None = None, with_response: bool = True) -> Example:
     """T2 (reasoning=False) or T3 (reasoning=True). With a tokenizer, the prompt is fitted to the token budget."""
-    history = ds.history(user, split)           # item idxs, oldest first
-    target = ds.target(user, split)
+    history = ds.history(user.idx, split)       # item idxs, oldest first (a prefix of user.items)
+    target = ds.target(user.idx, split)
     n_hist = len(history)
     positions = list(range(max(0, n_hist - cfg.max_history), n_hist))
     desc_chars, review_chars, steps = cfg.desc_chars, cfg.review_chars, 0
