@@ -1,0 +1,320 @@
+"""Gemma-3 text decoder (270m / 1B / 4B / 12B / 27B), written to match HF `Gemma3ForCausalLM` (eager) exactly.
+
+    python -c "import torch; from twice.gemma3 import Gemma3, PRESETS; \
+               m = Gemma3.from_config(PRESETS['tiny']); print(m(torch.tensor([[2, 5, 7]])).shape)"
+
+Every rule below comes from ../shared/reference/gemma3.md (§2-§5), checked against transformers' eager path:
+  - RMSNorm multiplies by (1 + w) in fp32 and casts afterwards; four norms per block ("sandwich") + q_norm, k_norm.
+  - QK-norm over head_dim before RoPE; two RoPE tables: local (theta 1e4) and global (theta 1e6, linear scaling).
+  - Scores scaled by query_pre_attn_scalar**-0.5 (not head_dim**-0.5), GQA, masks use finfo.min (never -inf).
+  - GeGLU with tanh-GELU; embeddings scaled by sqrt(hidden) cast to the weight dtype; LM head tied to embeddings.
+Checkpoint I/O lives in twice/hf.py (`Gemma3.from_pretrained`, `model.save_pretrained` are thin wrappers).
+This file imports torch (and, lazily, `kernels` for the fused log-prob path) only: no distributed code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class Gemma3Config:
+    """Text decoder hyper-parameters; names are HF `Gemma3TextConfig` names so config.json maps 1:1."""
+    vocab_size: int = 262144            # 262144 on 270m/1B, 262208 on 4B+ (size logits by this, not the tokenizer)
+    hidden_size: int = 1152             # D (model width)
+    intermediate_size: int = 6912       # I (GeGLU width)
+    num_hidden_layers: int = 26         # L
+    num_attention_heads: int = 4        # H (query heads)
+    num_key_value_heads: int = 1        # KV heads (GQA: each serves H // KV query heads)
+    head_dim: int = 256                 # hd; H * hd may differ from D (1B: 1024 vs 1152)
+    query_pre_attn_scalar: float = 256  # scores are scaled by this ** -0.5 (27B: 168 != head_dim 128)
+    sliding_window: int = 512           # W: a local layer's query sees itself and the W-1 previous slots
+    sliding_window_pattern: int = 6     # only used to fill layer_types when absent: every 6th layer is global
+    layer_types: list[str] | None = None  # per layer "sliding_attention" | "full_attention" (None -> from pattern)
+    rope_theta: float = 1e6             # RoPE base of the global (full-attention) layers
+    rope_local_base_freq: float = 1e4   # RoPE base of the sliding layers (never scaled)
+    rope_scaling_factor: float = 1.0    # linear RoPE scaling of the global layers (8.0 on 4B+)
+    rms_norm_eps: float = 1e-6          # RMSNorm epsilon
+    max_position_embeddings: int = 32768  # informational (no dynamic RoPE); written to config.json
+    final_logit_softcapping: float | None = None  # null for every Gemma-3 release; kept so odd configs still match
+    pad_token_id: int = 0               # <pad>
+    bos_token_id: int = 2               # <bos>
+    eos_token_id: int | list[int] = 1   # <eos>; -it checkpoints list [1, 106] (<end_of_turn>)
+
+    def __post_init__(self):
+        if not self.layer_types:
+            p = self.sliding_window_pattern
+            self.layer_types = [SLIDING if (i + 1) % p != 0 else FULL for i in range(self.num_hidden_layers)]
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries, num_hidden_layers is "
+                             f"{self.num_hidden_layers}")
+        bad = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if bad:
+            raise ValueError(f"layer_types: unknown kind(s) {bad}; expected '{SLIDING}' or '{FULL}'")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+
+
+_BIG = dict(vocab_size=262208, sliding_window=1024, rope_scaling_factor=8.0, max_position_embeddings=131072)
+PRESETS: dict[str, Gemma3Config] = {  # copy before editing: dataclasses.replace(PRESETS[name], ...)
+    "gemma-3-270m": Gemma3Config(hidden_size=640, intermediate_size=2048, num_hidden_layers=18),
+    "gemma-3-1b": Gemma3Config(),
+    "gemma-3-4b": Gemma3Config(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                               num_attention_heads=8, num_key_value_heads=4, **_BIG),
+    "gemma-3-12b": Gemma3Config(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                                num_attention_heads=16, num_key_value_heads=8, **_BIG),
+    "gemma-3-27b": Gemma3Config(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+                                num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                                query_pre_attn_scalar=168, **_BIG),
+    # Random CPU model for tests/CI (gemma3.md §8): GQA, H*hd != D, query_pre_attn_scalar != head_dim, window 4,
+    # local theta != global theta, linear scaling, sqrt(48) inexact in bf16.
+    "tiny": Gemma3Config(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=32,
+                         sliding_window=4, sliding_window_pattern=3, rope_scaling_factor=8.0,
+                         max_position_embeddings=128),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small pure pieces
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))  # zero-centred: the scale is (1 + w)
+
+    def forward(self, x):
+        # fp32 throughout and cast at the end: Gemma casts (x*w), Llama casts x then multiplies (differs in bf16)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, factor: float, dtype):
+    """cos, sin [B, T, hd] in `dtype`, computed in fp32 from positions (no cached tables: meta-init friendly)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
+                                / head_dim))  # [hd/2]
+    inv_freq = inv_freq / factor  # linear scaling == dividing positions by `factor`
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, hd]: half-split ("NeoX") pairing
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x [B, H, T, hd]; cos/sin [B, T, hd] -> broadcast over heads
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def attend(q, k, v, mask, scale: float):
+    """Eager attention exactly as HF: q [B, H, T, hd], k/v [B, KV, S, hd], mask [B|1, 1, T, S] additive -> [B, T, H*hd].
+
+    Scores in the model dtype, + mask, softmax in fp32 then cast back (bit-exact with transformers' eager path)."""
+    B, H, T, hd = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    if H != KV:  # GQA: kv head j serves query heads j*G .. j*G+G-1 (same expand+reshape as HF repeat_kv)
+        k = k[:, :, None].expand(B, KV, H // KV, S, hd).reshape(B, H, S, hd)
+        v = v[:, :, None].expand(B, KV, H // KV, S, hd).reshape(B, H, S, hd)
+    s = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, T, S]
+    if mask is not None:
+        s = s + mask
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v).transpose(1, 2).reshape(B, T, H * hd)
+
+
+def build_mask(attention_mask, B: int, T: int, window: int | None, dtype, device):
+    """Additive mask [B|1, 1, T, T] for a cache-less forward: causal, optional sliding window, key padding.
+
+    Indices are slots (pads included), not position_ids. Sliding: key k visible from query q iff q-W < k <= q."""
+    q = torch.arange(T, device=device)[:, None]
+    k = torch.arange(T, device=device)[None, :]
+    allowed = k <= q  # [T, T]
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    allowed = allowed[None, None]  # [1, 1, T, T]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()  # [B, 1, T, T]
+    # finfo.min, not -inf: fully masked pad rows stay finite (uniform softmax) instead of NaN that leaks later
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules (tree mirrors HF's minus the "model." prefix, so the checkpoint key table is trivial)
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Gemma3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.sliding = cfg.layer_types[layer_idx] == SLIDING
+        self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = cfg.query_pre_attn_scalar ** -0.5
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, self.H * self.hd, bias=False)
+        self.k_proj = nn.Linear(D, self.KV * self.hd, bias=False)
+        self.v_proj = nn.Linear(D, self.KV * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.H * self.hd, D, bias=False)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)  # one [hd] weight shared by all heads
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.KV, self.hd).transpose(1, 2)  # [B, KV, T, hd]
+        v = self.v_proj(x).view(B, T, self.KV, self.hd).transpose(1, 2)  # [B, KV, T, hd]
+        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm BEFORE RoPE; v is not normalised
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:  # the cache owns slots, window and padding: it hands back keys + the mask
+            k, v, mask = kv_cache.update(self.layer_idx, k, v)  # [B, KV, S, hd] x2, [B, 1, T, S]
+        return self.o_proj(attend(q, k, v, mask, self.scale))  # [B, T, D]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        D, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(D, I, bias=False)
+        self.up_proj = nn.Linear(D, I, bias=False)
+        self.down_proj = nn.Linear(I, D, bias=False)
+
+    def forward(self, x):  # GeGLU: the gate goes through tanh-GELU
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Gemma3Config, layer_idx: int):
+        super().__init__()
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(D, eps)
+        self.pre_feedforward_layernorm = RMSNorm(D, eps)
+        self.mlp = MLP(cfg)
+        self.post_feedforward_layernorm = RMSNorm(D, eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        # "sandwich" norms: each sub-block's OUTPUT is normalised before the residual add
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3(nn.Module):
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False  # per-block activation checkpointing (training only)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """Random init for tiny/test models: N(0, std) for embeddings and projections, norm weights 0 (scale 1)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.zeros_(m.weight)
+
+    @classmethod
+    def from_config(cls, config: Gemma3Config, dtype=torch.float32, device="cpu", std: float = 0.02):
+        """A randomly initialised model, built on the meta device first so nothing is allocated twice."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.init_weights(std)
+        return model.to(dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        from twice.hf import from_pretrained  # lazy: twice.hf imports this module
+        return from_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, **kwargs):
+        from twice.hf import save_pretrained
+        return save_pretrained(self, path, **kwargs)
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, targets=None,
+                temperature: float = 1.0, return_entropy: bool = False, return_hidden: bool = False):
+        """input_ids [B, T]; attention_mask [B, S] (1 real, 0 pad; S = cached + T slots); position_ids [B, T].
+
+        Returns logits [B, T, V] (model dtype); or the final normed hidden [B, T, D] with return_hidden; or, with
+        targets [B, T] (-100 = ignore), fp32 log-probs [B, T] (0 where ignored) [and entropy [B, T]] computed by
+        the fused kernel so [tokens x V] is never built. With kv_cache, masks come from kv_cache.update()."""
+        cfg = self.config
+        B, T = input_ids.shape
+        W = self.embed_tokens.weight  # [V, D]
+        dt, dev = W.dtype, W.device
+        if position_ids is None:
+            if attention_mask is not None:
+                past = attention_mask.shape[1] - T
+            elif kv_cache is not None:
+                if not hasattr(kv_cache, "past_len"):
+                    raise ValueError("forward with a kv_cache needs position_ids (or an attention_mask [B, S])")
+                past = kv_cache.past_len
+            else:
+                past = 0
+            position_ids = torch.arange(past, past + T, device=dev)[None].expand(B, T)
+
+        # the scale is cast to the weight dtype first (bf16: sqrt(1152) = 33.94 -> 34.0), exactly like HF
+        x = self.embed_tokens(input_ids) * torch.tensor(cfg.hidden_size ** 0.5).to(dt)  # [B, T, D]
+        rope = {  # [B, T, hd] each; local layers never scaled
+            SLIDING: rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_local_base_freq, 1.0, dt),
+            FULL: rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, dt),
+        }
+        masks = {SLIDING: None, FULL: None}
+        if kv_cache is None:
+            if attention_mask is not None and attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected {(B, T)} without cache")
+            masks = {SLIDING: build_mask(attention_mask, B, T, cfg.sliding_window, dt, dev),
+                     FULL: build_mask(attention_mask, B, T, None, dt, dev)}
+
+        for layer, kind in zip(self.layers, cfg.layer_types):
+            cos, sin = rope[kind]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # recompute the block in backward: activation memory O(1 block) instead of O(L blocks)
+                x = checkpoint(layer, x, cos, sin, masks[kind], kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks[kind], kv_cache)
+        h = self.norm(x)  # [B, T, D]
+
+        if return_hidden:
+            return h
+        if targets is not None:
+            if cfg.final_logit_softcapping:
+                raise NotImplementedError("targets= with final_logit_softcapping is not supported")
+            from kernels import token_logprobs  # lazy: the model imports without the kernels package
+            valid = targets != -100  # [B, T]
+            out = token_logprobs(h[valid], W, targets[valid], temperature, return_entropy=return_entropy)
+            logp, ent = out if return_entropy else (out, None)
+            full = h.new_zeros((B, T), dtype=torch.float32)
+            logp = full.masked_scatter(valid, logp.float())
+            if not return_entropy:
+                return logp
+            return logp, full.masked_scatter(valid, ent.float())
+        logits = F.linear(h, W)  # [B, T, V], tied head, stays in the model dtype (HF does not upcast)
+        if cfg.final_logit_softcapping:
+            c = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / c) * c
+        return logits
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
