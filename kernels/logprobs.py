@@ -1,0 +1,229 @@
+"""Fused linear -> per-token log-prob (+ entropy), forward and backward, without materialising [N, V] logits.
+
+    from kernels import token_logprobs
+    logp = token_logprobs(hidden, weight, targets, temperature=1.0)               # [N] fp32
+    logp, ent = token_logprobs(hidden, weight, targets, return_entropy=True)      # [N] fp32 each
+
+Gradient (per row i; z = h W^T / T, lse = log sum_j e^{z_j}, p = e^{z - lse}, g_lp / g_H = upstream grads):
+  1. logp = z_y - lse and H = -sum_j p_j log p_j = lse - sum_j p_j z_j.
+  2. d lse / d z_j = p_j, so d logp / d z_j = [j = y] - p_j.
+  3. d p_k / d z_j = p_k([k = j] - p_j), so d H / d z_j = p_j - p_j - sum_k z_k p_k([k = j] - p_j)
+     = -p_j (z_j - sum_k p_k z_k) = -p_j (z_j - lse + H) = -p_j (log p_j + H).
+  4. dz_j = g_lp [j = y] - p_j (g_lp + g_H (log p_j + H)), with log p_j = z_j - lse recomputed from the saved lse.
+  5. dh = (dz / T) W and dW = (dz / T)^T h; chunked over V, each dW slice is written once and dh accumulates in fp32.
+Only lse and H ([N] fp32) are saved; the logits are recomputed tile by tile in backward.
+
+Two implementations, same contract (see ../shared/reference/logprob_kernels.md for the survey and the memory math):
+  * "torch": pure PyTorch, two-level chunked (vocab outer, tokens inner) with an online (m, s, t) logsumexp/entropy in fp32.
+    Runs everywhere; it is what trains on CPU. Transient memory is a few [rows, vocab-chunk] fp32 tiles (<= ~64 MB).
+  * "triton": kernels/logprobs_triton.py (split-V forward partials merged deterministically, a dz kernel per vocab slice
+    in backward plus cuBLAS matmuls for dW / dh). Used on CUDA; runs on CPU tensors under TRITON_INTERPRET=1 for tests.
+Selection: impl argument, else env TWICE_LOGPROBS_IMPL=torch|triton, else "triton" for CUDA tensors when triton imports,
+else "torch". triton is optional: this module imports without it.
+
+Tests: pytest tests/test_logprobs.py        Benchmark: python bench/logprobs.py
+"""
+import math
+import os
+
+import torch
+
+# Reference-path tile size: the logits tile [rows, vocab-chunk] holds at most this many fp32 elements (16 MB); forward
+# and backward keep two such tiles plus a fp32 copy of the W chunk, so the transient stays well under 64 MB.
+REF_TILE_ELEMS = 1 << 22
+REF_MAX_ROWS = 1024      # token-chunk rows; big enough that each chunk matmul runs at full BLAS speed
+REF_MIN_VCHUNK = 1024    # never slice the vocabulary thinner than this (small-N case widens the vocab chunk instead)
+
+IMPLS = ("torch", "triton")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install: fall back to torch
+        return False
+    return True
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def select_impl(hidden: torch.Tensor, impl: str | None = None) -> str:
+    """Pick "torch" or "triton": explicit argument > TWICE_LOGPROBS_IMPL > CUDA+triton > torch."""
+    if impl is None:
+        impl = os.environ.get("TWICE_LOGPROBS_IMPL") or None
+        if impl is not None and impl not in IMPLS:
+            raise ValueError(f"TWICE_LOGPROBS_IMPL={impl!r}: expected one of {IMPLS}")
+    if impl is None:
+        return "triton" if hidden.is_cuda and _triton_available() else "torch"
+    if impl not in IMPLS:
+        raise ValueError(f"token_logprobs impl={impl!r}: expected one of {IMPLS}")
+    if impl == "triton":
+        if not _triton_available():
+            raise RuntimeError("token_logprobs impl='triton' but triton is not installed (pip install -e '.[triton]')")
+        if not hidden.is_cuda and not _interpret():
+            raise RuntimeError("token_logprobs impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before import "
+                               "for the CPU interpreter")
+    return impl
+
+
+def _check_inputs(hidden, weight, targets, temperature):
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"token_logprobs: hidden must be [N, D] and weight [V, D], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"token_logprobs: hidden dim {hidden.shape[1]} != weight dim {weight.shape[1]}")
+    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"token_logprobs: targets must be [N={hidden.shape[0]}], got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token_logprobs: targets must be int64/int32, got {targets.dtype}")
+    if hidden.dtype != weight.dtype or hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError(f"token_logprobs: hidden ({hidden.dtype}, {hidden.device}), weight ({weight.dtype}, "
+                         f"{weight.device}) and targets ({targets.device}) must share dtype/device")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"token_logprobs: temperature must be a positive finite number, got {temperature}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(f"token_logprobs: targets must lie in [0, V={weight.shape[0]}) (pack out ignored tokens "
+                         f"before calling), got range [{int(targets.min())}, {int(targets.max())}]")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference path (pure PyTorch)
+
+def _ref_chunks(n: int, v: int) -> tuple[int, int]:
+    rows = max(1, min(n, REF_MAX_ROWS))
+    vchunk = max(1, min(v, max(REF_MIN_VCHUNK, REF_TILE_ELEMS // rows)))
+    return rows, vchunk
+
+
+def _ref_forward(hidden, weight, targets, temperature, with_entropy):
+    """-> lse, logp, entropy (or None), each [N] fp32."""
+    n, v = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    rows, vchunk = _ref_chunks(n, v)
+    h32 = hidden.float()                                       # [N, D]; a no-op for fp32, O(N*D) for bf16
+    m = torch.full((n,), -1e30, dtype=torch.float32, device=dev)  # finite init: alpha = 0 and 0 * (m - m') = 0 on chunk 1
+    s = torch.zeros(n, dtype=torch.float32, device=dev)
+    t = torch.zeros(n, dtype=torch.float32, device=dev) if with_entropy else None
+    zy = torch.zeros(n, dtype=torch.float32, device=dev)
+    for v0 in range(0, v, vchunk):
+        v1 = min(v, v0 + vchunk)
+        w32 = weight[v0:v1].float()                            # [Vc, D]
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
+            z = h32[n0:n1] @ w32.T                              # [Nc, Vc] fp32
+            z.div_(temperature)                                 # divide (not * 1/T) exactly as the sampler does
+            y = targets[n0:n1]
+            hit = ((y >= v0) & (y < v1)).nonzero().squeeze(1)   # rows whose target lives in this vocab chunk
+            if hit.numel():
+                zy[n0 + hit] = z[hit, y[hit] - v0]
+            mc = m[n0:n1]
+            m_new = torch.maximum(mc, z.amax(dim=1))            # [Nc]
+            alpha = torch.exp(mc - m_new)
+            z.sub_(m_new[:, None])                              # shifted coordinates: z - m' <= 0
+            e = torch.exp(z)
+            s_tile = e.sum(dim=1)
+            if with_entropy:
+                t_tile = e.mul_(z).sum(dim=1)                   # sum e^{z-m'} (z-m'); reuses e's buffer
+                t[n0:n1] = alpha * (t[n0:n1] + s[n0:n1] * (mc - m_new)) + t_tile
+            s[n0:n1] = alpha * s[n0:n1] + s_tile
+            m[n0:n1] = m_new
+            del z, e
+    log_s = torch.log(s)
+    lse = m + log_s
+    logp = zy - lse
+    ent = (log_s - t / s) if with_entropy else None
+    return lse, logp, ent
+
+
+def _ref_backward(hidden, weight, targets, temperature, lse, ent, g_lp, g_h, need_dh, need_dw):
+    """dz = g_lp [j=y] - p (g_lp + g_H (log p + H)), then dh = (dz/T) W, dW = (dz/T)^T h; vocab outer loop."""
+    n, v = hidden.shape[0], weight.shape[0]
+    rows, vchunk = _ref_chunks(n, v)
+    h32 = hidden.float()
+    dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
+    dw = torch.empty_like(weight) if need_dw else None
+    if g_lp is None:
+        g_lp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    for v0 in range(0, v, vchunk):
+        v1 = min(v, v0 + vchunk)
+        w32 = weight[v0:v1].float()                            # [Vc, D]
+        dw_acc = torch.zeros(w32.shape, dtype=torch.float32, device=w32.device) if need_dw else None
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
+            gl = g_lp[n0:n1].float()
+            z = h32[n0:n1] @ w32.T                              # [Nc, Vc] recomputed logits
+            z.div_(temperature).sub_(lse[n0:n1, None])          # log p
+            p = torch.exp(z)
+            if g_h is not None:
+                coef = z.add_(ent[n0:n1, None]).mul_(g_h[n0:n1, None].float()).add_(gl[:, None])
+                dz = p.mul_(coef).neg_()                        # -p (g_lp + g_H (log p + H))
+            else:
+                dz = p.mul_(-gl[:, None])
+            del z
+            y = targets[n0:n1]
+            hit = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
+            if hit.numel():
+                dz[hit, y[hit] - v0] += gl[hit]                 # + g_lp at the target
+            dz.div_(temperature)
+            if need_dw:
+                dw_acc.addmm_(dz.T, h32[n0:n1])                 # [Vc, D]
+            if need_dh:
+                dh[n0:n1].addmm_(dz, w32)                       # [Nc, D]
+            del dz
+        if need_dw:
+            dw[v0:v1] = dw_acc                                  # each dW slice written once
+    return (dh.to(hidden.dtype) if need_dh else None), dw
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# autograd glue
+
+class TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, impl):
+        if impl == "triton":
+            from kernels import logprobs_triton
+            lse, logp, ent = logprobs_triton.forward(hidden, weight, targets, temperature, with_entropy)
+        else:
+            lse, logp, ent = _ref_forward(hidden, weight, targets, temperature, with_entropy)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent if with_entropy else lse)
+        ctx.temperature, ctx.with_entropy, ctx.impl = temperature, with_entropy, impl
+        ctx.set_materialize_grads(False)                       # an unused output's grad arrives as None: skip its term
+        if with_entropy:
+            return logp, ent
+        return logp
+
+    @staticmethod
+    def backward(ctx, g_lp, g_h=None):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        if not ctx.with_entropy:
+            g_h = None
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if (g_lp is None and g_h is None) or not (need_dh or need_dw):
+            return None, None, None, None, None, None
+        if ctx.impl == "triton":
+            from kernels import logprobs_triton
+            dh, dw = logprobs_triton.backward(hidden, weight, targets, ctx.temperature, lse, ent, g_lp, g_h,
+                                              need_dh, need_dw)
+        else:
+            dh, dw = _ref_backward(hidden, weight, targets, ctx.temperature, lse, ent, g_lp, g_h, need_dh, need_dw)
+        return dh, dw, None, None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   return_entropy: bool = False, impl: str | None = None):
+    """log softmax(hidden @ weight.T / temperature)[i, targets[i]] for each row i, without the [N, V] logits.
+
+    hidden [N, D] and weight [V, D] (same dtype: fp32 or bf16; the tied embedding for Gemma), targets [N] int in [0, V)
+    (pack out ignored positions first). Returns logp [N] fp32, or (logp, entropy) [N] fp32 each when return_entropy.
+    Differentiable w.r.t. hidden and weight (grads in their dtypes, accumulated in fp32). impl: None (auto),
+    "torch" or "triton"; see the module docstring.
+    """
+    temperature = float(temperature)
+    _check_inputs(hidden, weight, targets, temperature)
+    impl = select_impl(hidden, impl)
+    if hidden.shape[0] == 0:
+        impl = "torch"                                         # nothing to launch; the reference handles N = 0
+    return TokenLogprobs.apply(hidden, weight, targets.long(), temperature, bool(return_entropy), impl)
