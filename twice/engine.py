@@ -1,0 +1,431 @@
+"""KV cache + group sampling engine: the sampler GRPO spends most of its time in, and exact candidate scoring.
+
+    python -c "import torch; from twice.gemma3 import Gemma3, PRESETS; from twice.engine import Engine; \
+               m = Gemma3.from_config(PRESETS['tiny']).eval(); \
+               print(Engine(m).generate([[2, 5, 7]], num_samples=4, max_new_tokens=8, seeds=0).tokens)"
+
+Pieces (nouns only; the loops that use them live in train_grpo.py / eval.py / bench/generate.py):
+  KVCache       preallocated per layer. Global layers: [B, KV, max_len, hd], slot s at index s. Sliding layers: a
+                ring buffer of R = min(W, max_len) slots, slot s at index s % R. Implements the model's protocol
+                `k_all, v_all, mask = cache.update(layer_idx, k, v)`; masks are built once per step per layer kind.
+  sample_tokens one vectorised sampling step (temperature, top-k, top-p) driven by per-row uniforms.
+  Engine        generate(): prefill every prompt ONCE (left-padded batch), fan the cache out to K rows, decode with
+                one seeded generator per output row; score(): log-likelihood of N continuations of one prompt
+                from one prefill; greedy(): batched greedy decoding.
+
+Conventions (documented once, here):
+  - Padding: batched prompts are LEFT-padded to a common length, so every row shares the slot counter `pos` and
+    slot distance == token distance for real tokens (the sliding window is unaffected). `start[b]` is row b's first
+    real slot; pad slots are masked as keys for every query. Position ids are `slot - start[b]` (pads clamp to 0),
+    so a left-padded row gets exactly the RoPE positions of the same prompt run alone.
+  - Ring buffer: a single-token step writes its k/v into the ring first and attends over the R ring slots (the
+    overwritten slot s-W is out of the window anyway). A multi-token step (prefill, or a teacher-forced
+    continuation) attends over [ring ; the T new keys] under the window mask and only then writes the last
+    min(T, R) new keys into the ring: dropping keys before attention corrupts early queries (gemma3.md §5, mlxcel#405).
+  - Reproducibility: output row r draws its uniforms from its own torch.Generator seeded with seeds[r]
+    (prompt-major rows: r = prompt_i * K + k), all up front, and samples by inverse CDF. So a row's tokens do not
+    depend on which other rows share the batch (up to float reassociation in batched matmuls).
+  - Log-probs, both per generated token:
+      logprobs      the sampler's: log-softmax of the PROCESSED logits (logits / T, then top-k, then top-p
+                    renormalised) at the sampled token -- the exact probability the token was drawn with.
+      full_logprobs log_softmax(logits / T) over the whole vocabulary (no truncation) at the sampled token -- what
+                    the trainer computes with kernels.token_logprobs(..., temperature=T). The two agree when
+                    top_k/top_p are off; their gap is the truncation bias (grpo.md §9.6) and is worth logging.
+    Greedy (temperature == 0): logprobs are 0 (a point mass) and full_logprobs use T = 1.
+  - Stops: a row finishes on a stop id (the stop token is kept, mask 1) or when a stop string appears in its decoded
+    text (kept up to and including the token that completes the string), or at max_new_tokens. Finished rows keep
+    running in the static-shape batch (their outputs are masked and discarded); the loop exits once all are done.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache
+
+class KVCache:
+    """Preallocated cache for a batch of B rows that share one slot counter (left padding).
+
+    k[l], v[l]: [B, KV, max_len, hd] for full-attention layers, [B, KV, R, hd] (ring, R = min(W, max_len)) for
+    sliding ones. `start` [B] long: first real slot per row (number of left pads). `pos`: slots written so far.
+    """
+
+    def __init__(self, config, batch_size: int, max_len: int, dtype=torch.float32, device="cpu", start=None):
+        self.layer_types = list(config.layer_types)
+        self.window = config.sliding_window
+        self.n_layers = len(self.layer_types)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.ring = min(self.window, max_len)  # R
+        KV, hd = config.num_key_value_heads, config.head_dim
+        self.k, self.v = [], []
+        for kind in self.layer_types:
+            n = self.ring if kind == SLIDING else max_len
+            self.k.append(torch.zeros(batch_size, KV, n, hd, dtype=dtype, device=device))
+            self.v.append(torch.zeros(batch_size, KV, n, hd, dtype=dtype, device=device))
+        self.dtype, self.device = dtype, torch.device(device)
+        self.start = (torch.zeros(batch_size, dtype=torch.long, device=device) if start is None
+                      else start.to(device=device, dtype=torch.long))  # [B]
+        self.pos = 0  # Python int: every row shares it, so the decode loop never syncs to read it
+        self._masks = {}  # kind -> mask for the current step (built by the first layer of that kind)
+
+    @property
+    def past_len(self) -> int:  # the model reads this when called without position_ids
+        return self.pos
+
+    def position_ids(self, T: int):
+        """[B, T] RoPE positions of the next T slots: slot - start (left pads clamp to 0)."""
+        slots = torch.arange(self.pos, self.pos + T, device=self.device)
+        return (slots[None, :] - self.start[:, None]).clamp_min(0)
+
+    # ---- the protocol the model calls ----------------------------------------------------------------------
+    def update(self, layer_idx: int, k, v):
+        """k, v: [B, KV, T, hd] new tokens (post-norm, post-RoPE) -> (k_all, v_all [B, KV, S, hd], mask [B,1,T,S])."""
+        T = k.shape[2]
+        p = self.pos
+        if p + T > self.max_len:
+            raise ValueError(f"KVCache overflow: {p} + {T} slots > max_len {self.max_len}")
+        kind = self.layer_types[layer_idx]
+        kc, vc = self.k[layer_idx], self.v[layer_idx]
+        if kind == FULL:
+            kc[:, :, p:p + T] = k
+            vc[:, :, p:p + T] = v
+            k_all, v_all = kc[:, :, :p + T], vc[:, :, :p + T]  # views, no copy
+        else:
+            R = self.ring
+            if T == 1:  # decode: write first, attend over the R ring slots (the one overwritten is out of window)
+                kc[:, :, p % R] = k[:, :, 0]
+                vc[:, :, p % R] = v[:, :, 0]
+                k_all, v_all = kc, vc
+            else:
+                if p == 0:  # fresh prefill: nothing cached yet, attend over the T new keys only
+                    k_all, v_all = k, v
+                else:  # chunk after cached slots: [ring ; new], masked by absolute slot, THEN write the ring
+                    k_all, v_all = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
+                n = min(T, R)  # only the last R new keys can ever be needed again
+                idx = torch.arange(p + T - n, p + T, device=k.device) % R
+                kc[:, :, idx] = k[:, :, T - n:]
+                vc[:, :, idx] = v[:, :, T - n:]
+        mask = self._masks.get(kind)
+        if mask is None:
+            mask = self._masks[kind] = self._build_mask(kind, T)
+        if layer_idx == self.n_layers - 1:  # the step is over: advance and forget this step's masks
+            self.pos += T
+            self._masks = {}
+        return k_all, v_all, mask
+
+    def _key_slots(self, kind: str, T: int):
+        """Absolute slot held by each key column the update returns for this kind (-1 = never written)."""
+        p, dev = self.pos, self.device
+        if kind == FULL:
+            return torch.arange(p + T, device=dev)
+        R = self.ring
+        j = torch.arange(R, device=dev)
+        if T == 1:  # ring after writing slot p: index j holds the latest slot s <= p with s % R == j
+            return p - (p - j) % R
+        new = torch.arange(p, p + T, device=dev)
+        if p == 0:
+            return new
+        return torch.cat([(p - 1) - (p - 1 - j) % R, new])  # ring before writing (negative = never written)
+
+    def _build_mask(self, kind: str, T: int):
+        q = torch.arange(self.pos, self.pos + T, device=self.device)[:, None]  # [T, 1] query slots
+        ks = self._key_slots(kind, T)[None, :]  # [1, S]
+        allowed = (ks <= q) & (ks >= 0)  # causal; never-written ring slots are negative
+        if kind == SLIDING:
+            allowed = allowed & (ks > q - self.window)  # a query sees itself + the W-1 previous slots
+        allowed = allowed[None] & (ks[None] >= self.start[:, None, None])  # [B, T, S]: left pads are never keys
+        # finfo.min, not -inf: fully masked pad query rows stay finite instead of NaN (gemma3.md pitfall 10)
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, torch.finfo(self.dtype).min)[:, None]  # [B, 1, T, S]
+
+    # ---- group fan-out -------------------------------------------------------------------------------------
+    def fan_out(self, K: int, max_len: int) -> "KVCache":
+        """A new cache with B*K rows (row b*K + k copies row b) and room for max_len slots; copied once."""
+        B = self.batch_size
+        cfg = SimpleNamespace(layer_types=self.layer_types, sliding_window=self.window,
+                              num_key_value_heads=self.k[0].shape[1], head_dim=self.k[0].shape[3])
+        new = KVCache(cfg, B * K, max_len, self.dtype, self.device, start=self.start.repeat_interleave(K))
+        if max_len < self.pos:
+            raise ValueError(f"fan_out: max_len {max_len} < {self.pos} slots already cached")
+        for l, kind in enumerate(self.layer_types):
+            # full: slots [0, pos) at the same indices. sliding: the old ring (R0 <= R1) holds slot s at s % R0, and
+            # either R0 == R1 == W or nothing ever wrapped (pos <= R0), so the same indices are right in the new ring.
+            n = self.pos if kind == FULL else self.ring
+            for src, dst in ((self.k[l], new.k[l]), (self.v[l], new.v[l])):
+                # broadcast copy into a [B, K, ...] view of the destination: no temporary [B*K, ...] tensor
+                dst.view(B, K, *dst.shape[1:])[:, :, :, :n].copy_(src[:, None, :, :n])
+        new.pos = self.pos
+        return new
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling: one vectorised step
+
+def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float):
+    """logits [B, V] (any float dtype), u [B] uniforms in [0, 1) -> (tokens [B], logprobs [B], full_logprobs [B]).
+
+    Order as in HF: temperature, then top-k, then top-p (keep the smallest prefix of the sorted distribution whose
+    mass reaches top_p; the top token always stays). Sampling is by inverse CDF over the kept tokens with the row's
+    own uniform, so no RNG state is shared between rows. See the module docstring for the two log-probs."""
+    x = logits.float()
+    if temperature == 0:  # greedy: point mass
+        tok = x.argmax(-1)
+        full = x.gather(1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
+        return tok, torch.zeros_like(full), full
+    x = x / temperature  # [B, V]
+    full_lse = torch.logsumexp(x, -1)  # [B]
+    idx = None
+    if top_k is not None and 0 < top_k < x.shape[-1]:
+        vals, idx = torch.topk(x, top_k, dim=-1)  # [B, k], sorted descending
+    elif top_p < 1.0:
+        vals, idx = torch.sort(x, dim=-1, descending=True)  # [B, V]
+    else:
+        vals = x  # no truncation: inverse CDF in vocabulary order is just as exact
+    if top_p < 1.0:
+        probs = torch.softmax(vals, -1)
+        # drop a token once the mass BEFORE it already reaches top_p (so the top token is always kept)
+        drop = (torch.cumsum(probs, -1) - probs) >= top_p
+        vals = vals.masked_fill(drop, float("-inf"))
+    lse = torch.logsumexp(vals, -1, keepdim=True)  # [B, 1]
+    cdf = torch.cumsum(torch.exp(vals - lse), -1)  # [B, n]
+    # first j with cdf[j] > u * total: a zero-probability token can never be chosen (its cdf equals its left neighbour's)
+    j = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).clamp_max(cdf.shape[-1] - 1)
+    logp = (vals.gather(1, j) - lse)[:, 0]
+    tok = (idx.gather(1, j) if idx is not None else j)[:, 0]
+    full = x.gather(1, tok[:, None])[:, 0] - full_lse
+    return tok, logp, full
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results
+
+@dataclass
+class GenerationResult:
+    """Rows are prompt-major: row = prompt_i * K + k. Lists are trimmed to each row's length; the *_padded tensors
+    are [rows, max_new_tokens] (CPU) with mask 1 on generated tokens (stop token included), 0 after."""
+    tokens: list[list[int]]
+    logprobs: list[list[float]]  # sampler's, processed distribution (after temperature, top-k, top-p)
+    full_logprobs: list[list[float]]  # untruncated log_softmax(logits / T): what the trainer computes
+    stop_reasons: list[str]  # "stop_id" | "stop_string" | "length"
+    texts: list[str] | None = None  # decoded (skip_special) when the engine has a tokenizer
+    tokens_padded: torch.Tensor = field(default=None, repr=False)  # [rows, N] long, pad 0
+    mask: torch.Tensor = field(default=None, repr=False)  # [rows, N] bool
+    logprobs_padded: torch.Tensor = field(default=None, repr=False)  # [rows, N] fp32, 0 where mask is 0
+    full_logprobs_padded: torch.Tensor = field(default=None, repr=False)  # [rows, N] fp32
+
+    @property
+    def finished(self) -> list[bool]:  # ended on a stop id/string rather than the length limit
+        return [r != "length" for r in self.stop_reasons]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Engine
+
+class Engine:
+    def __init__(self, model, tokenizer=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        w = model.embed_tokens.weight
+        self.dtype, self.device = w.dtype, w.device
+        self.pad_id = getattr(self.config, "pad_token_id", 0) or 0
+
+    # ---- small helpers -----------------------------------------------------------------------------------
+    def _logits(self, h):
+        """h [..., D] final normed hidden -> fp32 logits [..., V] (tied head). Computing the head ourselves lets the
+        prefill skip the [B, T, V] logits of every prompt position."""
+        logits = F.linear(h, self.model.embed_tokens.weight).float()
+        c = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / c) * c if c else logits
+
+    def _forward(self, ids, cache):
+        """One cached forward of ids [B, T] -> final hidden [B, T, D]."""
+        return self.model(ids, position_ids=cache.position_ids(ids.shape[1]), kv_cache=cache, return_hidden=True)
+
+    def _left_pad(self, prompts):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token (prompts must be non-empty lists)")
+        L = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), L), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        start = torch.tensor([L - len(p) for p in prompts], dtype=torch.long)
+        return ids.to(self.device), start.to(self.device)
+
+    def prefill(self, prompts: list[list[int]], max_len: int | None = None):
+        """Left-padded batch prefill -> (cache [P rows], last-position fp32 logits [P, V])."""
+        ids, start = self._left_pad(prompts)
+        P, L = ids.shape
+        cache = KVCache(self.config, P, max_len or L, self.dtype, self.device, start=start)
+        h = self._forward(ids, cache)  # [P, L, D]
+        return cache, self._logits(h[:, -1])
+
+    # ---- generation --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], num_samples: int = 1, max_new_tokens: int = 256,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, stop_ids=None,
+                 stop_strings=(), seeds=None, min_new_tokens: int = 0, check_every: int = 8) -> GenerationResult:
+        """Sample num_samples continuations of every prompt (token id lists, BOS included by the caller).
+
+        stop_ids: default tokenizer.stop_ids or [eos, <end_of_turn>] = [1, 106]; pass [] to disable.
+        stop_strings: matched on decoded text (needs a tokenizer). seeds: one int per output row, or an int s
+        (row r gets s + r), or None (drawn from torch's global RNG). min_new_tokens: stop ids are banned before it.
+        check_every: how often (steps) the loop syncs to test "all rows done" and stop strings."""
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+        if stop_strings and self.tokenizer is None:
+            raise ValueError("generate: stop_strings need Engine(model, tokenizer)")
+        K, P, N = num_samples, len(prompts), max_new_tokens
+        rows = P * K
+        if stop_ids is None:
+            stop_ids = getattr(self.tokenizer, "stop_ids", None) or [1, 106]
+        if seeds is None:
+            seeds = torch.randint(0, 2 ** 62, (rows,)).tolist()
+        elif isinstance(seeds, int):
+            seeds = [seeds + r for r in range(rows)]
+        if len(seeds) != rows:
+            raise ValueError(f"generate: {len(seeds)} seeds for {rows} output rows ({P} prompts x {K} samples)")
+        dev = self.device
+
+        # all uniforms up front, one generator per row: row r's sample never depends on the batch it sits in
+        u = torch.empty(rows, max(N, 1), device=dev)
+        for r, s in enumerate(seeds):
+            g = torch.Generator(device=dev).manual_seed(int(s))
+            u[r] = torch.rand(max(N, 1), generator=g, device=dev)
+
+        L = max(len(p) for p in prompts)
+        small, logits = self.prefill(prompts)  # each prompt once
+        cache = small.fan_out(K, L + N) if K > 1 or N > 0 else small  # [rows] (copied once)
+        del small
+        logits = logits.repeat_interleave(K, 0)  # [rows, V]
+
+        out_tok = torch.full((rows, N), self.pad_id, dtype=torch.long, device=dev)
+        out_lp = torch.zeros(rows, N, device=dev)
+        out_full = torch.zeros(rows, N, device=dev)
+        length = torch.full((rows,), N, dtype=torch.long, device=dev)  # tokens kept per row
+        done = torch.zeros(rows, dtype=torch.bool, device=dev)
+        reason_id = torch.zeros(rows, dtype=torch.bool, device=dev)  # ended on a stop id
+        stop_t = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+        str_reason = [None] * rows  # host-side stop-string results: row -> kept length
+        checked = [0] * rows  # tokens of each row already scanned for stop strings
+        steps = 0
+        for t in range(N):
+            if t < min_new_tokens and len(stop_ids):
+                logits[:, stop_t] = float("-inf")
+            tok, lp, full = sample_tokens(logits, u[:, t], temperature, top_k, top_p)
+            live = ~done
+            out_tok[:, t] = torch.where(live, tok, self.pad_id)
+            out_lp[:, t] = torch.where(live, lp, 0.0)
+            out_full[:, t] = torch.where(live, full, 0.0)
+            if len(stop_ids):
+                hit = live & torch.isin(tok, stop_t)
+                length = torch.where(hit, t + 1, length)
+                reason_id |= hit
+                done |= hit
+            steps = t + 1
+            last = t == N - 1
+            if (steps % check_every == 0) or last:
+                if stop_strings:
+                    self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
+                if last or bool(done.all()):
+                    break
+            h = self._forward(out_tok[:, t:t + 1], cache)  # [rows, 1, D]; finished rows feed pad: harmless
+            logits = self._logits(h[:, -1])
+        return self._collect(out_tok, out_lp, out_full, length, reason_id, str_reason, steps)
+
+    def _scan_stop_strings(self, out_tok, steps, done, length, stop_strings, str_reason, checked):
+        """Host-side: find the first token at which a stop string appears in each live row's decoded text."""
+        toks = out_tok[:, :steps].tolist()
+        live = (~done).tolist()
+        for r, row in enumerate(toks):
+            if not live[r]:
+                continue
+            text = self.tokenizer.decode(row)
+            if not any(s in text for s in stop_strings):
+                checked[r] = steps
+                continue
+            # smallest n whose prefix contains a stop string; prefixes up to checked[r] were already clean
+            for n in range(max(checked[r], 1), steps + 1):
+                if any(s in self.tokenizer.decode(row[:n]) for s in stop_strings):
+                    break
+            str_reason[r] = n
+            length[r] = n
+            done[r] = True
+
+    def _collect(self, out_tok, out_lp, out_full, length, reason_id, str_reason, steps):
+        N = out_tok.shape[1]
+        length = length.clamp_max(steps).cpu()
+        mask = torch.arange(N)[None, :] < length[:, None]  # [rows, N]
+        tok = out_tok.cpu().masked_fill(~mask, self.pad_id)
+        lp = out_lp.float().cpu().masked_fill(~mask, 0.0)
+        full = out_full.float().cpu().masked_fill(~mask, 0.0)
+        reason_id = reason_id.cpu().tolist()
+        lens = length.tolist()
+        reasons = ["stop_string" if str_reason[r] is not None else "stop_id" if reason_id[r] else "length"
+                   for r in range(len(lens))]
+        tokens = [tok[r, :n].tolist() for r, n in enumerate(lens)]
+        texts = [self.tokenizer.decode(t) for t in tokens] if self.tokenizer is not None else None
+        return GenerationResult(
+            tokens=tokens, logprobs=[lp[r, :n].tolist() for r, n in enumerate(lens)],
+            full_logprobs=[full[r, :n].tolist() for r, n in enumerate(lens)], stop_reasons=reasons, texts=texts,
+            tokens_padded=tok, mask=mask, logprobs_padded=lp, full_logprobs_padded=full)
+
+    @torch.inference_mode()
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int = 256, stop_ids=None,
+               stop_strings=()) -> GenerationResult:
+        """Batched greedy decoding (temperature 0), one row per prompt."""
+        return self.generate(prompts, 1, max_new_tokens, temperature=0.0, stop_ids=stop_ids,
+                             stop_strings=stop_strings, seeds=0)
+
+    # ---- scoring -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, prompt: list[int], continuations: list[list[int]], per_token: bool = False,
+              batch_size: int = 64):
+        """Sum log p(continuation | prompt) for each continuation (temperature 1, full vocabulary), from ONE prompt
+        prefill fanned out to the continuations, which run teacher-forced in one right-padded forward per
+        `batch_size` chunk (right pads sit after every real token, so causality alone keeps them out).
+        per_token=True returns the per-token log-prob lists instead of their sums."""
+        if any(len(c) == 0 for c in continuations):
+            raise ValueError("score: every continuation needs at least one token")
+        if not continuations:
+            return []
+        small, last = self.prefill([prompt])  # [1, ...], last-position logits [1, V]
+        first_lp = torch.log_softmax(last, -1)[0]  # [V]: predicts each continuation's first token
+        out = []
+        for c0 in range(0, len(continuations), batch_size):
+            conts = continuations[c0:c0 + batch_size]
+            n, Lc = len(conts), max(len(c) for c in conts)
+            ids = torch.full((n, Lc), self.pad_id, dtype=torch.long)
+            for i, c in enumerate(conts):
+                ids[i, :len(c)] = torch.as_tensor(c, dtype=torch.long)
+            ids = ids.to(self.device)
+            lens = torch.tensor([len(c) for c in conts], device=self.device)
+            valid = torch.arange(Lc, device=self.device)[None, :] < lens[:, None]  # [n, Lc]
+            lp = torch.zeros(n, Lc, device=self.device)
+            lp[:, 0] = first_lp[ids[:, 0]]
+            if Lc > 1:
+                cache = small.fan_out(n, small.pos + Lc)
+                h = self._forward(ids, cache)[:, :-1]  # [n, Lc-1, D]: position t predicts token t+1
+                lp[:, 1:] = _token_logprobs(h, self.model.embed_tokens.weight, ids[:, 1:], self._logits)
+            lp = lp.masked_fill(~valid, 0.0).cpu()
+            for i, c in enumerate(conts):
+                out.append(lp[i, :len(c)].tolist() if per_token else float(lp[i, :len(c)].double().sum()))
+        return out
+
+
+def _token_logprobs(h, weight, targets, to_logits, chunk: int = 4096):
+    """log_softmax(head(h))[targets] in fp32, over chunks of rows so [rows x V] never gets large.
+    h [n, T, D], targets [n, T] -> [n, T]."""
+    n, T, D = h.shape
+    hf, tf = h.reshape(n * T, D), targets.reshape(n * T)
+    out = torch.empty(n * T, device=h.device)
+    for i in range(0, n * T, chunk):
+        logits = to_logits(hf[i:i + chunk])  # [c, V] fp32
+        out[i:i + chunk] = logits.gather(1, tf[i:i + chunk, None])[:, 0] - torch.logsumexp(logits, -1)
+    return out.view(n, T)
