@@ -104,19 +104,20 @@ def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], advantages
     if beta > 0 and ref_logp is None:
         raise ValueError("policy_loss: beta > 0 needs ref_logp")
     eps_high = eps_low if eps_high is None else eps_high
-    logp, m, A = logp.float(), mask.float(), advantages.float()[:, None]  # [B,T], [B,T], [B,1]
-    old = logp.detach() if old_logp is None else old_logp.float()
+    dt = torch.promote_types(logp.dtype, torch.float32)  # bf16 -> fp32 for the loss math; fp64 stays fp64
+    logp, m, A = logp.to(dt), mask.to(dt), advantages.to(dt)[:, None]  # [B,T], [B,T], [B,1]
+    old = logp.detach() if old_logp is None else old_logp.to(dt)
     log_ratio = logp - old  # [B,T]
     ratio = torch.exp(log_ratio)  # [B,T]; == 1 with old None, gradient still d logp
     pg = -torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)  # [B,T]
     kl = None
     if ref_logp is not None:
-        d = ref_logp.float() - logp
+        d = ref_logp.to(dt) - logp
         kl = torch.exp(d) - d - 1  # [B,T] k3
     per_tok = pg + beta * kl if (beta > 0) else pg  # [B,T]
 
     n_seq = float(B if global_seqs is None else global_seqs)
-    n_tok = m.sum() if global_tokens is None else torch.as_tensor(float(global_tokens))
+    n_tok = m.sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=dt, device=logp.device)
     if loss_norm == "seq_mean_token_mean":
         agg = lambda x: ((x * m).sum(1) / m.sum(1).clamp(min=1)).sum() / n_seq  # an all-padding row adds 0
     elif loss_norm == "token_mean":
