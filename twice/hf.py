@@ -1,0 +1,322 @@
+"""Hugging Face checkpoint folders in and out for twice.gemma3.Gemma3.
+
+    python -c "from twice.gemma3 import Gemma3; m = Gemma3.from_pretrained('ckpt/gemma-3-1b-it'); \
+               m.save_pretrained('/tmp/copy')"
+
+Reads what people download (../shared/reference/gemma3.md §1, §6):
+  - config.json in the transformers v4 form (rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern)
+    and the v5 form (rope_parameters per layer type, layer_types); absent keys take Gemma3TextConfig's defaults;
+  - multimodal 4B+ checkpoints (model_type "gemma3", sparse text_config; weights under `language_model.model.` or
+    `model.language_model.`; the vision tower and projector are skipped);
+  - one model.safetensors or shards listed in model.safetensors.index.json.
+Weights go through one explicit key table and are loaded strictly: a missing, unexpected or mis-shaped tensor is an
+error that names it. The model is built on the meta device and each tensor is read once (safe_open) and assigned,
+so a load never holds two copies of the weights.
+Writes a folder that transformers 4.5x/5.x `Gemma3ForCausalLM.from_pretrained` (and vLLM) load: config.json with
+both the v4 and v5 keys, generation_config.json, model.safetensors (sharded with an index above max_shard_bytes),
+tokenizer.model. Everything is written to a temp dir first, then renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from twice.gemma3 import FULL, SLIDING, Gemma3, Gemma3Config
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+# Gemma3TextConfig defaults (transformers 4.57 and 5.x agree): what a sparse (multimodal) text_config leaves out.
+HF_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                   sliding_window=4096, sliding_window_pattern=6, rope_theta=1e6, rope_local_base_freq=1e4,
+                   rope_scaling=None, max_position_embeddings=131072, rms_norm_eps=1e-6, pad_token_id=0,
+                   bos_token_id=2, eos_token_id=1, final_logit_softcapping=None)
+# Fields copied as-is from the (defaults-filled) HF dict into Gemma3Config.
+_PLAIN = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "sliding_window", "max_position_embeddings",
+          "rms_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id", "final_logit_softcapping"]
+
+
+def _rope_factor(params: dict | None, where: str) -> float:
+    """Linear scaling factor of one RoPE spec (v4 rope_scaling or a v5 rope_parameters entry); 1.0 if none."""
+    if not params:
+        return 1.0
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return 1.0
+    if kind == "linear":
+        return float(params["factor"])
+    raise ValueError(f"{where}: rope_type {kind!r} is not supported (Gemma-3 uses 'default' or 'linear')")
+
+
+def config_from_hf(raw: dict, where: str = "config.json") -> Gemma3Config:
+    """HF config dict (text-only or multimodal, v4 or v5 keys) -> Gemma3Config; absent keys get HF defaults."""
+    text = raw
+    if raw.get("model_type") == "gemma3" or "text_config" in raw:  # multimodal wrapper: settings under text_config
+        text = dict(raw.get("text_config") or {})
+        where = f"{where}: text_config"
+        for k in ("eos_token_id", "bos_token_id", "pad_token_id"):  # ids are sometimes only at the top level
+            if k not in text and k in raw:
+                text[k] = raw[k]
+    nullable = ("rope_scaling", "final_logit_softcapping")  # null is a real value for these, a gap for the rest
+    c = {**HF_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k in nullable}}
+    # refuse the variants this decoder does not implement, instead of silently computing something else
+    if (c.get("hidden_activation") or "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ValueError(f"{where}: hidden_activation {c['hidden_activation']!r} is not supported")
+    for flag in ("attention_bias", "use_bidirectional_attention"):
+        if c.get(flag):
+            raise ValueError(f"{where}: {flag}=true is not supported")
+    if raw.get("tie_word_embeddings", text.get("tie_word_embeddings", True)) is False:
+        raise ValueError(f"{where}: tie_word_embeddings=false is not supported (Gemma-3 ties the LM head)")
+
+    # layer kinds: v5 (and 4.53+) list them; the Hub's older configs give the pattern (every p-th layer is global)
+    n = c["num_hidden_layers"]
+    layer_types = c.get("layer_types")
+    if not layer_types:
+        p = c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6
+        layer_types = [SLIDING if (i + 1) % p != 0 else FULL for i in range(n)]
+
+    # RoPE: v5 rope_parameters {full_attention: {...}, sliding_attention: {...}} wins when present (transformers
+    # 4.57 ignores it, so a v5 checkpoint read by 4.57 loses its scaling: never fall back to the v4 keys then)
+    rp = text.get("rope_parameters")
+    if rp:
+        if FULL in rp or SLIDING in rp:
+            full, local = rp.get(FULL, {}), rp.get(SLIDING, {})
+        else:  # a flat spec describes the global layers
+            full, local = rp, {}
+        rope_theta = float(full.get("rope_theta", c["rope_theta"]))
+        rope_local = float(local.get("rope_theta", c["rope_local_base_freq"]))
+        factor = _rope_factor(full, f"{where}: rope_parameters.{FULL}")
+        if _rope_factor(local, f"{where}: rope_parameters.{SLIDING}") != 1.0:
+            raise ValueError(f"{where}: scaled RoPE on sliding layers is not supported")
+    else:
+        rope_theta, rope_local = float(c["rope_theta"]), float(c["rope_local_base_freq"])
+        factor = _rope_factor(c.get("rope_scaling"), f"{where}: rope_scaling")
+
+    try:
+        return Gemma3Config(**{k: c[k] for k in _PLAIN}, layer_types=list(layer_types), rope_theta=rope_theta,
+                            rope_local_base_freq=rope_local, rope_scaling_factor=factor)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+def config_to_hf(cfg: Gemma3Config, dtype: torch.dtype) -> dict:
+    """Gemma3Config -> a text-only config.json that transformers 4.5x (v4 keys) and 5.x (layer_types) both read.
+
+    rope_parameters (v5 form) is deliberately NOT written: 4.57 ignores it, and 5.x converts the legacy
+    rope_theta / rope_local_base_freq / rope_scaling keys itself (tested by tests/test_hf.py)."""
+    out = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
+    out.update({k: getattr(cfg, k) for k in _PLAIN})
+    out.update(layer_types=list(cfg.layer_types), rope_theta=cfg.rope_theta,
+               rope_local_base_freq=cfg.rope_local_base_freq,
+               rope_scaling=None if cfg.rope_scaling_factor == 1.0 else
+               {"rope_type": "linear", "factor": cfg.rope_scaling_factor},
+               hidden_activation="gelu_pytorch_tanh", attention_bias=False, attention_dropout=0.0,
+               attn_logit_softcapping=None, tie_word_embeddings=True, use_cache=True,
+               torch_dtype=str(dtype).removeprefix("torch."))
+    p = cfg.sliding_window_pattern  # only for readers older than layer_types (4.50-4.52), and only if it is exact
+    if cfg.layer_types == [SLIDING if (i + 1) % p != 0 else FULL for i in range(cfg.num_hidden_layers)]:
+        out["sliding_window_pattern"] = p
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The key table: our parameter name -> checkpoint name after the prefix ({} = layer index)
+
+KEY_TABLE = {
+    "embed_tokens.weight": "embed_tokens.weight",
+    "norm.weight": "norm.weight",
+    "layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
+    "layers.{}.self_attn.q_proj.weight": "layers.{}.self_attn.q_proj.weight",
+    "layers.{}.self_attn.k_proj.weight": "layers.{}.self_attn.k_proj.weight",
+    "layers.{}.self_attn.v_proj.weight": "layers.{}.self_attn.v_proj.weight",
+    "layers.{}.self_attn.o_proj.weight": "layers.{}.self_attn.o_proj.weight",
+    "layers.{}.self_attn.q_norm.weight": "layers.{}.self_attn.q_norm.weight",
+    "layers.{}.self_attn.k_norm.weight": "layers.{}.self_attn.k_norm.weight",
+    "layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
+    "layers.{}.pre_feedforward_layernorm.weight": "layers.{}.pre_feedforward_layernorm.weight",
+    "layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
+    "layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
+    "layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
+    "layers.{}.post_feedforward_layernorm.weight": "layers.{}.post_feedforward_layernorm.weight",
+}
+# Where the text decoder lives: text-only Gemma3ForCausalLM; multimodal as saved (4.57 and 5.x); v5 in-memory naming.
+PREFIXES = ("model.", "language_model.model.", "model.language_model.")
+# Tensors of a multimodal checkpoint that a text decoder skips (matched as name prefixes).
+SKIPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+# A tied head some exporters write out anyway; accepted only if it equals the embeddings.
+LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+def key_table(cfg: Gemma3Config, prefix: str = "model.") -> dict[str, str]:
+    """Expanded table {our name: checkpoint name} for every tensor of a model with this config."""
+    out = {}
+    for ours, theirs in KEY_TABLE.items():
+        layers = range(cfg.num_hidden_layers) if "{}" in ours else [None]
+        for i in layers:
+            out[ours.format(i)] = prefix + theirs.format(i)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Load
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """{tensor name: file} for a single model.safetensors or a sharded index."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: path / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.exists():
+                raise FileNotFoundError(f"{index} lists {f.name}, which is missing")
+        return files
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def from_pretrained(path, dtype=torch.float32, device="cpu") -> Gemma3:
+    """HF folder -> Gemma3 in `dtype` on `device`, eval mode. Strict: every tensor accounted for, by name."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json")
+    config = config_from_hf(json.loads(cfg_file.read_text()), str(cfg_file))
+    files = _weight_files(path)
+
+    prefix = next((p for p in PREFIXES if p + "embed_tokens.weight" in files), None)
+    if prefix is None:
+        raise KeyError(f"{path}: no embedding tensor under any known prefix {PREFIXES} "
+                       f"(first names: {sorted(files)[:5]})")
+    table = key_table(config, prefix)  # ours -> theirs
+    wanted = set(table.values())
+    missing = sorted(wanted - files.keys())
+    unexpected = sorted(n for n in files if n not in wanted and n not in LM_HEADS and not n.startswith(SKIPPED))
+    if missing or unexpected:
+        raise KeyError(f"{path}: checkpoint does not match the Gemma-3 key table for {config.num_hidden_layers} "
+                       f"layers; missing: {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
+                       f"unexpected: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+
+    with torch.device("meta"):
+        model = Gemma3(config)
+    expected_shapes = {n: p.shape for n, p in model.named_parameters()}
+    by_file: dict[Path, list[str]] = {}
+    for ours, theirs in table.items():
+        by_file.setdefault(files[theirs], []).append(ours)
+    state = {}
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:  # one tensor in memory at a time, converted, then kept
+            for ours in names:
+                t = f.get_tensor(table[ours])
+                if t.shape != expected_shapes[ours]:
+                    raise ValueError(f"{file.name}: {table[ours]} has shape {tuple(t.shape)}, expected "
+                                     f"{tuple(expected_shapes[ours])} from config.json")
+                state[ours] = t.to(device=device, dtype=dtype)
+    for head in (h for h in LM_HEADS if h in files):  # tied: must be the embedding, or logits would silently differ
+        with safe_open(files[head], framework="pt") as f:
+            t = f.get_tensor(head).to(device=device, dtype=dtype)
+        if t.shape != state["embed_tokens.weight"].shape or not torch.equal(t, state["embed_tokens.weight"]):
+            raise ValueError(f"{path}: {head} differs from the embeddings, but Gemma-3's LM head is tied")
+        del t
+    model.load_state_dict(state, strict=True, assign=True)
+    model.source_dir = str(path)  # save_pretrained copies tokenizer.model from here by default
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save
+
+def _shards(table: dict[str, str], state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict]:
+    """Greedy split in key-table order; a tensor bigger than the limit gets a shard of its own."""
+    shards, cur, size = [], {}, 0
+    for ours, theirs in table.items():
+        t = state[ours]
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[theirs] = t
+        size += nbytes
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def save_pretrained(model: Gemma3, path, max_shard_bytes: int = 2_000_000_000, tokenizer_path=None):
+    """Write an HF folder (config.json, generation_config.json, safetensors [+ index], tokenizer.model).
+
+    tokenizer_path: a tokenizer.model file or a folder holding one; default: the folder the model was loaded from
+    (if it has one). The folder is assembled in a temp dir and renamed into place."""
+    path = Path(path)
+    cfg = model.config
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    table = key_table(cfg)
+    if set(state) != set(table):
+        raise KeyError(f"model state does not match the key table: extra {sorted(set(state) - set(table))}, "
+                       f"missing {sorted(set(table) - set(state))}")
+    dtype = state["embed_tokens.weight"].dtype
+
+    if tokenizer_path is None and getattr(model, "source_dir", None):
+        tokenizer_path = Path(model.source_dir) / "tokenizer.model"
+        tokenizer_path = tokenizer_path if tokenizer_path.exists() else None
+    if tokenizer_path is not None:
+        tokenizer_path = Path(tokenizer_path)
+        tokenizer_path = tokenizer_path / "tokenizer.model" if tokenizer_path.is_dir() else tokenizer_path
+        if not tokenizer_path.exists():
+            raise FileNotFoundError(f"tokenizer_path: {tokenizer_path} does not exist")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
+        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        eos = eos + [106] * (106 not in eos)  # stop on <end_of_turn> too (chat models end turns with it)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        shards = _shards(table, state, max_shard_bytes)
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata=meta)
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        _move_into_place(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _move_into_place(tmp: Path, path: Path):
+    """A new folder is renamed in one step. An existing one (a run dir may hold other files) gets each file
+    os.replace'd, and weight files of an earlier save that this save does not rewrite are removed, so stale
+    shards can never be mixed with new ones."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    new = {p.name for p in tmp.iterdir()}
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        if old.name not in new:
+            old.unlink()
+    for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last: it marks the folder complete
+        os.replace(tmp / name, path / name)
+
+
