@@ -1,5 +1,7 @@
 """Golden values for twice.rewards: every branch of Eq. 2, every format case of Eq. 3-5, hand-derived."""
+import json
 import math
+import re
 
 import pytest
 
@@ -167,3 +169,20 @@ def test_config_defaults_match_the_paper():
     cfg = RewardConfig()
     assert cfg.weights == {"cg": 1.0, "format": 1.0} and (cfg.lam, cfg.tau) == (3.0, 0.3)
     assert all(k in REWARDS for k in cfg.weights)
+
+
+# ---------------------------------------------------------------- the authors' real teacher completions
+def test_real_completions_from_the_authors_sample(official_sample_dir):
+    """Task-3 targets (`<think>..</think> <item_nm>title</item_nm> <item_id>ASIN</item_id>`, the authors' tags) are
+    well formed with item_tag='item_id', and the parsed ASIN is one of the prompt's candidates; the non-reasoning
+    test targets have no think pair: struct 0, two of four tags."""
+    recs = json.loads((official_sample_dir / "amazon_Grocery_and_Gourmet_Food_llm_train_case_1_sample.json").read_text())
+    assert len(recs) == 100
+    for r in recs:
+        assert format_reward(r["output"], "think", "item_id") == 2.0
+        asin = parse_completion(r["output"], "think", "item_id").item.strip()
+        cands = re.findall(r"item_id:(\S+)", r["input"].split("[Candidate List]")[1])
+        c = RewardContext(r["output"], target=asin, candidates=frozenset(cands), cf_logit=0.0, item_tag="item_id")
+        assert REWARDS["match"](c) == 1.0 and REWARDS["cg"](c) == 1 + 3 * 0.5
+    recs = json.loads((official_sample_dir / "amazon_Grocery_and_Gourmet_Food_llm_test_sample.json").read_text())
+    assert {format_reward(r["output"], "think", "item_id") for r in recs} == {0.5}

@@ -138,7 +138,7 @@ def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], advantages
             "clip_frac_high": mt(((ratio > 1 + eps_high) & (A > 0)).float()),
             "ratio_mean": mt(ratio),
             "approx_kl": mt(ratio - 1 - log_ratio),  # k3 estimate of KL(pi_old || pi_theta)
-            "kl": mt(kl) if kl is not None else torch.zeros(()),
+            "kl": mt(kl) if kl is not None else logp.new_zeros(()),
             "adv_abs_mean": A.abs().mean(), "tokens": m.sum(),
         }
     return loss, metrics
