@@ -56,7 +56,8 @@ def select_impl(hidden: torch.Tensor, impl: str | None = None) -> str:
         if impl is not None and impl not in IMPLS:
             raise ValueError(f"TWICE_LOGPROBS_IMPL={impl!r}: expected one of {IMPLS}")
     if impl is None:
-        return "triton" if hidden.is_cuda and _triton_available() else "torch"
+        auto_ok = hidden.is_cuda and hidden.dtype != torch.float64 and _triton_available()
+        return "triton" if auto_ok else "torch"
     if impl not in IMPLS:
         raise ValueError(f"token_logprobs impl={impl!r}: expected one of {IMPLS}")
     if impl == "triton":
@@ -91,6 +92,11 @@ def _check_inputs(hidden, weight, targets, temperature):
 # ----------------------------------------------------------------------------------------------------------------------
 # Reference path (pure PyTorch)
 
+def _acc_dtype(hidden):
+    # fp32 math for fp32/bf16/fp16 inputs; fp64 inputs stay fp64 (reference only: lets gradcheck run on this path)
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
 def _ref_chunks(n: int, v: int) -> tuple[int, int]:
     rows = max(1, min(n, REF_MAX_ROWS))
     vchunk = max(1, min(v, max(REF_MIN_VCHUNK, REF_TILE_ELEMS // rows)))
@@ -100,16 +106,16 @@ def _ref_chunks(n: int, v: int) -> tuple[int, int]:
 def _ref_forward(hidden, weight, targets, temperature, with_entropy):
     """-> lse, logp, entropy (or None), each [N] fp32."""
     n, v = hidden.shape[0], weight.shape[0]
-    dev = hidden.device
+    dev, acc = hidden.device, _acc_dtype(hidden)
     rows, vchunk = _ref_chunks(n, v)
-    h32 = hidden.float()                                       # [N, D]; a no-op for fp32, O(N*D) for bf16
-    m = torch.full((n,), -1e30, dtype=torch.float32, device=dev)  # finite init: alpha = 0 and 0 * (m - m') = 0 on chunk 1
-    s = torch.zeros(n, dtype=torch.float32, device=dev)
-    t = torch.zeros(n, dtype=torch.float32, device=dev) if with_entropy else None
-    zy = torch.zeros(n, dtype=torch.float32, device=dev)
+    h32 = hidden.to(acc)                                       # [N, D]; a no-op for fp32, O(N*D) for bf16
+    m = torch.full((n,), -1e30, dtype=acc, device=dev)         # finite init: alpha = 0 and 0 * (m - m') = 0 on chunk 1
+    s = torch.zeros(n, dtype=acc, device=dev)
+    t = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
+    zy = torch.zeros(n, dtype=acc, device=dev)
     for v0 in range(0, v, vchunk):
         v1 = min(v, v0 + vchunk)
-        w32 = weight[v0:v1].float()                            # [Vc, D]
+        w32 = weight[v0:v1].to(acc)                            # [Vc, D]
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
             z = h32[n0:n1] @ w32.T                              # [Nc, Vc] fp32
@@ -141,23 +147,24 @@ def _ref_backward(hidden, weight, targets, temperature, lse, ent, g_lp, g_h, nee
     """dz = g_lp [j=y] - p (g_lp + g_H (log p + H)), then dh = (dz/T) W, dW = (dz/T)^T h; vocab outer loop."""
     n, v = hidden.shape[0], weight.shape[0]
     rows, vchunk = _ref_chunks(n, v)
-    h32 = hidden.float()
-    dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
+    acc = _acc_dtype(hidden)
+    h32 = hidden.to(acc)
+    dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     if g_lp is None:
-        g_lp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        g_lp = torch.zeros(n, dtype=acc, device=hidden.device)
     for v0 in range(0, v, vchunk):
         v1 = min(v, v0 + vchunk)
-        w32 = weight[v0:v1].float()                            # [Vc, D]
-        dw_acc = torch.zeros(w32.shape, dtype=torch.float32, device=w32.device) if need_dw else None
+        w32 = weight[v0:v1].to(acc)                            # [Vc, D]
+        dw_acc = torch.zeros(w32.shape, dtype=acc, device=w32.device) if need_dw else None
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
-            gl = g_lp[n0:n1].float()
+            gl = g_lp[n0:n1].to(acc)
             z = h32[n0:n1] @ w32.T                              # [Nc, Vc] recomputed logits
             z.div_(temperature).sub_(lse[n0:n1, None])          # log p
             p = torch.exp(z)
             if g_h is not None:
-                coef = z.add_(ent[n0:n1, None]).mul_(g_h[n0:n1, None].float()).add_(gl[:, None])
+                coef = z.add_(ent[n0:n1, None]).mul_(g_h[n0:n1, None].to(acc)).add_(gl[:, None])
                 dz = p.mul_(coef).neg_()                        # -p (g_lp + g_H (log p + H))
             else:
                 dz = p.mul_(-gl[:, None])
@@ -217,13 +224,17 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """log softmax(hidden @ weight.T / temperature)[i, targets[i]] for each row i, without the [N, V] logits.
 
     hidden [N, D] and weight [V, D] (same dtype: fp32 or bf16; the tied embedding for Gemma), targets [N] int in [0, V)
-    (pack out ignored positions first). Returns logp [N] fp32, or (logp, entropy) [N] fp32 each when return_entropy.
+    (pack out ignored positions first). Returns logp [N] fp32, or (logp, entropy) [N] fp32 each when return_entropy
+    (fp64 inputs, torch path only, give fp64: that is for gradcheck).
     Differentiable w.r.t. hidden and weight (grads in their dtypes, accumulated in fp32). impl: None (auto),
     "torch" or "triton"; see the module docstring.
     """
     temperature = float(temperature)
     _check_inputs(hidden, weight, targets, temperature)
     impl = select_impl(hidden, impl)
+    if impl == "triton" and hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"token_logprobs impl='triton' supports fp32/bf16/fp16 inputs, got {hidden.dtype} "
+                         "(fp64 runs on impl='torch')")
     if hidden.shape[0] == 0:
         impl = "torch"                                         # nothing to launch; the reference handles N = 0
     return TokenLogprobs.apply(hidden, weight, targets.long(), temperature, bool(return_entropy), impl)
