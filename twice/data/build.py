@@ -268,6 +268,7 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
                    "timestamps": ts[r].tolist()}
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     source.close()
+    filtered.update({k: v for k, v in getattr(source, "counts", {}).items() if k not in filtered})
 
     # candidate sets
     if cfg.negative_sampling == "uniform":
