@@ -1,0 +1,306 @@
+"""Training-state checkpoints (atomic, keep last N, exact resume) and the final HF-format export.
+
+    # in a training script, after building model (+LoRA, +FSDP2) and optimizer, before the loop:
+    state = load_latest(run_dir / "ckpt", model, opt, extra_generators={"rollout": rollout_gen})
+    start = state["step"] if state else 0;  data_pos = state["data"] if state else {...}
+    ...
+    save_checkpoint(run_dir / "ckpt", step, model, opt, data=data_pos, config=cfg,
+                    extra_generators={"rollout": rollout_gen}, keep_last=3)
+    ...
+    export_hf(model, run_dir / "hf")          # LoRA merged in, original key names, save_pretrained folder
+
+On disk (one directory per saved step; a directory exists only once it is complete):
+
+    ckpt/step_000200/model.safetensors   full (unsharded) weights, original key names; with trainable_only=True just
+                                         the parameters that train (LoRA adapters): the frozen base is re-read from
+                                         the pretrained folder by the script
+    ckpt/step_000200/optim.pt            full AdamW state keyed by parameter name (torch.save; loaded weights_only=True)
+    ckpt/step_000200/rng_rank{r}.pt      this rank's RNG streams: python random, numpy, torch CPU, CUDA (if any), and
+                                         the caller's named torch.Generators (e.g. the rollout sampler's)
+    ckpt/step_000200/meta.json           step (optimizer steps completed), world_size, data position (the caller's
+                                         JSON dict), resolved config, file format version; written last
+    ckpt/latest                          text "step_000200": updated (atomically) after the rename
+
+Why full tensors gathered on rank 0 rather than DCP's sharded format: the weights stay a plain safetensors file
+(inspectable, loadable by anything, the same file at any world size) and the optimizer state is keyed by parameter
+name, so a run can resume on a different number of ranks (all but the per-rank RNG streams, which are then
+re-seeded by the caller: resume is bit-exact only at the same world size). It works the same on gloo/CPU and
+nccl/GPU. The cost is one host-memory copy of the model + optimizer on rank 0 at save time (fine up to a few B
+params; for 27B full fine-tuning switch to torch.distributed.checkpoint's sharded save). Multi-node runs need
+`ckpt_dir` on a filesystem every rank sees (each rank writes its own RNG file).
+
+Atomicity: everything is written into `.tmp_step_XXXXXX/`, each file fsynced, then the directory is renamed to
+`step_XXXXXX` (os.replace is atomic), then `latest` is replaced. A kill at any point leaves either the previous
+complete checkpoint or the new one, never a half-written one that looks complete; stale `.tmp_*` are removed on
+the next save. On load the newest complete `step_*` wins (the pointer is for people and tools; it can only lag).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from twice import dist
+from twice.lora import lora_modules, merge_lora_state_dict
+
+FORMAT_VERSION = 1
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small file helpers
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write_fn) -> None:
+    """write_fn(tmp_path) then fsync and rename over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    write_fn(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda p: p.write_text(text))
+
+
+def step_dirs(ckpt_dir) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_dir) -> Path | None:
+    dirs = [p for p in step_dirs(ckpt_dir) if (p / "meta.json").is_file()]
+    return dirs[-1] if dirs else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG streams
+
+def rng_state(extra_generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Every RNG stream of this process, as types torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()  # ('MT19937', uint32[624], pos, has_gauss, cached_gaussian)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {k: g.get_state() for k, g in (extra_generators or {}).items()},
+    }
+    return state
+
+
+def set_rng_state(state: dict, extra_generators: dict[str, torch.Generator] | None = None, where: str = "") -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    saved, wanted = set(state["generators"]), set(extra_generators or {})
+    if saved != wanted:
+        raise KeyError(f"{where}: checkpoint has generators {sorted(saved)}, the caller passed {sorted(wanted)}")
+    for k, g in (extra_generators or {}).items():
+        g.set_state(state["generators"][k])
+
+
+def _to_tuple(x):  # random.setstate wants nested tuples; lists may come back from older pickles
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# save / load
+
+def _config_dict(config):
+    if config is None:
+        return None
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return dict(config)
+
+
+def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                    data: dict | None = None, config=None, extra_generators: dict[str, torch.Generator] | None = None,
+                    keep_last: int = 3, trainable_only: bool = False) -> Path:
+    """Save the whole training state after `step` optimizer steps. Collective: every rank must call it (FSDP2
+    gathers). Returns the checkpoint directory. `data` must be JSON-serialisable (checked before anything is
+    written). keep_last <= 0 keeps every checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    ckpt_dir = Path(ckpt_dir)
+    rank, is_main = dist.get_rank(), dist.get_rank() == 0
+    name = f"step_{step:06d}"
+    final, tmp = ckpt_dir / name, ckpt_dir / f".tmp_{name}"
+    meta = {"format_version": FORMAT_VERSION, "step": int(step), "world_size": dist.get_world_size(),
+            "trainable_only": bool(trainable_only), "data": data or {}, "config": _config_dict(config),
+            "generators": sorted(extra_generators or {}), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "torch": torch.__version__}
+    meta_text = json.dumps(meta, indent=1)  # fails here, before any write, if data/config is not JSON-able
+
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+
+    # collectives first (every rank), files after
+    model_sd = dist.full_state_dict(model, trainable_only=trainable_only)  # rank 0: full CPU tensors; others {}
+    optim_sd = None
+    if optimizer is not None:
+        optim_sd = get_optimizer_state_dict(model, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main:
+        # safetensors refuses shared/non-contiguous storage: give it plain contiguous copies
+        tensors = {k: v.contiguous().clone() for k, v in model_sd.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        if optim_sd is not None:
+            torch.save(optim_sd, tmp / "optim.pt")
+    torch.save(rng_state(extra_generators), tmp / f"rng_rank{rank}.pt")
+    mine = [f"rng_rank{rank}.pt"] + (["model.safetensors"] + (["optim.pt"] if optim_sd is not None else [])
+                                     if is_main else [])
+    for f in mine:  # each rank makes its own files durable before the rename makes them visible
+        with open(tmp / f, "rb") as fh:
+            os.fsync(fh.fileno())
+    dist.barrier()
+
+    if is_main:
+        _write_text(tmp / "meta.json", meta_text)  # last file: its presence marks the directory complete
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+            old = ckpt_dir / f".old_{name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        _write_text(ckpt_dir / "latest", name + "\n")
+        _fsync_dir(ckpt_dir)
+        for stale in ckpt_dir.glob(".tmp_step_*"):  # crashed saves from before
+            shutil.rmtree(stale, ignore_errors=True)
+        if keep_last > 0:
+            for old in step_dirs(ckpt_dir)[:-keep_last]:
+                shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    extra_generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Restore model, optimizer and this rank's RNG streams from one checkpoint directory. Collective. Returns the
+    meta dict: {"step", "data", "config", "world_size", "path", ...}. Keys are checked strictly."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no meta.json)")
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path / 'meta.json'}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+    rank, is_main, fsdp = dist.get_rank(), dist.get_rank() == 0, dist.is_fsdp(model)
+    trainable_only = meta["trainable_only"]
+
+    # ---- model: rank 0 reads; under FSDP2 the tensors are broadcast and each rank keeps its shard
+    sd = {}
+    if is_main or not fsdp:
+        sd = load_file(str(path / "model.safetensors"))
+        own = set(model.state_dict().keys())
+        if trainable_only:
+            own = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
+        if missing or unexpected:
+            raise KeyError(f"{path / 'model.safetensors'}: keys do not match the model "
+                           f"(trainable_only={trainable_only}): missing {missing[:6]}, unexpected {unexpected[:6]}")
+    dist.load_full_state_dict(model, sd, strict=not trainable_only)
+
+    # ---- optimizer: keyed by parameter name, so it does not depend on the sharding
+    if optimizer is not None:
+        if not (path / "optim.pt").is_file():
+            raise FileNotFoundError(f"{path}: no optim.pt (saved without an optimizer)")
+        if fsdp:
+            osd = torch.load(path / "optim.pt", weights_only=True) if is_main else {}
+            set_optimizer_state_dict(model, optimizer, osd,
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            osd = torch.load(path / "optim.pt", weights_only=True)
+            set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions())
+
+    # ---- RNG: only meaningful at the same world size (rank r's streams)
+    if meta["world_size"] == dist.get_world_size():
+        rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
+        set_rng_state(rng, extra_generators, where=str(path / f"rng_rank{rank}.pt"))
+    else:
+        dist.print0(f"WARNING: {path} was saved with world_size={meta['world_size']}, resuming with "
+                    f"{dist.get_world_size()}: RNG streams not restored (resume is not bit-exact)")
+    dist.barrier()
+    meta["path"] = str(path)
+    return meta
+
+
+def load_latest(ckpt_dir, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                extra_generators: dict[str, torch.Generator] | None = None) -> dict | None:
+    """Resume from the newest complete checkpoint in ckpt_dir; None when there is none (a fresh run)."""
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        return None
+    pointer = Path(ckpt_dir) / "latest"
+    if pointer.is_file() and pointer.read_text().strip() != path.name:
+        dist.print0(f"note: {pointer} says {pointer.read_text().strip()!r}, newest complete is {path.name}: "
+                    f"using {path.name}")
+    return load_checkpoint(path, model, optimizer, extra_generators)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF export
+
+def export_hf(model: nn.Module, out_dir, dtype: torch.dtype | None = None) -> Path | None:
+    """Write an HF-format folder (Gemma3.save_pretrained) with any LoRA adapters merged in and the original key
+    names. Collective under FSDP2 (the gather); rank 0 builds a plain CPU copy and writes it into a temp folder that
+    is renamed into place. Returns out_dir on rank 0, None elsewhere."""
+    from twice.gemma3 import Gemma3
+
+    scales = {m.scale for m in lora_modules(model)}
+    if len(scales) > 1:
+        raise ValueError(f"export_hf: adapters with different scales {sorted(scales)}")
+    sd = dist.full_state_dict(model)
+    out_dir = Path(out_dir)
+    if dist.get_rank() != 0:
+        dist.barrier()
+        return None
+    if scales:
+        sd = merge_lora_state_dict(sd, scales.pop())
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    with torch.device("meta"):
+        plain = Gemma3(model.config)
+    plain.load_state_dict(sd, strict=True, assign=True)
+    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    dist.barrier()
+    return out_dir

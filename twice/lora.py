@@ -1,0 +1,165 @@
+"""LoRA (Hu et al. 2021): low-rank adapters on the attention and MLP projections; inject, switch off, merge, save.
+
+    model = Gemma3.from_pretrained(path)
+    apply_lora(model, r=8, alpha=16)          # the authors' setting: q/k/v/o/gate/up/down, base weights frozen
+    model = wrap_fsdp(model)                  # LoRA BEFORE FSDP2; frozen + trainable params share a unit just fine
+    ...
+    with lora_disabled(model): ref_logp = ...   # GRPO reference policy = the adapter switched off
+    ...
+    sd = merge_lora_state_dict(full_state_dict(model), scale)   # export: original key names, plain Linear weights
+
+y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with A [r, in] ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with
+a=sqrt(5), as nn.Linear and peft) and B [out, r] = 0, so the adapted model equals the base model at step 0.
+
+Key names: LoRALinear registers the base `weight`/`bias` under their ORIGINAL names (q_proj.weight) and adds
+`lora_A`/`lora_B` beside them (q_proj.lora_A), so pretrained checkpoints load into a LoRA model unchanged and a
+merged state dict is just the base key table.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable rank-r update. Built from an existing Linear, sharing its parameters."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, generator=None):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got r={r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.weight = base.weight  # [out, in], same Parameter object: no copy, same key name
+        self.bias = base.bias      # [out] or None
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        dev, dt = base.weight.device, base.weight.dtype
+        # A from a dedicated generator (CPU, then moved) so every rank builds the SAME adapter before FSDP2 shards it
+        bound = 1.0 / math.sqrt(self.in_features)
+        a = torch.empty(r, self.in_features, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(device=dev, dtype=dt))                                  # [r, in]
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))    # [out, r]
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_enabled = True  # flipped by lora_disabled()
+
+    def forward(self, x):  # x [..., in] -> [..., out]
+        y = F.linear(x, self.weight, self.bias)
+        if not self.lora_enabled:
+            return y
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, targets=TARGETS, dropout: float = 0.0,
+               seed: int = 0) -> nn.Module:
+    """Replace every nn.Linear whose attribute name is in `targets` by a LoRALinear, in place; freeze EVERY other
+    parameter (embeddings, norms too), so only lora_A / lora_B train. Returns the model. Call after the base
+    weights are loaded (a meta-device model would lose A's init) and before wrap_fsdp."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and type(child) is nn.Linear:
+                setattr(parent, name, LoRALinear(child, r, alpha, dropout, generator=gen))
+                n += 1
+    if n == 0:
+        raise ValueError(f"apply_lora: no nn.Linear named any of {tuple(targets)} in {type(model).__name__}")
+    return model
+
+
+def lora_modules(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Run the base model: every adapter is bypassed inside the block (the GRPO reference policy, no second copy).
+    Works under FSDP2 (it flips a plain attribute; parameters are untouched)."""
+    mods = lora_modules(model)
+    prev = [m.lora_enabled for m in mods]
+    try:
+        for m in mods:
+            m.lora_enabled = False
+        yield model
+    finally:
+        for m, p in zip(mods, prev):
+            m.lora_enabled = p
+
+
+def is_lora_key(key: str) -> bool:
+    return key.endswith(".lora_A") or key.endswith(".lora_B")
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors {'layers.0.self_attn.q_proj.lora_A': [r, in], ...}, full and on CPU.
+    Under FSDP2 each DTensor is gathered (`full_tensor()`, a collective: every rank must call this)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if is_lora_key(k):
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v
+            out[k] = v.detach().cpu().clone()
+    return out
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load adapters saved by lora_state_dict, strictly: the key set must equal the model's adapter keys and the
+    shapes must match. Under FSDP2 every rank passes the same full tensors and keeps its own shard."""
+    own = {k: p for k, p in model.named_parameters() if is_lora_key(k)}  # the live parameters, written in place
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"LoRA state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    with torch.no_grad():
+        for k, dst in own.items():
+            src = state_dict[k]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"LoRA tensor {k}: shape {tuple(src.shape)} != model's {tuple(dst.shape)}")
+            if hasattr(dst, "device_mesh"):  # DTensor: copy our shard of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+                dst.copy_(distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements))
+            else:
+                dst.copy_(src)
+
+
+def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """Pure function on a FULL state dict (e.g. dist.full_state_dict(model) on rank 0): W' = W + scale * B @ A
+    (computed in fp32, cast back), adapter keys dropped. The result has exactly the base model's key names."""
+    out = {k: v for k, v in state_dict.items() if not is_lora_key(k)}
+    for k in state_dict:
+        if k.endswith(".lora_A"):
+            prefix = k[: -len(".lora_A")]
+            A, B = state_dict[k].float(), state_dict[prefix + ".lora_B"].float()  # [r, in], [out, r]
+            W = out[prefix + ".weight"]
+            out[prefix + ".weight"] = (W.float() + scale * (B @ A)).to(W.dtype)
+    return out
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """In place on an UNWRAPPED model: fold each adapter into its weight and put the plain nn.Linear back, so the
+    state dict has the original key names (ready for save_pretrained). Returns the model. Under FSDP2 gather first:
+    `merge_lora_state_dict(full_state_dict(model), scale)` on rank 0."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                if hasattr(child.weight, "device_mesh"):
+                    raise RuntimeError("merge_lora on an FSDP2-sharded model: use merge_lora_state_dict("
+                                       "dist.full_state_dict(model), scale) instead")
+                W = child.weight
+                W.copy_((W.float() + child.scale * (child.lora_B.float() @ child.lora_A.float())).to(W.dtype))
+                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                device="meta")
+                lin.weight, lin.bias = W, child.bias
+                setattr(parent, name, lin)
+    return model
