@@ -102,6 +102,8 @@ def sample_negatives(rng: np.random.Generator, n_items: int, exclude: set[int], 
         raise DataError(f"only {n_items - len(exclude)} items outside a user's sequence, need {n} negatives")
     out: list[int] = []
     seen = set(exclude)
+    if n == 0:
+        return out
     for _ in range(64):
         m = 2 * (n - len(out)) + 8
         if cum_weights is None:
