@@ -1,0 +1,294 @@
+"""Engine tests: the KV cache and the group sampler against cache-less full forwards of the same model.
+
+    pytest tests/test_engine.py -q
+
+A tiny random Gemma-3 (window 4, 6 layers [S, S, F, S, S, F], GQA 4/2 heads, random norm weights) stands in for
+the real model; every sequence here is longer than the window, so the ring buffer wraps many times. The reference
+is always the model's own cache-less forward (masks built by gemma3.build_mask, checked against transformers in
+tests/test_gemma3.py).
+"""
+import math
+
+import pytest
+import torch
+
+from twice.engine import Engine, KVCache, sample_tokens
+from twice.gemma3 import Gemma3, PRESETS
+
+W = PRESETS["tiny"].sliding_window  # 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matmuls: intra-op threads only add sync overhead (20x slower on a loaded 2-core CI box)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(one_thread):
+    torch.manual_seed(0)
+    m = Gemma3.from_config(PRESETS["tiny"], std=0.05).eval()
+    with torch.no_grad():  # zero norm weights would hide (1 + w) mistakes; random ones make every layer matter
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    return m
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine(model)
+
+
+P1 = [2, 5, 7, 9, 11, 13, 17, 19, 23]  # 9 tokens > W
+P2 = [2, 40, 41]  # 3 tokens < W (the ring never wraps during its prefill)
+P3 = [2, 60, 61, 62, 63, 64]
+
+
+def full_logits(model, seq):
+    """Cache-less forward of one sequence -> fp32 logits [T, V]."""
+    with torch.no_grad():
+        return model(torch.tensor([seq])).float()[0]
+
+
+def naive_greedy(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(full_logits(model, seq)[-1].argmax()))
+    return seq[len(prompt):]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache
+
+@pytest.mark.parametrize("chunks", [[9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [2, 7, 1, 1, 1, 6, 1, 1, 3]])
+def test_cache_logits_match_full_forward(model, chunks):
+    """Prefill, chunked prefill (multi-token steps after cached slots: [ring ; new] path) and single-token decode
+    give the same logits as one cache-less forward over the whole sequence, far past the window."""
+    seq = [2] + [int(x) for x in torch.randint(3, 512, (sum(chunks) - 1,), generator=torch.Generator().manual_seed(1))]
+    ref = full_logits(model, seq)  # [T, V]
+    cache = KVCache(model.config, 1, len(seq))
+    got, p = [], 0
+    with torch.no_grad():
+        for c in chunks:
+            ids = torch.tensor([seq[p:p + c]])
+            got.append(model(ids, position_ids=cache.position_ids(c), kv_cache=cache).float()[0])
+            p += c
+    assert cache.pos == len(seq)
+    torch.testing.assert_close(torch.cat(got), ref, atol=1e-5, rtol=0)
+
+
+def test_cache_ring_layout_and_mask_counts(model):
+    """Sliding layers hold R = min(W, max_len) slots; a decode query sees exactly W keys once past the window,
+    global layers see every slot so far."""
+    cache = KVCache(model.config, 2, 20, start=torch.tensor([0, 3]))
+    kinds = model.config.layer_types
+    for l, kind in enumerate(kinds):
+        assert cache.k[l].shape[2] == (W if kind == "sliding_attention" else 20)
+    with torch.no_grad():
+        model(torch.randint(3, 512, (2, 10)), position_ids=cache.position_ids(10), kv_cache=cache)
+        m_slide = cache._build_mask("sliding_attention", 1)  # the next decode step's masks
+        m_full = cache._build_mask("full_attention", 1)
+    allowed = lambda m: (m == 0).sum(-1).flatten().tolist()  # noqa: E731
+    assert allowed(m_slide) == [W, W]  # row 1's 3 left pads are already out of the window
+    assert allowed(m_full) == [11, 8]  # 10 cached + the new token; row 1 minus its 3 pads
+    assert cache.position_ids(1).tolist() == [[10], [7]]
+
+
+def test_fan_out_copies_rows(model):
+    cache = KVCache(model.config, 2, 6, start=torch.tensor([0, 2]))
+    with torch.no_grad():
+        model(torch.randint(3, 512, (2, 6)), position_ids=cache.position_ids(6), kv_cache=cache)
+    big = cache.fan_out(3, 16)
+    assert big.pos == 6 and big.start.tolist() == [0, 0, 0, 2, 2, 2]
+    for l in range(len(cache.k)):
+        n = cache.k[l].shape[2]
+        for r in range(6):
+            torch.testing.assert_close(big.k[l][r, :, :n], cache.k[l][r // 3], atol=0, rtol=0)
+            torch.testing.assert_close(big.v[l][r, :, :n], cache.v[l][r // 3], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Greedy
+
+def test_cached_greedy_equals_recompute_past_window(model, engine):
+    res = engine.greedy([P1, P2], max_new_tokens=14, stop_ids=[])  # batched, left-padded
+    for prompt, toks in zip([P1, P2], res.tokens):
+        assert toks == naive_greedy(model, prompt, 14)
+    assert len(set(res.tokens[0])) > 3  # the random model does not just repeat one token
+    # greedy full_logprobs are log_softmax(logits) at the argmax (temperature 1)
+    seq = P1 + res.tokens[0]
+    lsm = torch.log_softmax(full_logits(model, seq), -1)
+    ref = [lsm[len(P1) - 1 + i, t].item() for i, t in enumerate(res.tokens[0])]
+    assert res.full_logprobs[0] == pytest.approx(ref, abs=1e-5)
+    assert res.logprobs[0] == [0.0] * 14
+
+
+def test_top_k_1_equals_greedy(engine):
+    g = engine.greedy([P1, P3], max_new_tokens=10, stop_ids=[])
+    s = engine.generate([P1, P3], num_samples=2, max_new_tokens=10, temperature=0.8, top_k=1, stop_ids=[], seeds=3)
+    assert s.tokens == [g.tokens[0]] * 2 + [g.tokens[1]] * 2
+    assert all(lp == 0.0 for row in s.logprobs for lp in row)  # one kept token: probability 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+def test_fan_out_equals_independent_runs(engine):
+    """One prefill fanned out to K rows == K separate runs, each with its row's seed."""
+    seeds = [11, 12, 13, 14]
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, stop_ids=[])
+    group = engine.generate([P1], num_samples=4, seeds=seeds, **kw)
+    for k, s in enumerate(seeds):
+        solo = engine.generate([P1], num_samples=1, seeds=[s], **kw)
+        assert group.tokens[k] == solo.tokens[0]
+        assert group.logprobs[k] == pytest.approx(solo.logprobs[0], abs=1e-5)
+    assert len({tuple(t) for t in group.tokens}) == 4  # different seeds, different samples
+
+
+def test_left_padding_invariance(engine):
+    """A batch of prompts of different lengths (left-padded, prompt-major rows) == each prompt alone."""
+    prompts, K = [P1, P2, P3], 2
+    seeds = list(range(100, 100 + K * len(prompts)))
+    kw = dict(max_new_tokens=10, temperature=0.9, stop_ids=[])
+    batch = engine.generate(prompts, num_samples=K, seeds=seeds, **kw)
+    for i, p in enumerate(prompts):
+        solo = engine.generate([p], num_samples=K, seeds=seeds[i * K:(i + 1) * K], **kw)
+        assert batch.tokens[i * K:(i + 1) * K] == solo.tokens
+        for a, b in zip(batch.full_logprobs[i * K:(i + 1) * K], solo.full_logprobs):
+            assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_sampler_logprobs_match_full_forward(model, engine):
+    """full_logprobs == log_softmax(full-forward logits / T) at the sampled tokens (what the trainer computes);
+    logprobs == the same after top-k and top-p renormalisation (recomputed here in float64 by sorting)."""
+    T, k, p = 0.7, 20, 0.8
+    res = engine.generate([P3, P1], num_samples=2, max_new_tokens=9, temperature=T, top_k=k, top_p=p,
+                          stop_ids=[], seeds=7)
+    for r, prompt in enumerate([P3, P3, P1, P1]):
+        toks = res.tokens[r]
+        logits = full_logits(model, prompt + toks).double()[len(prompt) - 1:-1] / T  # [n, V] predicting toks
+        full = torch.log_softmax(logits, -1)
+        assert res.full_logprobs[r] == pytest.approx([full[i, t].item() for i, t in enumerate(toks)], abs=1e-5)
+        ref = []
+        for i, t in enumerate(toks):
+            vals, idx = torch.sort(logits[i], descending=True)
+            vals, idx = vals[:k], idx[:k]
+            probs = torch.softmax(vals, -1)
+            keep = (torch.cumsum(probs, -1) - probs) < p
+            assert t in idx[keep].tolist()  # the sampled token is inside the processed support
+            ref.append(torch.log_softmax(vals[keep], -1)[idx[keep].tolist().index(t)].item())
+        assert res.logprobs[r] == pytest.approx(ref, abs=1e-5)
+        assert all(a >= b - 1e-6 for a, b in zip(res.logprobs[r], res.full_logprobs[r]))  # truncation only adds mass
+
+
+def test_untruncated_logprobs_equal_full(engine):
+    res = engine.generate([P1], num_samples=3, max_new_tokens=6, temperature=1.3, stop_ids=[], seeds=0)
+    for a, b in zip(res.logprobs, res.full_logprobs):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_seeds_reproducible(engine):
+    kw = dict(num_samples=3, max_new_tokens=8, temperature=1.0, stop_ids=[])
+    a = engine.generate([P2], seeds=[1, 2, 3], **kw)
+    b = engine.generate([P2], seeds=[1, 2, 3], **kw)
+    c = engine.generate([P2], seeds=[4, 5, 6], **kw)
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    assert a.tokens != c.tokens
+    torch.manual_seed(0)
+    d = engine.generate([P2], **kw)  # seeds=None: drawn from torch's global RNG
+    torch.manual_seed(0)
+    e = engine.generate([P2], **kw)
+    assert d.tokens == e.tokens
+
+
+def test_sample_tokens_inverse_cdf_quantiles():
+    """With evenly spaced uniforms, inverse-CDF sampling hits each kept token in proportion to its processed
+    probability (to within one draw), and never a truncated one."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 30) * 2
+    n = 20000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tok, logp, full = sample_tokens(logits.expand(n, 30), u, temperature=0.9, top_k=12, top_p=0.9)
+    x = logits[0].double() / 0.9
+    vals, idx = torch.sort(x, descending=True)
+    vals, idx = vals[:12], idx[:12]
+    probs = torch.softmax(vals, -1)
+    keep = (torch.cumsum(probs, -1) - probs) < 0.9
+    kept = torch.softmax(vals[keep], -1)
+    counts = torch.bincount(tok, minlength=30).double() / n
+    expected = torch.zeros(30, dtype=torch.float64)
+    expected[idx[keep]] = kept
+    assert (counts - expected).abs().max() <= 2.0 / n
+    torch.testing.assert_close(logp.double(), torch.log(expected[tok]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(full.double(), torch.log_softmax(x, -1)[tok], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stops
+
+def test_stop_ids_and_masks(model, engine):
+    free = engine.greedy([P1, P3], max_new_tokens=12, stop_ids=[])
+    stop = free.tokens[0][4]  # make row 0's 5th greedy token a stop id
+    n3 = free.tokens[1].index(stop) + 1 if stop in free.tokens[1] else 12
+    res = engine.greedy([P1, P3], max_new_tokens=12, stop_ids=[stop])
+    first = free.tokens[0].index(stop) + 1
+    assert res.tokens[0] == free.tokens[0][:first] and res.stop_reasons[0] == "stop_id"  # stop token kept
+    assert res.tokens[1] == free.tokens[1][:n3]
+    assert res.stop_reasons[1] == ("stop_id" if n3 < 12 or free.tokens[1][-1] == stop else "length")
+    assert res.mask[0].tolist() == [True] * first + [False] * (12 - first)
+    assert res.tokens_padded[0, first:].eq(0).all() and res.logprobs_padded[0, first:].eq(0).all()
+    # min_new_tokens bans stop ids before it
+    res = engine.greedy([P1], max_new_tokens=12, stop_ids=[stop])
+    late = engine.generate([P1], 1, 12, temperature=0.0, stop_ids=[stop], min_new_tokens=first + 1, seeds=0)
+    assert len(late.tokens[0]) > len(res.tokens[0]) and late.tokens[0][:first - 1] == res.tokens[0][:first - 1]
+    assert stop not in late.tokens[0][:first + 1]
+
+
+class CharTokenizer:
+    """Token id i decodes to a fixed 1-2 character string; enough to exercise text-level stop strings."""
+    stop_ids = [1, 106]
+
+    def decode(self, ids, skip_special=True):
+        return "".join("ab<>/xyz"[i % 8] + ("" if i % 3 else "q") for i in ids)
+
+
+def test_stop_strings(model):
+    eng = Engine(model, CharTokenizer())
+    kw = dict(num_samples=4, max_new_tokens=24, temperature=1.0, stop_ids=[], seeds=21)
+    free = eng.generate([P1], **kw)
+    # pick a 2-character string that first appears mid-sequence in row 0's text
+    tok = CharTokenizer()
+    text = free.texts[0]
+    s = text[9:11]
+    res = eng.generate([P1], stop_strings=[s, "NEVER"], check_every=5, **kw)
+    for r in range(4):
+        toks = free.tokens[r]
+        n = next((n for n in range(1, 25) if s in tok.decode(toks[:n])), None)
+        if n is None:
+            assert res.tokens[r] == toks and res.stop_reasons[r] == "length"
+        else:  # cut at the token that completes the string, whatever the check cadence
+            assert res.tokens[r] == toks[:n] and res.stop_reasons[r] == "stop_string"
+            assert res.texts[r].endswith(s) or s in res.texts[r]
+            assert s not in tok.decode(toks[:n - 1])
+    assert res.stop_reasons[0] == "stop_string"
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(model).generate([P1], stop_strings=["x"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring
+
+def test_score_matches_full_forward(model, engine):
+    conts = [[3, 4, 5], [6], [7, 8, 9, 10, 11, 12, 13], [300, 301]]
+    got = engine.score(P1, conts, batch_size=3)  # two chunks, right-padded
+    per_tok = engine.score(P1, conts, per_token=True)
+    for c, s, pt in zip(conts, got, per_tok):
+        lsm = torch.log_softmax(full_logits(model, P1 + c).double(), -1)
+        ref = [lsm[len(P1) - 1 + i, t].item() for i, t in enumerate(c)]
+        assert pt == pytest.approx(ref, abs=1e-5)
+        assert s == pytest.approx(math.fsum(ref), abs=1e-4)
+    assert engine.score(P1, []) == []
