@@ -124,7 +124,7 @@ class AmazonSource:
     def interactions(self) -> Interactions:
         users: dict[str, int] = {}
         items: dict[str, int] = {}
-        u, i, ts = array("q"), array("q"), array("q")   # 24 bytes per review
+        u, i, ts = array("i"), array("i"), array("q")   # 16 bytes per review (int32 codes, int64 ms times)
         bad = Malformed(self.reviews_path, self.cfg.max_malformed_frac)
         n = 0
         with open_lines(self.reviews_path) as f:
@@ -142,8 +142,8 @@ class AmazonSource:
         bad.check(n)
         self.n_rows = len(u)
         self.counts = {"review_lines": n, "malformed_review_lines": bad.n}
-        return Interactions(list(users), list(items), np.frombuffer(u, dtype=np.int64),
-                            np.frombuffer(i, dtype=np.int64), np.frombuffer(ts, dtype=np.int64), dict(self.counts))
+        return Interactions(list(users), list(items), np.frombuffer(u, dtype=np.int32),
+                            np.frombuffer(i, dtype=np.int32), np.frombuffer(ts, dtype=np.int64), dict(self.counts))
 
     # pass 2: meta for kept items ------------------------------------------------------------------------------
     def load_meta(self, item_ids: list[str], cfg: DataConfig) -> None:

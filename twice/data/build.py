@@ -37,8 +37,8 @@ def log(msg: str) -> None:
 class Interactions:
     user_ids: list[str]        # code -> original user id
     item_ids: list[str]        # code -> original item id
-    u: np.ndarray              # [R] int64 user code per row (row = position in the source's order)
-    i: np.ndarray              # [R] int64 item code per row
+    u: np.ndarray              # [R] int user code per row (row = position in the source's order)
+    i: np.ndarray              # [R] int item code per row
     ts: np.ndarray             # [R] int64 timestamp per row
     counts: dict = field(default_factory=dict)   # source-side counts (lines, malformed, ...), copied into stats
 
@@ -55,10 +55,13 @@ def natural_order(ids: list[str]) -> list[int]:
 
 def dedup_earliest(u: np.ndarray, i: np.ndarray, ts: np.ndarray) -> np.ndarray:
     """Rows to keep so that each (user, item) appears once: the earliest timestamp, ties -> earliest row."""
-    rows = np.arange(len(u))
-    order = np.lexsort((rows, ts, i, u))                  # by user, item, time, row
+    order = np.argsort(ts, kind="stable")                 # by time, file row breaking ties ...
+    key = u.astype(np.int64)[order] * (int(i.max()) + 1 if len(i) else 1) + i[order]   # (user, item) as one int
+    perm = np.argsort(key, kind="stable")                 # ... then by (user, item): the first of a group wins
+    order, key = order[perm], key[perm]
+    del perm
     first = np.ones(len(order), dtype=bool)
-    first[1:] = (u[order][1:] != u[order][:-1]) | (i[order][1:] != i[order][:-1])
+    first[1:] = key[1:] != key[:-1]
     return np.sort(order[first])
 
 
