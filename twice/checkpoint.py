@@ -275,32 +275,27 @@ def load_latest(ckpt_dir, model: nn.Module, optimizer: torch.optim.Optimizer | N
 # ----------------------------------------------------------------------------------------------------------------
 # HF export
 
-def export_hf(model: nn.Module, out_dir, dtype: torch.dtype | None = None) -> Path | None:
-    """Write an HF-format folder (Gemma3.save_pretrained) with any LoRA adapters merged in and the original key
-    names. Collective under FSDP2 (the gather); rank 0 builds a plain CPU copy and writes it into a temp folder that
-    is renamed into place. Returns out_dir on rank 0, None elsewhere."""
+def export_hf(model: nn.Module, out_dir, dtype: torch.dtype | None = None, **save_kwargs) -> Path | None:
+    """Write an HF-format folder (Gemma3.save_pretrained, which assembles it in a temp dir and renames it) with any
+    LoRA adapters merged in and the original key names; dtype casts the floating weights (e.g. bf16 as HF ships).
+    Collective under FSDP2 (the gather); rank 0 builds a plain CPU copy and writes. save_kwargs go to
+    save_pretrained (e.g. tokenizer_path). Returns out_dir on rank 0, None elsewhere."""
     from twice.gemma3 import Gemma3
 
     scales = {m.scale for m in lora_modules(model)}
     if len(scales) > 1:
         raise ValueError(f"export_hf: adapters with different scales {sorted(scales)}")
-    sd = dist.full_state_dict(model)
-    out_dir = Path(out_dir)
-    if dist.get_rank() != 0:
-        dist.barrier()
-        return None
-    if scales:
-        sd = merge_lora_state_dict(sd, scales.pop())
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    with torch.device("meta"):
-        plain = Gemma3(model.config)
-    plain.load_state_dict(sd, strict=True, assign=True)
-    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    sd = dist.full_state_dict(model)  # rank 0: full CPU tensors
+    if dist.get_rank() == 0:
+        if scales:
+            sd = merge_lora_state_dict(sd, scales.pop())
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        with torch.device("meta"):
+            plain = Gemma3(model.config)
+        plain.load_state_dict(sd, strict=True, assign=True)
+        if getattr(model, "source_dir", None):  # save_pretrained copies the tokenizer from there
+            plain.source_dir = model.source_dir
+        plain.save_pretrained(Path(out_dir), **save_kwargs)
     dist.barrier()
-    return out_dir
+    return Path(out_dir) if dist.get_rank() == 0 else None
