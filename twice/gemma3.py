@@ -182,6 +182,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:  # the cache owns slots, window and padding: it hands back keys + the mask
             k, v, mask = kv_cache.update(self.layer_idx, k, v)  # [B, KV, S, hd] x2, [B, 1, T, S]
+        if isinstance(mask, SharedPrefixLayout):  # packed prompt+completions stream (training only, see below)
+            return self.o_proj(attend_shared_prefix(q, k, v, mask, self.sliding, self.scale))  # [1, N, D]
         return self.o_proj(attend(q, k, v, mask, self.scale))  # [B, T, D]
 
 
@@ -253,12 +255,15 @@ class Gemma3(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, targets=None,
-                temperature: float = 1.0, return_entropy: bool = False, return_hidden: bool = False):
+                temperature: float = 1.0, return_entropy: bool = False, return_hidden: bool = False,
+                shared_prefix=None):
         """input_ids [B, T]; attention_mask [B, S] (1 real, 0 pad; S = cached + T slots); position_ids [B, T].
 
         Returns logits [B, T, V] (model dtype); or the final normed hidden [B, T, D] with return_hidden; or, with
         targets [B, T] (-100 = ignore), fp32 log-probs [B, T] (0 where ignored) [and entropy [B, T]] computed by
         the fused kernel so [tokens x V] is never built. With kv_cache, masks come from kv_cache.update()."""
+        if shared_prefix is not None:  # inside forward, so FSDP2's root hooks have unsharded embed_tokens
+            return self._forward_shared_prefix(input_ids, shared_prefix, targets, temperature, return_entropy)
         cfg = self.config
         B, T = input_ids.shape
         W = self.embed_tokens.weight  # [V, D]
@@ -316,5 +321,127 @@ class Gemma3(nn.Module):
             logits = torch.tanh(logits / c) * c
         return logits
 
+    def _forward_shared_prefix(self, completion_ids, sp: "SharedPrefix", targets, temperature: float,
+                               return_entropy: bool):
+        """The K completions of each of G groups attend to ONE copy of their group's prompt (module end)."""
+        cfg = self.config
+        W = self.embed_tokens.weight  # [V, D]
+        dt, dev = W.dtype, W.device
+        prompt_ids, plen, K = sp.prompt_ids.to(dev), sp.prompt_lens.to(dev), sp.K
+        G, P = prompt_ids.shape
+        R, Tc = completion_ids.shape
+        if R != G * K or plen.shape != (G,) or int(plen.min()) < 1 or int(plen.max()) > P:
+            raise ValueError(f"shared_prefix: completions {R} rows != G*K = {G}*{K}, or prompt_lens {plen.tolist()} "
+                             f"outside 1..{P}")
+        # one packed stream [1, N]: G right-padded prompts, then the G*K completions (N = G*P + R*Tc)
+        pos_c = plen.repeat_interleave(K)[:, None] + torch.arange(Tc, device=dev)  # [R, Tc]: continue each prompt
+        pos = torch.cat([torch.arange(P, device=dev).repeat(G), pos_c.reshape(-1)])[None]  # [1, N]
+        ids = torch.cat([prompt_ids.reshape(-1), completion_ids.to(dev).reshape(-1)])[None]  # [1, N]
+        x = self.embed_tokens(ids) * torch.tensor(cfg.hidden_size ** 0.5).to(dt)  # [1, N, D]
+        rope = {SLIDING: rope_cos_sin(pos, cfg.head_dim, cfg.rope_local_base_freq, 1.0, dt),
+                FULL: rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, dt)}
+        layout = SharedPrefixLayout.build(plen, K, P, Tc, cfg.sliding_window, dt, dev)
+        for layer, kind in zip(self.layers, cfg.layer_types):
+            cos, sin = rope[kind]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, layout, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, layout)  # Attention sees the layout in the mask slot
+        h = self.norm(x)[0]  # [N, D]
+        hp = h[:G * P].view(G, P, -1)[torch.arange(G, device=dev), plen - 1]  # [G, D] last prompt token
+        # the hidden that PREDICTS completion token t: last prompt token for t = 0, completion token t-1 after
+        h = torch.cat([hp.repeat_interleave(K, 0)[:, None], h[G * P:].view(R, Tc, -1)[:, :-1]], 1)  # [R, Tc, D]
+        if targets is None:
+            return h
+        from kernels import token_logprobs
+        valid = targets != -100  # [R, Tc]
+        out = token_logprobs(h[valid], W, targets[valid], temperature, return_entropy=return_entropy)
+        logp, ent = out if return_entropy else (out, None)
+        full = h.new_zeros((R, Tc), dtype=torch.float32)
+        logp = full.masked_scatter(valid, logp.float())
+        return (logp, full.masked_scatter(valid, ent.float())) if return_entropy else logp
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared-prefix training forward (GRPO): a group's K completions share one prompt, ~95% of the tokens in the paper.
+#
+#   logp = model(completions [G*K, Tc], shared_prefix=SharedPrefix(prompts [G, P], prompt_lens [G], K),
+#                targets=completions with -100 on padding)        # -> [G*K, Tc]: log p(c_t | prompt, c_<t)
+#
+# equals running the G*K rows [prompt_g ; completion] one by one (tests/test_train_grpo.py checks loss and grads),
+# but each prompt runs ONCE and its keys/values are shared, not copied: in attention the K completions are folded
+# into the query length for the prefix part (q [G, KV, n*K*Tc, hd] against prefix k [G, KV, P, hd]) and scored
+# separately against their own keys ([.., Tc, Tc]); one softmax over the concatenated scores. The gradient of all K
+# completions flows back into the one prompt pass. Positions continue each prompt (prompt_len_g + t), so sliding
+# windows reach back into the prompt exactly as in the K-times layout. Prompts are right-padded; pad keys are
+# masked for completions and sit after every real prompt token (causality hides them from the prompt).
+
+@dataclass
+class SharedPrefix:
+    prompt_ids: torch.Tensor   # [G, P] long, right-padded (pad id irrelevant: masked)
+    prompt_lens: torch.Tensor  # [G] long, real prompt tokens per group (>= 1)
+    K: int                     # completions per group; completion row r belongs to group r // K
+
+
+@dataclass
+class SharedPrefixLayout:
+    """What attention needs to split the packed [1, G*P + G*K*Tc] stream, plus the masks per layer kind."""
+    G: int
+    K: int
+    P: int
+    Tc: int
+    prefix_mask: dict          # sliding (bool) -> [1, 1, P, P] additive: prompt self-attention (causal, window)
+    completion_mask: dict      # sliding (bool) -> [G, 1, 1, 1, Tc, P + Tc] additive: [prompt keys ; own keys]
+
+    @staticmethod
+    def build(plen, K: int, P: int, Tc: int, window: int, dtype, device) -> "SharedPrefixLayout":
+        G = plen.shape[0]
+        t = torch.arange(Tc, device=device)
+        j = torch.arange(P, device=device)
+        qpos = plen[:, None, None] + t[None, :, None]  # [G, Tc, 1] position of completion query t
+        in_prompt = (j[None, None, :] < plen[:, None, None]).expand(G, Tc, P)  # [G, Tc, P]
+        causal = (t[None, :] <= t[:, None])  # [Tc (query), Tc (key)]
+        zero, neg = torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min
+        pm, cm = {}, {}
+        for sliding in (False, True):
+            ap, ac = in_prompt, causal
+            if sliding:  # a query at position q sees keys at positions q-W+1 .. q
+                ap = ap & (j[None, None, :] > qpos - window)
+                ac = ac & (t[None, :] > t[:, None] - window)
+            allowed = torch.cat([ap, ac[None].expand(G, Tc, Tc)], dim=-1)  # [G, Tc, P + Tc]
+            cm[sliding] = torch.where(allowed, zero, neg)[:, None, None, None]  # [G, 1, 1, 1, Tc, P + Tc]
+            pm[sliding] = build_mask(None, 1, P, window if sliding else None, dtype, device)  # [1, 1, P, P]
+        return SharedPrefixLayout(G, K, P, Tc, pm, cm)
+
+
+def attend_shared_prefix(q, k, v, layout: SharedPrefixLayout, sliding: bool, scale: float):
+    """q [1, H, N, hd], k/v [1, KV, N, hd] of the packed stream (N = G*P + G*K*Tc) -> [1, N, H*hd].
+
+    Same math as `attend` on the K-times layout (scores in the model dtype, + mask, fp32 softmax, cast)."""
+    G, K, P, Tc = layout.G, layout.K, layout.P, layout.Tc
+    _, H, N, hd = q.shape
+    KV = k.shape[1]
+    n = H // KV  # query heads per kv head; head h = kv * n + i (HF repeat_kv order)
+    S = G * P
+    # prompts: ordinary causal attention per group
+    qp = q[0, :, :S].reshape(H, G, P, hd).transpose(0, 1)  # [G, H, P, hd]
+    kp = k[0, :, :S].reshape(KV, G, P, hd).transpose(0, 1)  # [G, KV, P, hd]
+    vp = v[0, :, :S].reshape(KV, G, P, hd).transpose(0, 1)
+    out_p = attend(qp, kp, vp, layout.prefix_mask[sliding], scale).reshape(1, S, H * hd)
+    # completions
+    qc = q[0, :, S:].reshape(KV, n, G, K, Tc, hd).permute(2, 3, 0, 1, 4, 5)  # [G, K, KV, n, Tc, hd]
+    kc = k[0, :, S:].reshape(KV, G, K, Tc, hd).permute(1, 2, 0, 3, 4)[:, :, :, None]  # [G, K, KV, 1, Tc, hd]
+    vc = v[0, :, S:].reshape(KV, G, K, Tc, hd).permute(1, 2, 0, 3, 4)[:, :, :, None]
+    qf = qc.permute(0, 2, 3, 1, 4, 5).reshape(G, KV, n * K * Tc, hd)  # K folded into the query length
+    s_p = (torch.matmul(qf, kp.transpose(2, 3)) * scale).view(G, KV, n, K, Tc, P)  # vs the ONE prompt copy
+    s_c = (torch.matmul(qc, kc.transpose(-1, -2)) * scale).permute(0, 2, 3, 1, 4, 5)  # [G, KV, n, K, Tc, Tc]
+    s = torch.cat([s_p, s_c], dim=-1) + layout.completion_mask[sliding]  # [G, KV, n, K, Tc, P + Tc]
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    o_p = torch.matmul(p[..., :P].reshape(G, KV, n * K * Tc, P), vp).view(G, KV, n, K, Tc, hd)
+    o_c = torch.matmul(p[..., P:].permute(0, 3, 1, 2, 4, 5), vc)  # [G, K, KV, n, Tc, hd]
+    o = o_p.permute(0, 3, 1, 2, 4, 5) + o_c  # [G, K, KV, n, Tc, hd]
+    out_c = o.permute(0, 1, 4, 2, 3, 5).reshape(1, G * K * Tc, H * hd)
+    return torch.cat([out_p, out_c], dim=1)  # [1, N, H*hd]
