@@ -164,6 +164,17 @@ def test_save_over_existing_folder_drops_stale_shards(dirs, tmp_path):
     assert torch.equal(our_logits(Gemma3.from_pretrained(out)), our_logits(ours))
 
 
+def test_save_given_state_dict(dirs, tmp_path):
+    """A sharded trainer gathers full tensors on rank 0 and hands them over: those are what gets written."""
+    ours = Gemma3.from_pretrained(dirs["v5"])
+    other = {k: v + 1 for k, v in ours.state_dict().items()}
+    ours.save_pretrained(tmp_path / "out", state_dict=other)
+    back = Gemma3.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in other.items())
+    with pytest.raises(KeyError, match="missing"):
+        ours.save_pretrained(tmp_path / "bad", state_dict={k: v for k, v in other.items() if k != "norm.weight"})
+
+
 def test_tokenizer_copied_from_source_dir(dirs, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(dirs["v5"], src)

@@ -253,14 +253,17 @@ def _shards(table: dict[str, str], state: dict[str, torch.Tensor], max_shard_byt
     return shards
 
 
-def save_pretrained(model: Gemma3, path, max_shard_bytes: int = 2_000_000_000, tokenizer_path=None):
+def save_pretrained(model: Gemma3, path, max_shard_bytes: int = 2_000_000_000, tokenizer_path=None,
+                    state_dict: dict | None = None):
     """Write an HF folder (config.json, generation_config.json, safetensors [+ index], tokenizer.model).
 
     tokenizer_path: a tokenizer.model file or a folder holding one; default: the folder the model was loaded from
-    (if it has one). The folder is assembled in a temp dir and renamed into place."""
+    (if it has one). state_dict: full (unsharded) tensors to write instead of model.state_dict(), e.g. what a
+    sharded trainer gathered on rank 0. The folder is assembled in a temp dir and renamed into place."""
     path = Path(path)
     cfg = model.config
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     table = key_table(cfg)
     if set(state) != set(table):
         raise KeyError(f"model state does not match the key table: extra {sorted(set(state) - set(table))}, "
