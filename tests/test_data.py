@@ -303,6 +303,10 @@ def test_recbole_reader_real_layout(tmp_path, capsys):
     assert ds.user(3).timestamps == [881250948, 881250949, 881250950]
     assert ds.user(1).reviews == ["", "", "", ""]
     assert [(c.target, c.candidates) for c in ds.candidates("test")] == [(4, [4]), (3, [3]), (3, [3])]
+    # a reader-side filter that empties everything is named in the error
+    cfg.rating_min, cfg.out_dir = 6.0, str(tmp_path / "empty")
+    with pytest.raises(DataError, match=r"rating_below_min': 10.*rating_min=6.0"):
+        prepare(cfg)
 
 
 # -- the authors' release -----------------------------------------------------------------------------------------

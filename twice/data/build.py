@@ -208,7 +208,8 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
     filtered: dict[str, int] = dict(inter.counts)
     name = getattr(source, "describe", lambda: cfg.source)()
     if len(u) == 0:
-        raise DataError(f"{name}: no interactions read (every line malformed or filtered by the reader)")
+        raise DataError(f"{name}: no interactions left after reading (counts: {filtered}); every line was "
+                        f"malformed or dropped by the reader's filter (rating_min={cfg.rating_min})")
 
     rows = dedup_earliest(u, i, ts)
     filtered["duplicate_interactions"] = len(u) - len(rows)
@@ -229,8 +230,8 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
     # indices: users and items by natural order of their original ids
     ucodes = np.unique(u[rows])
     icodes = np.unique(i[rows])
-    uorder = [c for c in natural_order([inter.user_ids[c] for c in ucodes])]
-    iorder = [c for c in natural_order([inter.item_ids[c] for c in icodes])]
+    uorder = natural_order([inter.user_ids[c] for c in ucodes])
+    iorder = natural_order([inter.item_ids[c] for c in icodes])
     user_idx = np.zeros(len(inter.user_ids), dtype=np.int64)
     user_idx[ucodes[uorder]] = np.arange(1, len(ucodes) + 1)
     item_idx = np.zeros(len(inter.item_ids), dtype=np.int64)
