@@ -8,6 +8,7 @@ a single-process reference computed by the same functions, so every assertion is
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -32,12 +33,15 @@ T = 12            # tokens per row
 GLOBAL_B = 4      # rows per optimizer step (split over ranks)
 MAX_NORM = 0.05   # small enough that clipping is active on every step (the test checks it)
 LR, WARMUP, MIN_LR_RATIO = 3e-3, 2, 0.1
+N_FIXED, N_RESUME = 3, 4  # optimizer steps: 1 vs 2 ranks; straight vs resumed at N_RESUME // 2
+# the tiny preset cut to 3 layers (sliding, sliding, full): both layer kinds, half the per-step cost
+CFG = dataclasses.replace(PRESETS["tiny"], num_hidden_layers=3, layer_types=None)
 
 
 def build_model(lora: bool, dropout: float = 0.0, init_seed: int = 0, train_norms: bool = False):
     """Tiny random Gemma3 (fp32, CPU). The init seed is the same on every rank, as it must be before FSDP2."""
     torch.manual_seed(init_seed)
-    model = Gemma3.from_config(PRESETS["tiny"])
+    model = Gemma3.from_config(CFG)
     if lora:
         apply_lora(model, r=4, alpha=8, dropout=dropout, seed=init_seed)
         if train_norms:  # a mix of trainable base params (no-decay group) and adapters
@@ -55,7 +59,7 @@ def build_model(lora: bool, dropout: float = 0.0, init_seed: int = 0, train_norm
 def fixed_batches(n_steps: int, seed: int = 1234) -> torch.Tensor:
     """[n_steps, GLOBAL_B, T] token ids, identical in every process."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, PRESETS["tiny"].vocab_size, (n_steps, GLOBAL_B, T), generator=g)
+    return torch.randint(3, CFG.vocab_size, (n_steps, GLOBAL_B, T), generator=g)
 
 
 POOL = torch.randint(3, 512, (64, T + 6), generator=torch.Generator().manual_seed(99))
@@ -136,7 +140,7 @@ def fsdp_main(out: Path):
         save_file(gathered, str(out / "init_gathered.safetensors"))
     else:
         assert gathered == {}, "non-zero ranks must receive an empty dict"
-    res["full"] = run_fixed(model, 4, rank, world)
+    res["full"] = run_fixed(model, N_FIXED, rank, world)
     sd = dist.full_state_dict(model)
     if rank == 0:
         save_file(sd, str(out / "full_final.safetensors"))
@@ -144,7 +148,7 @@ def fsdp_main(out: Path):
     # 2) LoRA (adapters + norms trainable; frozen base in the same FSDP units)
     model = build_model(lora=True, train_norms=True)
     dist.wrap_fsdp(model)
-    res["lora"] = run_fixed(model, 4, rank, world)
+    res["lora"] = run_fixed(model, N_FIXED, rank, world)
     sd = dist.full_state_dict(model)
     if rank == 0:
         save_file(sd, str(out / "lora_final.safetensors"))
@@ -166,7 +170,7 @@ def fsdp_main(out: Path):
                         "after_sharded": after_sharded}
 
     # 4) exact resume under FSDP2: LoRA with dropout, per-rank RNG streams, adapters-only checkpoint
-    N = 6
+    N = N_RESUME
     straight = build_model(lora=True, dropout=0.1)
     dist.wrap_fsdp(straight)
     opt = new_optimizer(straight)
