@@ -260,14 +260,13 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
     rows_u = rows[by_user]
     bounds = np.r_[0, np.cumsum(np.bincount(uu, minlength=n_users + 1)[1:])]
     lengths = np.diff(bounds)
+    flat = item_idx[i[rows_u]].astype(np.int32)          # [interactions] every user's sequence, back to back
     train_counts = np.zeros(n_items + 1, dtype=np.int64)
-    seqs: list[list[int]] = []
     with open(tmp / "users.jsonl", "w", encoding="utf-8") as f:
         for k in range(n_users):
             r = rows_u[bounds[k]:bounds[k + 1]]
-            items = item_idx[i[r]].tolist()
-            seqs.append(items)
-            train_counts[items[:-2]] += 1
+            items = flat[bounds[k]:bounds[k + 1]].tolist()
+            train_counts[items[:-2]] += 1                 # items are distinct within a user (dedup)
             rec = {"idx": k + 1, "id": inter.user_ids[ucodes[uorder[k]]], "items": items,
                    "ratings": [source.rating(x) for x in r.tolist()],
                    "reviews": [source.review(x) for x in r.tolist()],
@@ -285,8 +284,8 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
         raise DataError(f"negative_sampling must be 'uniform' or 'popularity', got {cfg.negative_sampling!r}")
     for split in ("valid", "test"):
         _write_jsonl(tmp / f"candidates_{split}.jsonl",
-                     (candidate_set(cfg.seed, k + 1, split, seq, n_items, cfg.n_negatives, cum)
-                      for k, seq in enumerate(seqs)))
+                     (candidate_set(cfg.seed, k + 1, split, flat[bounds[k]:bounds[k + 1]].tolist(), n_items,
+                                    cfg.n_negatives, cum) for k in range(n_users)))
 
     n_inter = int(lengths.sum())
     stats = {"users": n_users, "items": n_items, "interactions": n_inter,
