@@ -24,9 +24,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from twice import dist  # noqa: E402
-from twice.checkpoint import load_latest, save_checkpoint  # noqa: E402
+from twice.checkpoint import export_hf, load_latest, save_checkpoint  # noqa: E402
 from twice.gemma3 import PRESETS, Gemma3  # noqa: E402
-from twice.lora import apply_lora  # noqa: E402
+from twice.lora import apply_lora, load_lora_state_dict, lora_state_dict  # noqa: E402
 from twice.optim import build_adamw, clip_grad_norm_, lr_at, set_lr  # noqa: E402
 
 T = 12            # tokens per row
@@ -79,24 +79,29 @@ def lm_loss(model, ids):  # ids [B, T]: next-token cross-entropy, mean over the 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def train_step(model, opt, step: int, total: int, ids) -> tuple[float, float]:
-    """One optimizer step on this rank's rows `ids`; returns (loss averaged over ranks, pre-clip grad norm)."""
-    loss = lm_loss(model, ids)
-    loss.backward()
+def train_step(model, opt, step: int, total: int, ids, micro: int = 1) -> tuple[float, float]:
+    """One optimizer step on this rank's rows `ids`, as `micro` accumulated micro-batches (the reduce-scatter is
+    skipped on all but the last); returns (loss averaged over ranks, pre-clip grad norm)."""
+    loss = 0.0
+    for i, chunk in enumerate(ids.chunk(micro)):
+        dist.set_grad_sync(model, i == micro - 1)
+        part = lm_loss(model, chunk) / micro  # equal-sized chunks: the mean of means is the mean
+        part.backward()
+        loss = loss + part.detach()
     gnorm = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_NORM)
     set_lr(opt, lr_at(step, total, WARMUP, LR, MIN_LR_RATIO))
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(dist.all_reduce_mean(loss.detach().clone())), float(gnorm)
+    return float(dist.all_reduce_mean(loss.clone())), float(gnorm)
 
 
-def run_fixed(model, n_steps: int, rank: int = 0, world: int = 1):
+def run_fixed(model, n_steps: int, rank: int = 0, world: int = 1, micro: int = 1):
     """n_steps on fixed_batches, rank r taking its contiguous share of each global batch."""
     opt = build_adamw(model.named_parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
     batches, per = fixed_batches(n_steps), GLOBAL_B // world
     losses, norms = [], []
     for s in range(n_steps):
-        loss, gn = train_step(model, opt, s, n_steps, batches[s, rank * per:(rank + 1) * per])
+        loss, gn = train_step(model, opt, s, n_steps, batches[s, rank * per:(rank + 1) * per], micro)
         losses.append(loss)
         norms.append(gn)
     return losses, norms
@@ -140,7 +145,7 @@ def fsdp_main(out: Path):
         save_file(gathered, str(out / "init_gathered.safetensors"))
     else:
         assert gathered == {}, "non-zero ranks must receive an empty dict"
-    res["full"] = run_fixed(model, N_FIXED, rank, world)
+    res["full"] = run_fixed(model, N_FIXED, rank, world, micro=2)  # + gradient accumulation without sync
     sd = dist.full_state_dict(model)
     if rank == 0:
         save_file(sd, str(out / "full_final.safetensors"))
@@ -150,8 +155,16 @@ def fsdp_main(out: Path):
     dist.wrap_fsdp(model)
     res["lora"] = run_fixed(model, N_FIXED, rank, world)
     sd = dist.full_state_dict(model)
+    lsd = lora_state_dict(model)  # collective: every rank gathers each adapter
+    again = build_model(lora=True, train_norms=True, init_seed=3)
+    dist.wrap_fsdp(again)
+    load_lora_state_dict(again, lsd)  # full tensors in, each rank keeps its shard
+    reloaded = lora_state_dict(again)
+    export_hf(model, out / "hf")  # collective gather, LoRA merged on rank 0
     if rank == 0:
         save_file(sd, str(out / "lora_final.safetensors"))
+        save_file(lsd, str(out / "lora_adapters.safetensors"))
+        save_file(reloaded, str(out / "lora_reloaded.safetensors"))
 
     # 3) unsharded(): one gather for many forwards; ranks run DIFFERENT numbers of forwards inside (a collective
     #    inside would hang and time out); params are plain tensors inside and DTensor shards again after

@@ -75,9 +75,30 @@ def test_fsdp_two_ranks_equals_one_process(fsdp_run, kind):
     assert got_losses == pytest.approx(losses, rel=1e-5)
     assert got_norms == pytest.approx(norms, rel=1e-5)  # DTensor grad norm == full-gradient norm
     assert_state_close(load_file(out / f"{kind}_final.safetensors"), model.state_dict(), atol=1e-5)
+    if kind == "lora":  # adapters gathered, loaded into another wrapped model, gathered again: unchanged
+        adapters, reloaded = load_file(out / "lora_adapters.safetensors"), load_file(out / "lora_reloaded.safetensors")
+        final = load_file(out / "lora_final.safetensors")
+        assert set(adapters) == {k for k in final if k.endswith((".lora_A", ".lora_B"))} == set(reloaded)
+        assert all(torch.equal(adapters[k], final[k]) and torch.equal(reloaded[k], final[k]) for k in adapters)
     # and the run moved the weights well beyond that tolerance
     init = W.build_model(lora=kind == "lora", train_norms=True).state_dict()
     assert max(float((model.state_dict()[k] - init[k]).abs().max()) for k in init) > 1e-3
+
+
+def test_fsdp_export_hf_merges_lora(fsdp_run):
+    out, _ = fsdp_run
+    pytest.importorskip("twice.hf")
+    from twice.gemma3 import Gemma3
+    from twice.lora import merge_lora
+    model = W.build_model(lora=True, train_norms=True)
+    model.load_state_dict(load_file(out / "lora_final.safetensors"), strict=True)
+    ids = W.fixed_batches(1)[0]
+    model.eval()
+    with torch.no_grad():
+        want = model(ids)
+        back = Gemma3.from_pretrained(out / "hf")
+        assert set(back.state_dict()) == set(merge_lora(model).state_dict())  # original key names
+        assert torch.allclose(back(ids), want, atol=1e-5, rtol=0)
 
 
 def test_unsharded_gathers_once_and_reshards(fsdp_run):
