@@ -202,6 +202,8 @@ def build(cfg: DataConfig, source, out_dir: str | Path | None = None) -> Path:
 
 def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
     t0 = time.time()
+    if cfg.negative_sampling not in ("uniform", "popularity"):   # fail before the long passes, not after
+        raise DataError(f"negative_sampling must be 'uniform' or 'popularity', got {cfg.negative_sampling!r}")
     source.workdir = tmp                      # sources may spill text there (removed before the rename)
     inter = source.interactions()
     u, i, ts = inter.u, inter.i, inter.ts
@@ -276,12 +278,8 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
     filtered.update({k: v for k, v in getattr(source, "counts", {}).items() if k not in filtered})
 
     # candidate sets
-    if cfg.negative_sampling == "uniform":
-        cum = None
-    elif cfg.negative_sampling == "popularity":
-        cum = np.cumsum(train_counts[1:] + 1)            # +1: items never in a train part can still be drawn
-    else:
-        raise DataError(f"negative_sampling must be 'uniform' or 'popularity', got {cfg.negative_sampling!r}")
+    cum = None if cfg.negative_sampling == "uniform" else np.cumsum(train_counts[1:] + 1)
+    # ^ popularity weight = train-part count + 1, so items never in a train part can still be drawn
     for split in ("valid", "test"):
         _write_jsonl(tmp / f"candidates_{split}.jsonl",
                      (candidate_set(cfg.seed, k + 1, split, flat[bounds[k]:bounds[k + 1]].tolist(), n_items,
