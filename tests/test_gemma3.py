@@ -14,6 +14,15 @@ from twice.gemma3 import FULL, PRESETS, SLIDING, Gemma3, Gemma3Config, build_mas
 TINY = PRESETS["tiny"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core box their spin-waits cost ~5x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def random_model(seed=0, dtype=torch.float32, config=TINY):
     """Tiny model with random norm weights too (zero norms would hide (1 + w) bugs)."""
     torch.manual_seed(seed)
