@@ -292,3 +292,19 @@ def test_score_matches_full_forward(model, engine):
         assert pt == pytest.approx(ref, abs=1e-5)
         assert s == pytest.approx(math.fsum(ref), abs=1e-4)
     assert engine.score(P1, []) == []
+
+
+def test_compaction_changes_nothing(engine, monkeypatch):
+    """Dropping finished rows from the cache mid-decode gives the same samples as keeping them (static shapes)."""
+    calls = []
+    orig = KVCache.select
+    monkeypatch.setattr(KVCache, "select", lambda self, idx: (calls.append(len(idx)), orig(self, idx))[1])
+    kw = dict(num_samples=4, max_new_tokens=16, temperature=1.0, stop_ids=list(range(3, 512, 4)), seeds=40,
+              check_every=2)
+    a = engine.generate([P1, P2], compact=True, **kw)
+    assert calls and min(calls) < 8  # it did compact
+    b = engine.generate([P1, P2], compact=False, **kw)
+    assert a.tokens == b.tokens and a.stop_reasons == b.stop_reasons
+    assert len({len(t) for t in a.tokens}) > 2  # rows really finished at different steps
+    for x, y in zip(a.logprobs, b.logprobs):
+        assert x == pytest.approx(y, abs=1e-5)

@@ -33,8 +33,10 @@ Conventions (documented once, here):
                     top_k/top_p are off; their gap is the truncation bias (grpo.md §9.6) and is worth logging.
     Greedy (temperature == 0): logprobs are 0 (a point mass) and full_logprobs use T = 1.
   - Stops: a row finishes on a stop id (the stop token is kept, mask 1) or when a stop string appears in its decoded
-    text (kept up to and including the token that completes the string), or at max_new_tokens. Finished rows keep
-    running in the static-shape batch (their outputs are masked and discarded); the loop exits once all are done.
+    text (kept up to and including the token that completes the string), or at max_new_tokens. Between host syncs (every
+    `check_every` steps) finished rows keep running in the static-shape batch with their outputs masked; at a sync,
+    once a quarter of the batch has finished, the finished rows are compacted out of the cache (`compact=True`);
+    the loop exits once all rows are done. Rows never interact, so compaction does not change any result.
 """
 from __future__ import annotations
 
@@ -145,15 +147,23 @@ class KVCache:
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.where(allowed, zero, torch.finfo(self.dtype).min)[:, None]  # [B, 1, T, S]
 
+    def select(self, idx):
+        """Keep only rows idx [n] (in that order): compaction of finished rows. Allocates the smaller cache."""
+        self.k = [k.index_select(0, idx) for k in self.k]
+        self.v = [v.index_select(0, idx) for v in self.v]
+        self.start = self.start.index_select(0, idx)
+        self.batch_size = idx.shape[0]
+        self._masks = {}
+
     # ---- group fan-out -------------------------------------------------------------------------------------
     def fan_out(self, K: int, max_len: int) -> "KVCache":
         """A new cache with B*K rows (row b*K + k copies row b) and room for max_len slots; copied once."""
         B = self.batch_size
+        if max_len < self.pos:
+            raise ValueError(f"fan_out: max_len {max_len} < {self.pos} slots already cached")
         cfg = SimpleNamespace(layer_types=self.layer_types, sliding_window=self.window,
                               num_key_value_heads=self.k[0].shape[1], head_dim=self.k[0].shape[3])
         new = KVCache(cfg, B * K, max_len, self.dtype, self.device, start=self.start.repeat_interleave(K))
-        if max_len < self.pos:
-            raise ValueError(f"fan_out: max_len {max_len} < {self.pos} slots already cached")
         for l, kind in enumerate(self.layer_types):
             # full: slots [0, pos) at the same indices. sliding: the old ring (R0 <= R1) holds slot s at s % R0, and
             # either R0 == R1 == W or nothing ever wrapped (pos <= R0), so the same indices are right in the new ring.
@@ -270,13 +280,16 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], num_samples: int = 1, max_new_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, stop_ids=None,
-                 stop_strings=(), seeds=None, min_new_tokens: int = 0, check_every: int = 8) -> GenerationResult:
+                 stop_strings=(), seeds=None, min_new_tokens: int = 0, check_every: int = 8,
+                 compact: bool = True) -> GenerationResult:
         """Sample num_samples continuations of every prompt (token id lists, BOS included by the caller).
 
         stop_ids: default tokenizer.stop_ids or [eos, <end_of_turn>] = [1, 106]; pass [] to disable.
         stop_strings: matched on decoded text (needs a tokenizer). seeds: one int per output row, or an int s
         (row r gets s + r), or None (drawn from torch's global RNG). min_new_tokens: stop ids are banned before it.
-        check_every: how often (steps) the loop syncs to test "all rows done" and stop strings."""
+        check_every: how often (steps) the loop syncs with the host: "all rows done", stop strings, compaction.
+        compact: at those syncs, once >= 1/4 of the batch has finished, drop the finished rows from the cache
+        (one index_select per layer) so later steps stop paying for them; results are unchanged."""
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
         if stop_strings and self.tokenizer is None:
@@ -314,29 +327,39 @@ class Engine:
         stop_t = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
         str_reason = [None] * rows  # host-side stop-string results: row -> kept length
         checked = [0] * rows  # tokens of each row already scanned for stop strings
+        act = torch.arange(rows, device=dev)  # output rows still in the decode batch (all, until compaction)
         steps = 0
         for t in range(N):
             if t < min_new_tokens and len(stop_ids):
                 logits[:, stop_t] = float("-inf")
-            tok, lp, full = sample_tokens(logits, u[:, t], temperature, top_k, top_p)
-            live = ~done
-            out_tok[:, t] = torch.where(live, tok, self.pad_id)
-            out_lp[:, t] = torch.where(live, lp, 0.0)
-            out_full[:, t] = torch.where(live, full, 0.0)
+            tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p)  # [n] each
+            live = ~done[act]
+            out_tok[act, t] = torch.where(live, tok, self.pad_id)
+            out_lp[act, t] = torch.where(live, lp, 0.0)
+            out_full[act, t] = torch.where(live, full, 0.0)
             if len(stop_ids):
                 hit = live & torch.isin(tok, stop_t)
-                length = torch.where(hit, t + 1, length)
-                reason_id |= hit
-                done |= hit
+                length[act] = torch.where(hit, t + 1, length[act])
+                reason_id[act] |= hit
+                done[act] |= hit
             steps = t + 1
-            last = t == N - 1
-            if (steps % check_every == 0) or last:
+            if steps == N:
+                break
+            if steps % check_every == 0:  # the only host syncs of the loop
                 if stop_strings:
                     self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
-                if last or bool(done.all()):
+                keep = ~done[act]
+                n_keep = int(keep.sum())
+                if n_keep == 0:
                     break
-            h = self._forward(out_tok[:, t:t + 1], cache)  # [rows, 1, D]; finished rows feed pad: harmless
+                if compact and n_keep <= 0.75 * len(act):  # drop finished rows once a quarter of the batch is done
+                    idx = keep.nonzero()[:, 0]
+                    cache.select(idx)
+                    act = act[idx]
+            h = self._forward(out_tok[act, t:t + 1], cache)  # [n, 1, D]; finished, uncompacted rows feed pad
             logits = self._logits(h[:, -1])
+        if stop_strings:  # rows can still complete a stop string in the steps since the last check
+            self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
         return self._collect(out_tok, out_lp, out_full, length, reason_id, str_reason, steps)
 
     def _scan_stop_strings(self, out_tok, steps, done, length, stop_strings, str_reason, checked):
