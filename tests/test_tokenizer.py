@@ -300,3 +300,16 @@ def test_wrong_layout_is_rejected(tmp_path):
                                    vocab_size=100, minloglevel=2)
     with pytest.raises(ValueError, match="Gemma-3 layout"):
         Tokenizer(tmp_path / "plain.model")
+
+
+def test_train_tiny_with_more_characters_than_vocab(tmp_path):
+    # 400 distinct CJK characters cannot all be pieces of a 512 vocabulary (363 are reserved): the rare ones
+    # fall back to bytes instead of SentencePiece refusing to train
+    chars = [chr(0x4E00 + i) for i in range(400)]
+    texts = ["".join(chars[(7 * k + j * j) % 400] for j in range(50)) + " hello world" for k in range(200)]
+    tok = Tokenizer.train_tiny(tmp_path, texts, vocab_size=512)
+    assert tok.vocab_size <= 512
+    for t in texts[:5]:
+        assert tok.decode(tok.encode(t)) == t
+    with pytest.raises(ValueError, match="no room"):
+        Tokenizer.train_tiny(tmp_path / "small", texts, vocab_size=300)

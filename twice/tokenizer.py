@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
@@ -181,11 +182,21 @@ class Tokenizer:
 
         Recipe (gemma3.md §8): pad 0, eos 1, bos 2, unk 3, user-defined <mask>, [multimodal], <unused0..98>,
         <start_of_turn> 105, <end_of_turn> 106, "\\n" 107; identity normalisation, no dummy prefix, byte fallback,
-        digits split (as Gemma). Deterministic for the same texts (one thread)."""
+        digits split (as Gemma). Deterministic for the same texts (one thread). The vocabulary is at most
+        `vocab_size` (smaller when the texts are too few: read `.vocab_size`). Only the most frequent characters that
+        fit beside the 363 reserved pieces are learnt; rarer ones are encoded with byte fallback."""
         texts = [t for t in texts if t]
         if not texts:
             raise ValueError("train_tiny: no non-empty texts")
         user = ["<mask>", "[multimodal]"] + [f"<unused{i}>" for i in range(99)] + [START_OF_TURN, END_OF_TURN, "\n"]
+        reserved = 4 + len(user) + 256  # specials + user-defined + byte pieces
+        if vocab_size < reserved + 16:
+            raise ValueError(f"train_tiny: vocab_size {vocab_size} leaves no room beside {reserved} reserved pieces")
+        counts = Counter(c for t in texts for c in t)
+        budget = vocab_size - reserved - 16
+        if len(counts) > budget:  # SentencePiece refuses a vocabulary smaller than the character set: drop rare chars
+            keep = {c for c, _ in counts.most_common(budget)}
+            texts = [u for u in ("".join(c for c in t if c in keep) for t in texts) if u]
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out) as tmp:
