@@ -213,10 +213,20 @@ def fsdp_main(out: Path):
     state = load_latest(ckpt, m2, opt2, extra_generators={"rollout": gen2})
     run_random(m2, opt2, state["step"], N, N, gen2, state["data"])
     resumed_sd = dist.full_state_dict(m2)
+    # a checkpoint that does not fit the model: EVERY rank raises (no rank left waiting in a collective)
+    bad = build_model(lora=False)
+    dist.wrap_fsdp(bad)
+    try:
+        load_latest(ckpt, bad, None)
+        raised = 0.0
+    except KeyError:
+        raised = 1.0
+    n_raised = float(dist.all_reduce_sum(torch.tensor([raised])))
     if rank == 0:
         save_file(straight_sd, str(out / "resume_straight.safetensors"))
         save_file(resumed_sd, str(out / "resume_resumed.safetensors"))
-        res["resume"] = {"step": state["step"], "data": state["data"], "config": state["config"]}
+        res["resume"] = {"step": state["step"], "data": state["data"], "config": state["config"],
+                         "ranks_raised_on_bad_keys": n_raised}
         (out / "results.json").write_text(json.dumps(res))
     dist.barrier()
     dist.cleanup()

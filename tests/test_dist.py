@@ -116,6 +116,7 @@ def test_fsdp_checkpoint_exact_resume(fsdp_run):
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k  # bitwise: LoRA dropout + every RNG stream restored
     assert res["resume"]["step"] == W.N_RESUME // 2 and res["resume"]["config"] == {"run": "fsdp-test"}
+    assert res["resume"]["ranks_raised_on_bad_keys"] == 2.0  # a mismatched key table fails on both ranks
     ck = out / "ckpt" / f"step_{W.N_RESUME // 2:06d}"
     assert sorted(p.name for p in ck.iterdir()) == ["meta.json", "model.safetensors", "optim.pt", "rng_rank0.pt",
                                                     "rng_rank1.pt"]

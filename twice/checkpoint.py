@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
@@ -223,7 +224,7 @@ def load_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer | N
     trainable_only = meta["trainable_only"]
 
     # ---- model: rank 0 reads; under FSDP2 the tensors are broadcast and each rank keeps its shard
-    sd = {}
+    sd, err = {}, None
     if is_main or not fsdp:
         sd = load_file(str(path / "model.safetensors"))
         own = set(model.state_dict().keys())
@@ -231,8 +232,14 @@ def load_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer | N
             own = {n for n, p in model.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
         if missing or unexpected:
-            raise KeyError(f"{path / 'model.safetensors'}: keys do not match the model "
-                           f"(trainable_only={trainable_only}): missing {missing[:6]}, unexpected {unexpected[:6]}")
+            err = (f"{path / 'model.safetensors'}: keys do not match the model (trainable_only={trainable_only}): "
+                   f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+    if fsdp:  # every rank raises the same error instead of the others waiting in the broadcast until timeout
+        box = [err]
+        torch.distributed.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise KeyError(err)
     dist.load_full_state_dict(model, sd, strict=not trainable_only)
 
     # ---- optimizer: keyed by parameter name, so it does not depend on the sharding
