@@ -262,6 +262,14 @@ def test_amazon_bad_input_errors(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_amazon_user_hash_collision_is_an_error(tmp_path, monkeypatch):
+    import twice.data.amazon as amazon
+    monkeypatch.setattr(amazon, "user_hash", lambda user: 7)       # every user on one hash
+    with pytest.raises(DataError, match="share a 64-bit id hash"):
+        prepare(amazon_cfg(FIXTURES, tmp_path / "ds", k_core=1))
+    assert not (tmp_path / "ds").exists()
+
+
 # -- RecBole reader -----------------------------------------------------------------------------------------------
 
 ML_INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float

@@ -2,10 +2,11 @@
 
     python -m twice.data prepare configs/data/amazon.yaml raw_dir=~/amazon2023 domain=All_Beauty
 
-Three streamed passes, so memory is ints plus the id strings, never the review text of filtered interactions:
+Three streamed passes, so memory is ~20 bytes per review plus the item id strings (users are 64-bit hashes until
+pass 3), never the text of filtered interactions:
   1. reviews: (user_id, parent_asin, timestamp) -> int codes                    -> dedup + k-core (build.py)
   2. meta: title / description / features / details for kept items only, capped, spilled to a temp file
-  3. reviews again: rating + review text for kept rows only, capped, spilled to a temp file
+  3. reviews again: rating + review text (+ the user id string) for kept rows only, capped, spilled to a temp file
 The spill files are read back by offset while users.jsonl / items.jsonl are written, then deleted.
 Review fields: rating (float 1-5), title, text, user_id, parent_asin, asin, timestamp (ms). We key items by
 parent_asin (the join key with meta; asin when it is missing) and the review text is `text` (its `title` when
@@ -14,6 +15,7 @@ parent_asin (the join key with meta; asin when it is missing) and the review tex
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from array import array
@@ -25,6 +27,7 @@ from twice.data import DataConfig
 from twice.data.build import DataError, Interactions, cap, cap_details, log
 
 MAX_LOGGED = 20   # malformed lines printed per file (all are counted)
+HASH_KEY = os.environ.get("TWICE_USER_HASH_KEY", "").encode()   # only to step around a (never seen) collision
 
 
 def open_lines(path: Path):
@@ -122,9 +125,11 @@ class AmazonSource:
 
     # pass 1 --------------------------------------------------------------------------------------------------
     def interactions(self) -> Interactions:
-        users: dict[str, int] = {}
+        # Users are the big set (Clothing: 22.6M), so they are held as 8-byte hashes, not as a dict of strings;
+        # the id strings of *kept* users are read back in pass 3, which also checks that no two kept users share
+        # a hash (a collision is an error, never a silent merge; p ~ n^2 / 2^65).
         items: dict[str, int] = {}
-        u, i, ts = array("i"), array("i"), array("q")   # 16 bytes per review (int32 codes, int64 ms times)
+        uh, i, ts = array("q"), array("i"), array("q")  # 20 bytes per review
         bad = Malformed(self.reviews_path, self.cfg.max_malformed_frac)
         n = 0
         with open_lines(self.reviews_path) as f:
@@ -136,14 +141,21 @@ class AmazonSource:
                     bad(n, p)
                     continue
                 _, user, item, t = p
-                u.append(users.setdefault(user, len(users)))
+                uh.append(user_hash(user))
                 i.append(items.setdefault(item, len(items)))
                 ts.append(t)
         bad.check(n)
-        self.n_rows = len(u)
+        self.n_rows = len(uh)
         self.counts = {"review_lines": n, "malformed_review_lines": bad.n}
-        return Interactions(list(users), list(items), np.frombuffer(u, dtype=np.int32),
-                            np.frombuffer(i, dtype=np.int32), np.frombuffer(ts, dtype=np.int64), dict(self.counts))
+        hashes, u = np.unique(np.frombuffer(uh, dtype=np.int64), return_inverse=True)
+        del uh
+        self.u = u.astype(np.int32)
+        self.user_str: dict[int, str] = {}
+        return Interactions(None, list(items), self.u, np.frombuffer(i, dtype=np.int32),
+                            np.frombuffer(ts, dtype=np.int64), dict(self.counts))
+
+    def user_id(self, code: int) -> str:
+        return self.user_str[int(code)]
 
     # pass 2: meta for kept items ------------------------------------------------------------------------------
     def load_meta(self, item_ids: list[str], cfg: DataConfig) -> None:
@@ -202,7 +214,11 @@ class AmazonSource:
                 slot = self.rank[row]
                 if slot < 0:
                     continue
-                r = p[0]
+                r, user = p[0], p[1]
+                code = int(self.u[row])
+                if self.user_str.setdefault(code, user) != user:
+                    raise DataError(f"{self.reviews_path}: users {self.user_str[code]!r} and {user!r} share a "
+                                    f"64-bit id hash; rerun with another TWICE_USER_HASH_KEY")
                 text = r.get("text") if isinstance(r.get("text"), str) and r.get("text").strip() else r.get("title")
                 self.rev_at[slot] = self.rev_spill.put(cap(clean(text if isinstance(text, str) else ""),
                                                            cfg.review_chars))
@@ -225,6 +241,12 @@ class AmazonSource:
         for s in ("meta_spill", "rev_spill"):
             if hasattr(self, s):
                 getattr(self, s).close()
+
+
+def user_hash(user: str) -> int:
+    """Stable signed 64-bit hash of a user id (blake2b: the same on every run and machine)."""
+    d = hashlib.blake2b(user.encode("utf-8"), digest_size=8, key=HASH_KEY).digest()
+    return int.from_bytes(d, "little", signed=True)
 
 
 def clean(text: str) -> str:

@@ -35,7 +35,7 @@ def log(msg: str) -> None:
 
 @dataclass
 class Interactions:
-    user_ids: list[str]        # code -> original user id
+    user_ids: list[str] | None  # code -> original user id (None: ask source.user_id(code) after load_details)
     item_ids: list[str]        # code -> original item id
     u: np.ndarray              # [R] int user code per row (row = position in the source's order)
     i: np.ndarray              # [R] int item code per row
@@ -229,16 +229,12 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
     rows = chronological(rows, u, ts, cfg.max_history)
     filtered["max_history_interactions"] = n1 - len(rows)
 
-    # indices: users and items by natural order of their original ids
-    ucodes = np.unique(u[rows])
+    # item indices by natural order of their original ids
     icodes = np.unique(i[rows])
-    uorder = natural_order([inter.user_ids[c] for c in ucodes])
     iorder = natural_order([inter.item_ids[c] for c in icodes])
-    user_idx = np.zeros(len(inter.user_ids), dtype=np.int64)
-    user_idx[ucodes[uorder]] = np.arange(1, len(ucodes) + 1)
     item_idx = np.zeros(len(inter.item_ids), dtype=np.int64)
     item_idx[icodes[iorder]] = np.arange(1, len(icodes) + 1)
-    n_users, n_items = len(ucodes), len(icodes)
+    n_items = len(icodes)
 
     # items: metadata for kept items only
     kept_item_ids = [inter.item_ids[c] for c in icodes[iorder]]     # position k -> item idx k+1
@@ -255,8 +251,15 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
     if no_meta:
         log(f"{no_meta} of {n_items} items have no metadata: title = their id")
 
-    # users: rows grouped by user in chronological order, users written in idx order
+    # users: rows grouped by user in chronological order, users written in idx order (natural order of ids;
+    # a source may only know the id strings of kept users after load_details)
     source.load_details(rows, cfg)
+    user_id = (lambda c: inter.user_ids[c]) if inter.user_ids is not None else source.user_id
+    ucodes = np.unique(u[rows])
+    uorder = natural_order([user_id(c) for c in ucodes])
+    user_idx = np.zeros(int(u.max()) + 1, dtype=np.int64)
+    user_idx[ucodes[uorder]] = np.arange(1, len(ucodes) + 1)
+    n_users = len(ucodes)
     uu = user_idx[u[rows]]
     by_user = np.argsort(uu, kind="stable")
     rows_u = rows[by_user]
@@ -269,7 +272,7 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
             r = rows_u[bounds[k]:bounds[k + 1]]
             items = flat[bounds[k]:bounds[k + 1]].tolist()
             train_counts[items[:-2]] += 1                 # items are distinct within a user (dedup)
-            rec = {"idx": k + 1, "id": inter.user_ids[ucodes[uorder[k]]], "items": items,
+            rec = {"idx": k + 1, "id": user_id(ucodes[uorder[k]]), "items": items,
                    "ratings": [source.rating(x) for x in r.tolist()],
                    "reviews": [source.review(x) for x in r.tolist()],
                    "timestamps": ts[r].tolist()}
