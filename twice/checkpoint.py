@@ -136,11 +136,11 @@ def _to_tuple(x):  # random.setstate wants nested tuples; lists may come back fr
 # save / load
 
 def _config_dict(config):
+    """The resolved config as JSON data (Paths and other odd leaves become strings)."""
     if config is None:
         return None
-    if dataclasses.is_dataclass(config):
-        return dataclasses.asdict(config)
-    return dict(config)
+    d = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    return json.loads(json.dumps(d, default=str))
 
 
 def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,

@@ -139,7 +139,8 @@ def wrap_fsdp(model: nn.Module, mixed_precision: bool | None = None, reshard_aft
     trainable adapters in one unit is fine in FSDP2: only params with requires_grad get gradients).
 
     mixed_precision (default: on when the parameters are on CUDA): params all-gathered in bf16 for compute, gradients
-    reduced in fp32, the sharded fp32 params are the optimizer's master weights. On CPU: fp32 throughout.
+    reduced in fp32, the sharded fp32 params are the optimizer's master weights (so build/load the model in fp32).
+    On CPU: fp32 throughout.
     reshard_after_forward=True frees each block's gathered params after its forward (re-gathered in backward): the
     ZeRO-3 memory profile. False keeps them until backward (ZeRO-2: less communication, more memory).
     Without a process group (one CPU process) the model is returned unchanged."""
@@ -154,6 +155,9 @@ def wrap_fsdp(model: nn.Module, mixed_precision: bool | None = None, reshard_aft
         return model
     if not hasattr(model, "layers") or not isinstance(model.layers, nn.ModuleList):
         raise TypeError(f"wrap_fsdp expects a model with a `.layers` nn.ModuleList, got {type(model).__name__}")
+    if mixed_precision and any(p.dtype != torch.float32 for p in model.parameters()):
+        print0("WARNING: wrap_fsdp(mixed_precision=True) on non-fp32 parameters: the optimizer's master weights "
+               "will not be fp32 (load the model with dtype=torch.float32; FSDP2 casts to bf16 for compute)")
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
           else MixedPrecisionPolicy())
     for block in model.layers:
