@@ -309,3 +309,25 @@ def test_bf16_step_helper_can_fail():
     assert_bf16_close(x, x)
     with pytest.raises(AssertionError):
         assert_bf16_close(torch.tensor([1.0, -3.0 - 2 * 2 ** -6]), x)  # two steps at |3| (step 2**-6)
+
+
+# ---- the real Gemma-3-270m (converted by `python -m twice.convert gemma-3-270m`) --------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_real_270m_parity_past_the_window(dtype):
+    from pathlib import Path
+    path = Path("~/.cache/twice/gemma-3-270m").expanduser()
+    if not (path / "model.safetensors").exists():
+        pytest.skip(f"{path} is absent (python -m twice.convert gemma-3-270m)")
+    torch.manual_seed(0)
+    ids = torch.cat([torch.tensor([[2]]), torch.randint(200, 20000, (1, 539))], 1)  # 540 > window 512
+    ours = Gemma3.from_pretrained(path, dtype=dtype)
+    a = our_logits(ours, ids)
+    del ours
+    b = hf_logits(hf_load(path, dtype), ids)
+    if dtype == torch.float32:
+        assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item()
+    else:
+        assert_bf16_close(a, b)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
