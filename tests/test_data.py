@@ -13,7 +13,6 @@ import pytest
 from twice.data import RATING_WORDS, DataConfig, load_dataset
 from twice.data import build as B
 from twice.data.__main__ import prepare
-from twice.data.amazon import AmazonSource
 from twice.data.build import DataError, candidate_set, dedup_earliest, k_core
 
 ROOT = Path(__file__).resolve().parents[1]

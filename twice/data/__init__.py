@@ -31,7 +31,7 @@ _SPLIT_BACK = {"test": 1, "valid": 2, "train": 3}
 @dataclass
 class DataConfig:
     source: str = "movielens-100k"   # amazon2023 | recbole | movielens-100k | official
-    raw_dir: str = ""                # folder with the raw files (amazon: <domain>.jsonl[.gz] + meta_<domain>.jsonl[.gz];
+    raw_dir: str = ""                # folder with the raw files (amazon: <domain>.jsonl[.gz], meta_<domain>.jsonl[.gz];
                                      #   recbole: <domain>.inter [+ <domain>.item]; official: the authors' JSON files)
     domain: str = ""                 # amazon domain (e.g. All_Beauty) / recbole dataset name / official product_type
     reviews_path: str = ""           # amazon: explicit review file (overrides raw_dir/domain)

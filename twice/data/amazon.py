@@ -110,7 +110,8 @@ class Spill:
 class AmazonSource:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
-        self.reviews_path = Path(cfg.reviews_path).expanduser() if cfg.reviews_path else find_file(cfg.raw_dir, cfg.domain)
+        self.reviews_path = (Path(cfg.reviews_path).expanduser() if cfg.reviews_path
+                             else find_file(cfg.raw_dir, cfg.domain))
         self.meta_path = (Path(cfg.meta_path).expanduser() if cfg.meta_path
                           else find_file(cfg.raw_dir, f"meta_{cfg.domain}"))
         self.workdir = Path(".")

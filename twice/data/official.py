@@ -190,7 +190,8 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
                              "median": float(np.median(lengths))},
                  "examples": {t: len(e) for t, e in examples.items()}, "filtered": counts}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        write_meta(tmp, cfg, extra={"official": {"vocab": str(vocab_path), "mapping": __doc__.split("What is mapped:")[1]}})
+        mapping = __doc__.split("What is mapped:")[1]
+        write_meta(tmp, cfg, extra={"official": {"vocab": str(vocab_path), "mapping": mapping}})
         commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
