@@ -134,7 +134,8 @@ def fsdp_main(out: Path):
     rank, world = info.rank, info.world_size
     res = {}
 
-    # 1) full fine-tuning: gather == unwrapped state dict, then a few clipped AdamW steps
+    # 1) full fine-tuning: gather == unwrapped state dict, then a few clipped AdamW steps with activation
+    #    checkpointing and 2 accumulated micro-batches
     model = build_model(lora=False)
     plain_sd = {k: v.clone() for k, v in model.state_dict().items()}
     dist.wrap_fsdp(model)
@@ -145,6 +146,7 @@ def fsdp_main(out: Path):
         save_file(gathered, str(out / "init_gathered.safetensors"))
     else:
         assert gathered == {}, "non-zero ranks must receive an empty dict"
+    model.gradient_checkpointing = True  # per-block activation recompute under FSDP2 (the reference runs without)
     res["full"] = run_fixed(model, N_FIXED, rank, world, micro=2)  # + gradient accumulation without sync
     sd = dist.full_state_dict(model)
     if rank == 0:
