@@ -179,8 +179,9 @@ def set_grad_sync(model: nn.Module, enabled: bool) -> None:
 @contextlib.contextmanager
 def unsharded(model: nn.Module):
     """Gather every FSDP2 unit's full parameters ONCE for a whole generation rollout, instead of an all-gather per
-    block per decode step; reshard on exit. Entering is a collective (every rank must enter); inside, no collectives run, so ranks
-    may run different numbers of forwards (different stop times). No-op without FSDP.
+    block per decode step; reshard on exit. Entering is a collective (every rank must enter); inside, no collectives
+    run, so ranks may run different numbers of forwards (different stop times). No-op without FSDP. For no-grad use
+    (generation, reference log-probs) only.
 
         with torch.no_grad(), unsharded(model):
             result = engine.generate(...)
