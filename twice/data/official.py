@@ -22,7 +22,7 @@ What is mapped:
   - users.jsonl: one user per test record, items = history + target; ratings and reviews parsed from the history
     blocks (rating words -> 1..5; the target has none); timestamps = positions (the release has no times).
     candidates_test.jsonl = the authors' 30 candidates in their order; candidates_valid.jsonl is sampled by us
-    (the release has none) exactly like build.py does.
+    (the release has none) exactly like build.py does (n_negatives, negative_sampling, seed).
 """
 from __future__ import annotations
 
@@ -177,8 +177,12 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
         _write_jsonl(tmp / "items.jsonl", items)
         _write_jsonl(tmp / "users.jsonl", users)
         _write_jsonl(tmp / "candidates_test.jsonl", cand_test)
+        counts_train = np.zeros(n_items + 1, dtype=np.int64)
+        for u in users:
+            counts_train[u["items"][:-2]] += 1
+        cum = None if cfg.negative_sampling == "uniform" else np.cumsum(counts_train[1:] + 1)
         _write_jsonl(tmp / "candidates_valid.jsonl",
-                     (candidate_set(cfg.seed, u["idx"], "valid", u["items"], n_items, cfg.n_negatives, None)
+                     (candidate_set(cfg.seed, u["idx"], "valid", u["items"], n_items, cfg.n_negatives, cum)
                       for u in users if len(u["items"]) >= 2))
         for task, exs in examples.items():
             _write_jsonl(tmp / f"examples_{task}.jsonl", exs)
