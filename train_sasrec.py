@@ -1,0 +1,271 @@
+"""Train SASRec on a dataset dir's train part, early-stop on valid, evaluate the best model on three protocols.
+
+    python train_sasrec.py configs/quickstart/sasrec.yaml
+    python train_sasrec.py configs/quickstart/sasrec.yaml sasrec.loss=bce train.epochs=50
+    torchrun --nproc_per_node 2 train_sasrec.py configs/quickstart/sasrec.yaml      # DDP (gloo on CPU, nccl on GPU)
+
+Data: each user's train part is items[:-2] (valid target items[-2], test target items[-1]). Training is packed
+(the original SASRec way): a window of up to maxlen+1 consecutive train items gives inputs w[:-1] and shifted
+targets w[1:], so one forward trains every prefix of the window at once. With `train.windows: all` a long
+sequence is cut into consecutive windows from its end, so every train interaction is a target once per epoch
+(RecBole instead makes one sample per prefix: ~maxlen times the compute per epoch for the same targets).
+
+Evaluation of the best (by valid) model, written to out_dir/results.json:
+  (a) candidates: the dataset's fixed candidate sets (the paper's protocol: HR@1, HR@5, NDCG@5)
+  (b) full: rank over all items, the user's history excluded (HR/NDCG/MRR@10, RecBole's `mode: full`)
+  (c) sampled100: the target against 100 uniform negatives the user never interacted with (original SASRec)
+Ties count against the target (twice/metrics.py). out_dir also gets config.yaml (resolved), metrics.jsonl (one
+line per epoch), best/ (model.safetensors + config.json, loadable with SASRec.load).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from twice.config import ConfigError, parse_args, save_config
+from twice.data import load_dataset
+from twice.metrics import summarize
+from twice.sasrec import SASRec, SASRecConfig, rank_candidates, rank_full, rank_sampled
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = "data/ml-100k"  # dataset dir written by `python -m twice.data prepare`
+    out_dir: str = "runs/sasrec"  # run dir (config.yaml, metrics.jsonl, best/, results.json)
+    seed: int = 0  # model init, shuffling and negative sampling
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    threads: int = 0  # torch CPU threads (0 = torch default)
+    batch_size: int = 128  # windows per optimizer step (per process)
+    lr: float = 1e-3  # Adam learning rate (constant, as RecBole and the original)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 0.0  # max grad norm (0 = off)
+    epochs: int = 200  # upper bound; early stopping usually ends sooner
+    patience: int = 10  # stop after this many evaluations without a better valid metric
+    eval_every: int = 1  # epochs between valid evaluations
+    valid_metric: str = "full/ndcg@10"  # protocol/metric used for early stopping ("candidates/ndcg@5", ...)
+    windows: str = "all"  # all: every train interaction is a target once per epoch | last: last window only
+    eval_batch_size: int = 512  # users per scoring batch
+    n_sampled_negatives: int = 100  # negatives for protocol (c)
+    eval_seed: int = 0  # seed of protocol (c)'s negatives
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])  # cut-offs reported for every protocol
+    track_test: bool = False  # also log full-ranking TEST metrics each evaluation (benchmarks only; never
+    #                           used for model selection)
+    max_train_s: float = 0.0  # stop after this much training wall time (0 = no limit)
+
+
+@dataclass
+class Config:
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ------------------------------------------------------------------------------------------ data
+def train_windows(sequences: list[list[int]], maxlen: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train parts -> (inputs [W, maxlen], targets [W, maxlen]) left-padded; targets[t] is the item after inputs[t].
+
+    Windows are cut from the END of each sequence with stride maxlen, so each train item except a user's first
+    is a target exactly once ("all"), or only the most recent window is kept ("last")."""
+    inputs, targets = [], []
+    for seq in sequences:
+        end = len(seq)
+        while end >= 2:  # a window needs at least one (input, target) pair
+            start = max(0, end - 1 - maxlen)
+            w = seq[start:end]  # <= maxlen + 1 items
+            inp, tgt = [0] * (maxlen - len(w) + 1) + w[:-1], [0] * (maxlen - len(w) + 1) + w[1:]
+            inputs.append(inp)
+            targets.append(tgt)
+            if mode == "last":
+                break
+            end = start + 1  # the next window's last target is this window's first input item
+    if not inputs:
+        raise ValueError("no training windows: every user's train part has fewer than 2 items")
+    return torch.tensor(inputs, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
+
+
+def split_lists(ds, split: str):
+    """(users, histories, targets) for users that have a `split` target, in user order."""
+    back = {"valid": 2, "test": 1}[split]
+    users = [u for u in ds.users if len(u.items) >= 3]
+    return users, [u.items[: len(u.items) - back] for u in users], [u.items[len(u.items) - back] for u in users]
+
+
+def evaluate(model: SASRec, ds, split: str, tc: TrainConfig, protocols=("candidates", "full", "sampled100")) -> dict:
+    """All protocols on one split -> {protocol: summarize(ranks)} (empty protocols are left out)."""
+    model.eval()
+    out = {}
+    users, hists, tgts = split_lists(ds, split)
+    if "candidates" in protocols and ds.candidates(split):
+        by_user = {u.idx: u for u in ds.users}
+        cs = ds.candidates(split)
+        back = {"valid": 2, "test": 1}[split]
+        c_hist = [by_user[c.user].items[: len(by_user[c.user].items) - back] for c in cs]
+        ranks = rank_candidates(model, c_hist, [c.candidates for c in cs], [c.target for c in cs],
+                                tc.eval_batch_size)
+        out["candidates"] = summarize(ranks, tc.ks)
+    if "full" in protocols:
+        out["full"] = summarize(rank_full(model, hists, tgts, tc.eval_batch_size), tc.ks)
+    if "sampled100" in protocols:
+        ranks = rank_sampled(model, hists, tgts, [u.items for u in users], tc.n_sampled_negatives,
+                             tc.eval_seed, tc.eval_batch_size)
+        out["sampled100"] = summarize(ranks, tc.ks)
+    return out
+
+
+def metric_value(res: dict, name: str) -> float:
+    proto, metric = name.split("/")
+    if proto not in res or metric not in res[proto]:
+        raise ConfigError(f"train.valid_metric '{name}' not available; have "
+                          f"{[f'{p}/{m}' for p in res for m in res[p] if '@' in m]}")
+    return res[proto][metric]
+
+
+# ------------------------------------------------------------------------------------------ distributed
+def init_distributed(device_pref: str):
+    """torchrun env -> (rank, world, device). Single process is the same path with world 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def main(argv: list[str]) -> dict:
+    cfg = parse_args(Config, argv)
+    tc = cfg.train
+    rank, world, device = init_distributed(tc.device)
+    master = rank == 0
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if tc.windows not in ("all", "last"):
+        raise ConfigError(f"train.windows must be 'all' or 'last', got {tc.windows!r}")
+
+    ds = load_dataset(tc.data_dir)
+    cfg.sasrec.n_items = ds.n_items  # the dataset decides the vocabulary; a YAML value is overridden
+    out_dir = Path(tc.out_dir)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        (out_dir / "metrics.jsonl").write_text("")
+
+    train_parts = [u.items[:-2] for u in ds.users if len(u.items) >= 3]
+    skipped = len(ds.users) - len(train_parts)
+    inputs, targets = train_windows(train_parts, cfg.sasrec.maxlen, tc.windows)  # [W, L] each
+    n_targets = int((targets != 0).sum())
+
+    torch.manual_seed(tc.seed)
+    model = SASRec(cfg.sasrec).to(device)
+    raw_model = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(tc.seed + 1000 * rank)  # negatives differ per rank
+    shuffle_gen = torch.Generator().manual_seed(tc.seed)  # identical on every rank: same permutation, strided
+    steps_per_epoch = math.ceil(math.ceil(len(inputs) / world) / tc.batch_size)
+    if master:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"{ds.n_users} users ({skipped} with < 3 items skipped), {ds.n_items} items, {len(inputs)} windows, "
+              f"{n_targets} train targets, {n_params:,} params, loss={cfg.sasrec.loss}, device={device}, world={world}")
+
+    best, best_epoch, bad_evals, train_s, step = -1.0, 0, 0, 0.0, 0
+    for epoch in range(1, tc.epochs + 1):
+        # ---- one epoch of packed training
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(inputs), generator=shuffle_gen)[rank::world]
+        total = 0.0
+        for s in tqdm(range(0, len(perm), tc.batch_size), total=steps_per_epoch, disable=not master,
+                      desc=f"epoch {epoch}", leave=False):
+            idx = perm[s : s + tc.batch_size]
+            seq, tgt = inputs[idx].to(device), targets[idx].to(device)
+            loss = model(seq, tgt, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            total += loss.item()
+            step += 1
+        train_s += time.perf_counter() - t0
+
+        # ---- valid evaluation (rank 0), early stopping decision broadcast to every rank
+        stop = torch.zeros(1, device=device)
+        if epoch % tc.eval_every == 0 or epoch == tc.epochs:
+            if master:
+                te = time.perf_counter()
+                valid = evaluate(raw_model, ds, "valid", tc, protocols=(tc.valid_metric.split("/")[0],))
+                value = metric_value(valid, tc.valid_metric)
+                row = {"epoch": epoch, "step": step, "loss": total / max(1, steps_per_epoch), "train_s": train_s,
+                       f"valid/{tc.valid_metric}": value}
+                if tc.track_test:
+                    test = evaluate(raw_model, ds, "test", tc, protocols=("full",))["full"]
+                    row.update({f"test/full/{k}": v for k, v in test.items() if k.startswith(("ndcg@", "hr@", "mrr@"))
+                                and not k.endswith("ci95")})
+                row["eval_s"] = time.perf_counter() - te
+                improved = value > best
+                if improved:
+                    best, best_epoch, bad_evals = value, epoch, 0
+                    raw_model.save(out_dir / "best")
+                else:
+                    bad_evals += 1
+                row["best"] = improved
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"epoch {epoch:3d} | loss {row['loss']:.4f} | valid {tc.valid_metric} {value:.4f}"
+                      f"{' *' if improved else ''} | train {train_s:.1f}s"
+                      + (f" | test ndcg@10 {row.get('test/full/ndcg@10', float('nan')):.4f}" if tc.track_test else ""))
+                stop[0] = float(bad_evals >= tc.patience)
+        if tc.max_train_s and train_s >= tc.max_train_s:
+            stop[0] = 1.0
+        if world > 1:
+            dist.broadcast(stop, src=0)
+        if stop.item():
+            break
+
+    results = {}
+    if master:
+        best_model = SASRec.load(out_dir / "best", device=device)
+        results = {
+            "dataset": str(tc.data_dir), "n_users": ds.n_users, "n_items": ds.n_items, "n_train_targets": n_targets,
+            "best_epoch": best_epoch, "epochs_run": epoch, "train_s": train_s, "loss": cfg.sasrec.loss,
+            "valid": evaluate(best_model, ds, "valid", tc),
+            "test": evaluate(best_model, ds, "test", tc),
+            "tie_break": "pessimistic (a tie with the target ranks it lower)",
+        }
+        tmp = out_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, out_dir / "results.json")
+        t = results["test"]
+        line = [f"best epoch {best_epoch}, train {train_s:.1f}s"]
+        if "candidates" in t:
+            c = t["candidates"]
+            line.append(f"candidates HR@1 {c['hr@1']:.4f} HR@5 {c['hr@5']:.4f} NDCG@5 {c['ndcg@5']:.4f}")
+        for p in ("full", "sampled100"):
+            if 10 in tc.ks:
+                line.append(f"{p} HR@10 {t[p]['hr@10']:.4f} NDCG@10 {t[p]['ndcg@10']:.4f}")
+        print("test: " + " | ".join(line))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
