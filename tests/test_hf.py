@@ -327,7 +327,7 @@ def test_real_270m_parity_past_the_window(dtype):
     del ours
     b = hf_logits(hf_load(path, dtype), ids)
     if dtype == torch.float32:
-        assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-4  # measured 0.0 (bit-exact), |logits| up to 86
     else:
         assert_bf16_close(a, b)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
