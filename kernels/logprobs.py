@@ -97,17 +97,19 @@ def _acc_dtype(hidden):
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-def _ref_chunks(n: int, v: int) -> tuple[int, int]:
+def _ref_chunks(n: int, v: int, d: int) -> tuple[int, int]:
+    """Token rows and vocab columns per tile: [rows, vchunk] and the [vchunk, D] W / dW chunk both <= REF_TILE_ELEMS."""
     rows = max(1, min(n, REF_MAX_ROWS))
-    vchunk = max(1, min(v, max(REF_MIN_VCHUNK, REF_TILE_ELEMS // rows)))
-    return rows, vchunk
+    vchunk = max(REF_MIN_VCHUNK, REF_TILE_ELEMS // rows)
+    vchunk = min(vchunk, max(REF_MIN_VCHUNK, REF_TILE_ELEMS // max(d, 1)))
+    return rows, max(1, min(v, vchunk))
 
 
 def _ref_forward(hidden, weight, targets, temperature, with_entropy):
     """-> lse, logp, entropy (or None), each [N] fp32."""
     n, v = hidden.shape[0], weight.shape[0]
     dev, acc = hidden.device, _acc_dtype(hidden)
-    rows, vchunk = _ref_chunks(n, v)
+    rows, vchunk = _ref_chunks(n, v, hidden.shape[1])
     h32 = hidden.to(acc)                                       # [N, D]; a no-op for fp32, O(N*D) for bf16
     m = torch.full((n,), -1e30, dtype=acc, device=dev)         # finite init: alpha = 0 and 0 * (m - m') = 0 on chunk 1
     s = torch.zeros(n, dtype=acc, device=dev)
@@ -119,7 +121,8 @@ def _ref_forward(hidden, weight, targets, temperature, with_entropy):
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
             z = h32[n0:n1] @ w32.T                              # [Nc, Vc] fp32
-            z.div_(temperature)                                 # divide (not * 1/T) exactly as the sampler does
+            if temperature != 1.0:
+                z.div_(temperature)                             # divide (not * 1/T) exactly as the sampler does
             y = targets[n0:n1]
             hit = ((y >= v0) & (y < v1)).nonzero().squeeze(1)   # rows whose target lives in this vocab chunk
             if hit.numel():
@@ -131,7 +134,7 @@ def _ref_forward(hidden, weight, targets, temperature, with_entropy):
             e = torch.exp(z)
             s_tile = e.sum(dim=1)
             if with_entropy:
-                t_tile = e.mul_(z).sum(dim=1)                   # sum e^{z-m'} (z-m'); reuses e's buffer
+                t_tile = torch.linalg.vecdot(e, z)              # sum e^{z-m'} (z-m'), no [Nc, Vc] temporary
                 t[n0:n1] = alpha * (t[n0:n1] + s[n0:n1] * (mc - m_new)) + t_tile
             s[n0:n1] = alpha * s[n0:n1] + s_tile
             m[n0:n1] = m_new
@@ -146,40 +149,51 @@ def _ref_forward(hidden, weight, targets, temperature, with_entropy):
 def _ref_backward(hidden, weight, targets, temperature, lse, ent, g_lp, g_h, need_dh, need_dw):
     """dz = g_lp [j=y] - p (g_lp + g_H (log p + H)), then dh = (dz/T) W, dW = (dz/T)^T h; vocab outer loop."""
     n, v = hidden.shape[0], weight.shape[0]
-    rows, vchunk = _ref_chunks(n, v)
+    rows, vchunk = _ref_chunks(n, v, hidden.shape[1])
     acc = _acc_dtype(hidden)
+    if n == 0:                                                  # no tokens: zero gradients (the loops would not write dW)
+        return (torch.zeros_like(hidden) if need_dh else None), (torch.zeros_like(weight) if need_dw else None)
     h32 = hidden.to(acc)
     dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
-    if g_lp is None:
-        g_lp = torch.zeros(n, dtype=acc, device=hidden.device)
+    dw_direct = need_dw and weight.dtype == acc                 # fp32 weight: accumulate straight into dW's slice
+    inv_t = 1.0 / temperature
+    g_lp = torch.zeros(n, dtype=acc, device=hidden.device) if g_lp is None else g_lp.to(acc)
+    # per-row coefficients so that dz = p * (a * log p + c), plus g_lp / T at the target:
+    #   a = -g_H / T,  c = -(g_lp + g_H * H) / T
+    if g_h is not None:
+        g_h = g_h.to(acc)
+        a_all = (-inv_t * g_h)[:, None]                         # [N, 1]
+        c_all = (-inv_t * (g_lp + g_h * ent))[:, None]
+    else:
+        c_all = (-inv_t * g_lp)[:, None]
+    neg_lse = -lse[:, None]                                     # [N, 1]
     for v0 in range(0, v, vchunk):
         v1 = min(v, v0 + vchunk)
         w32 = weight[v0:v1].to(acc)                            # [Vc, D]
-        dw_acc = torch.zeros(w32.shape, dtype=acc, device=w32.device) if need_dw else None
+        dw_acc = dw[v0:v1] if dw_direct else (torch.empty(w32.shape, dtype=acc, device=w32.device) if need_dw else None)
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
-            gl = g_lp[n0:n1].to(acc)
-            z = h32[n0:n1] @ w32.T                              # [Nc, Vc] recomputed logits
-            z.div_(temperature).sub_(lse[n0:n1, None])          # log p
-            p = torch.exp(z)
+            logp = torch.addmm(neg_lse[n0:n1], h32[n0:n1], w32.T, alpha=inv_t)  # [Nc, Vc] log p, recomputed
+            dz = torch.exp(logp)                                # p
             if g_h is not None:
-                coef = z.add_(ent[n0:n1, None]).mul_(g_h[n0:n1, None].to(acc)).add_(gl[:, None])
-                dz = p.mul_(coef).neg_()                        # -p (g_lp + g_H (log p + H))
+                dz.mul_(logp.mul_(a_all[n0:n1]).add_(c_all[n0:n1]))
             else:
-                dz = p.mul_(-gl[:, None])
-            del z
+                dz.mul_(c_all[n0:n1])
+            del logp
             y = targets[n0:n1]
             hit = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
             if hit.numel():
-                dz[hit, y[hit] - v0] += gl[hit]                 # + g_lp at the target
-            dz.div_(temperature)
+                dz[hit, y[hit] - v0] += inv_t * g_lp[n0 + hit]  # + g_lp / T at the target
             if need_dw:
-                dw_acc.addmm_(dz.T, h32[n0:n1])                 # [Vc, D]
+                if n0 == 0:
+                    torch.mm(dz.T, h32[n0:n1], out=dw_acc)      # [Vc, D]
+                else:
+                    dw_acc.addmm_(dz.T, h32[n0:n1])
             if need_dh:
                 dh[n0:n1].addmm_(dz, w32)                       # [Nc, D]
             del dz
-        if need_dw:
+        if need_dw and not dw_direct:
             dw[v0:v1] = dw_acc                                  # each dW slice written once
     return (dh.to(hidden.dtype) if need_dh else None), dw
 
