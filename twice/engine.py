@@ -178,26 +178,29 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling: one vectorised step
 
-def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float):
+def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float, banned=None):
     """logits [B, V] (any float dtype), u [B] uniforms in [0, 1) -> (tokens [B], logprobs [B], full_logprobs [B]).
+    banned: optional token ids [n] removed from the processed distribution (min_new_tokens bans the stop ids);
+    full_logprobs still use the untouched distribution, which is what the trainer sees.
 
     Order as in HF: temperature, then top-k, then top-p (keep the smallest prefix of the sorted distribution whose
     mass reaches top_p; the top token always stays). Sampling is by inverse CDF over the kept tokens with the row's
     own uniform, so no RNG state is shared between rows. See the module docstring for the two log-probs."""
     x = logits.float()
     if temperature == 0:  # greedy: point mass
-        tok = x.argmax(-1)
+        tok = (x if banned is None else x.index_fill(1, banned, float("-inf"))).argmax(-1)
         full = x.gather(1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
         return tok, torch.zeros_like(full), full
     x = x / temperature  # [B, V]
     full_lse = torch.logsumexp(x, -1)  # [B]
+    xs = x if banned is None else x.index_fill(1, banned, float("-inf"))
     idx = None
     if top_k is not None and 0 < top_k < x.shape[-1]:
-        vals, idx = torch.topk(x, top_k, dim=-1)  # [B, k], sorted descending
+        vals, idx = torch.topk(xs, top_k, dim=-1)  # [B, k], sorted descending
     elif top_p < 1.0:
-        vals, idx = torch.sort(x, dim=-1, descending=True)  # [B, V]
+        vals, idx = torch.sort(xs, dim=-1, descending=True)  # [B, V]
     else:
-        vals = x  # no truncation: inverse CDF in vocabulary order is just as exact
+        vals = xs  # no truncation: inverse CDF in vocabulary order is just as exact
     if top_p < 1.0:
         probs = torch.softmax(vals, -1)
         # drop a token once the mass BEFORE it already reaches top_p (so the top token is always kept)
@@ -313,9 +316,12 @@ class Engine:
             u[r] = torch.rand(max(N, 1), generator=g, device=dev)
 
         L = max(len(p) for p in prompts)
-        small, logits = self.prefill(prompts)  # each prompt once
-        cache = small.fan_out(K, L + N) if K > 1 or N > 0 else small  # [rows] (copied once)
-        del small
+        if K == 1:  # nothing to share: prefill straight into a cache with room for the new tokens
+            cache, logits = self.prefill(prompts, max_len=L + N)
+        else:  # each prompt once, then its cache copied to its K rows (once)
+            small, logits = self.prefill(prompts)
+            cache = small.fan_out(K, L + N)  # [rows]
+            del small
         logits = logits.repeat_interleave(K, 0)  # [rows, V]
 
         out_tok = torch.full((rows, N), self.pad_id, dtype=torch.long, device=dev)
@@ -330,9 +336,8 @@ class Engine:
         act = torch.arange(rows, device=dev)  # output rows still in the decode batch (all, until compaction)
         steps = 0
         for t in range(N):
-            if t < min_new_tokens and len(stop_ids):
-                logits[:, stop_t] = float("-inf")
-            tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p)  # [n] each
+            banned = stop_t if t < min_new_tokens and len(stop_ids) else None
+            tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p, banned)  # [n] each
             live = ~done[act]
             out_tok[act, t] = torch.where(live, tok, self.pad_id)
             out_lp[act, t] = torch.where(live, lp, 0.0)
@@ -363,19 +368,26 @@ class Engine:
         return self._collect(out_tok, out_lp, out_full, length, reason_id, str_reason, steps)
 
     def _scan_stop_strings(self, out_tok, steps, done, length, stop_strings, str_reason, checked):
-        """Host-side: find the first token at which a stop string appears in each live row's decoded text."""
-        toks = out_tok[:, :steps].tolist()
-        live = (~done).tolist()
-        for r, row in enumerate(toks):
-            if not live[r]:
-                continue
-            text = self.tokenizer.decode(row)
-            if not any(s in text for s in stop_strings):
+        """Host-side: find the first token at which a stop string appears in each live row's decoded text.
+
+        Only a tail is decoded: a new occurrence ends after checked[r] and spans at most 4 tokens per character
+        (byte-fallback pieces), plus one token of slack because decoding drops a slice's leading space."""
+        live = (~done).nonzero()[:, 0].tolist()
+        if not live:
+            return
+        span = 4 * max(len(s) for s in stop_strings) + 1
+        lo = max(0, min(checked[r] for r in live) - span)
+        rows = out_tok[live, lo:steps].tolist()
+        dec = self.tokenizer.decode
+        for r, row in zip(live, rows):
+            a = max(0, checked[r] - span)  # absolute index where this row's tail starts
+            tail = row[a - lo:]
+            if not any(s in dec(tail) for s in stop_strings):
                 checked[r] = steps
                 continue
-            # smallest n whose prefix contains a stop string; prefixes up to checked[r] were already clean
-            for n in range(max(checked[r], 1), steps + 1):
-                if any(s in self.tokenizer.decode(row[:n]) for s in stop_strings):
+            # smallest n whose prefix holds a stop string; prefixes up to checked[r] were already clean
+            for n in range(max(checked[r], a + 1), steps + 1):
+                if any(s in dec(tail[:n - a]) for s in stop_strings):
                     break
             str_reason[r] = n
             length[r] = n
