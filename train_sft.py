@@ -1,0 +1,575 @@
+"""Stage 2 of TWiCE-Rec: multi-task supervised fine-tuning (T1 item knowledge, T2 next item, T3 rationale + item).
+
+    python train_sft.py configs/quickstart/sft.yaml                                   # one process (CPU or 1 GPU)
+    torchrun --nproc_per_node 8 train_sft.py configs/amazon-gemma3-1b/sft.yaml        # 8 ranks, FSDP2 (gloo on CPU)
+    python train_sft.py configs/quickstart/sft.yaml steps=10 optim.lr=1e-4 lora.enabled=false   # dotted overrides
+
+The objective: for every example (chat prompt x, response y = y_1..y_n followed by <end_of_turn>), minimise the
+cross-entropy of the response tokens only, summed over every response token of the optimizer step's GLOBAL batch and
+divided by the number of those tokens (all ranks, all micro-batches):
+
+    L = - (1 / N_resp) * sum_{examples} sum_{t in response} log p(y_t | x, y_<t)
+
+log p comes from the model's `targets=` path (kernels.token_logprobs on the final hidden states: the [tokens x V]
+logits are never built). N_resp is all-reduced before the first backward; FSDP2 AVERAGES gradients over ranks, so
+each rank's loss is multiplied by world_size to make the result the gradient of L itself (twice/dist.py).
+
+The three tasks (twice/tasks.py renders them, the same text GRPO and eval read):
+    T1 describe   item title -> id, description, details          pool: the catalogue's items
+    T2 recommend  history + candidates -> <item>ID</item>           pool: every user's train split (target items[-3])
+    T3 reason     history + candidates -> <think>R</think><item>ID</item>
+                  pool: stage 1's rationales.jsonl (`t3_source: path`) or the authors' released rationales
+                  (`t3_source: official`, a dataset dir built from source "official": examples_task3.jsonl)
+Mixture: weight w of a task = how many times its pool is used per epoch (1.0 = each example once, 0.5 = a seeded
+half, 2.0 = twice); the epoch is the shuffled union. Training candidates (T2/T3 without released lists) are drawn
+per example from a rng seeded by (seed, epoch, task, key): the true item's position is uniform, the negatives
+change every epoch, and a resumed run rebuilds exactly the same examples without any saved sampler state.
+
+One optimizer step = the next `optim.batch_size` examples of the stream (global; rank r takes every W-th). Each
+rank sorts its share by length and packs it into micro-batches under `optim.micro_batch_tokens` padded tokens
+(length bucketing; the number of micro-batches is the gradient accumulation, equalised over ranks with zero-weight
+passes so FSDP2's collectives line up). Validation: the loss of the T2 prompts of a fixed slice of valid users
+(fixed candidate sets) and HR@1 of greedy decoding on a slice of them.
+
+Run dir: config.yaml, log.txt, metrics.jsonl (one line per step; eval lines carry "eval/..." keys),
+checkpoints/step_XXXXXX (atomic, keep last N; exact resume: weights (LoRA adapters only when LoRA is on: the frozen
+base is re-read from model.path), AdamW, LR schedule position, RNG streams of every rank, data cursor),
+final/ (HF folder, LoRA merged, tokenizer.model copied; loads in transformers).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from twice import dist
+from twice.checkpoint import export_hf, load_latest, save_checkpoint
+from twice.config import ConfigError, parse_args, save_config
+from twice.data import User, load_dataset
+from twice.engine import Engine
+from twice.gemma3 import Gemma3
+from twice.lora import TARGETS, apply_lora
+from twice.optim import build_adamw, clip_grad_norm_, lr_at, set_lr
+from twice.rewards import normalize_item, parse_completion
+from twice.tasks import Example, TaskConfig, describe_example, encode_example, recommend_example, sample_candidates
+from twice.tokenizer import Tokenizer
+
+TASKS = ("describe", "recommend", "reason")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class ModelConfig:
+    path: str = ""                      # HF folder (python -m twice.convert ..., or google/gemma-3-1b-it downloaded)
+    dtype: str = "float32"              # parameter dtype. Keep float32: on GPU FSDP2's policy computes in bf16 with
+                                        #   fp32 master weights; on CPU everything is fp32. bfloat16 = pure bf16
+    gradient_checkpointing: bool = True  # recompute each block in backward (activation memory ~ one block)
+
+
+@dataclass
+class MixtureConfig:
+    describe: float = 1.0               # T1 weight: passes over the item pool per epoch (0 = task off)
+    recommend: float = 1.0              # T2 weight: passes over the users' train split per epoch
+    reason: float = 1.0                 # T3 weight: passes over the rationale records per epoch (needs t3_source)
+    t3_source: str = ""                 # stage 1's rationales.jsonl | "official" (dataset dir's examples_task3) | ""
+    t2_source: str = "users"            # "users" (train split of users.jsonl) | "official" (examples_task2.jsonl)
+    describe_min_chars: int = 1         # T1 only for items whose description has at least this many characters
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = True                # False = full fine-tuning
+    r: int = 8                          # the authors' rank
+    alpha: float = 16.0                 # scale = alpha / r
+    dropout: float = 0.0                # dropout on the adapter input (per-rank RNG stream)
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))  # q/k/v/o/gate/up/down
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5                    # peak learning rate (the authors: 5e-5)
+    warmup_steps: int = 0               # linear warmup, optimizer steps
+    min_lr_ratio: float = 0.1           # cosine decays to lr * this at the last step
+    weight_decay: float = 0.0           # AdamW decoupled decay on matrices (LoRA A/B under LoRA)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float = 1.0          # global gradient-norm clip (<= 0: only measured)
+    batch_size: int = 16                # examples per optimizer step, GLOBAL (split over ranks)
+    micro_batch_tokens: int = 4096      # padded tokens (rows x longest row) per forward/backward; a step's share
+                                        #   is split into as many micro-batches as needed (gradient accumulation)
+    defer_grad_sync: bool = True        # FSDP2: reduce-scatter only after the last micro-batch (less traffic,
+                                        #   unsharded grads held meanwhile: cheap under LoRA)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50                     # optimizer steps between evaluations (0 = only at the end)
+    loss_users: int = 64                # valid users (fixed slice) whose T2 loss is measured
+    hr_users: int = 32                  # the first N of them are greedily decoded for HR@1 (0 = off)
+    max_new_tokens: int = 32            # greedy budget (a T2 answer is `<item>ID</item><end_of_turn>`)
+
+
+@dataclass
+class SFTConfig:
+    run_dir: str = "runs/sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data_dir: str = ""                  # dataset dir (python -m twice.data prepare)
+    task: TaskConfig = field(default_factory=TaskConfig)   # prompt rendering + token budget (shared with GRPO/eval)
+    mix: MixtureConfig = field(default_factory=MixtureConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    max_seq_len: int = 4096             # prompt + response tokens; longer examples are skipped (counted, logged)
+    epochs: float = 1.0                 # length of the run in passes over the mixture ...
+    steps: int = 0                      # ... or in optimizer steps when > 0 (overrides epochs)
+    checkpoint_every: int = 100         # optimizer steps between checkpoints (0 = only the final one)
+    keep_checkpoints: int = 3           # keep the last N checkpoint dirs
+    export_dtype: str = "float32"       # dtype of final/ weights: float32 | bfloat16
+    seed: int = 0
+    threads: int = 0                    # torch CPU threads (0 = torch default)
+
+
+def check_config(c: SFTConfig) -> None:
+    rules = [("model.path is set", bool(c.model.path)), ("data_dir is set", bool(c.data_dir)),
+             ("model.dtype in float32|bfloat16", c.model.dtype in ("float32", "bfloat16")),
+             ("export_dtype in float32|bfloat16", c.export_dtype in ("float32", "bfloat16")),
+             ("optim.batch_size >= 1", c.optim.batch_size >= 1),
+             ("optim.micro_batch_tokens >= max_seq_len", c.optim.micro_batch_tokens >= c.max_seq_len),
+             ("mix weights >= 0", min(c.mix.describe, c.mix.recommend, c.mix.reason) >= 0),
+             ("mix.reason > 0 needs mix.t3_source", c.mix.reason == 0 or bool(c.mix.t3_source)),
+             ("mix.t2_source in users|official", c.mix.t2_source in ("users", "official")),
+             ("steps > 0 or epochs > 0", c.steps > 0 or c.epochs > 0)]
+    for name, ok in rules:
+        if not ok:
+            raise ConfigError(f"config: {name} is required / violated")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records -> examples
+
+class _RecordView:
+    """The dataset as `tasks.recommend_example` sees it, but with history/target taken from a record (a stage-1
+    rationale, an official example) instead of a leave-one-out split of users.jsonl."""
+
+    def __init__(self, ds, history: list[int], target: int):
+        self.items, self.n_items = ds.items, ds.n_items
+        self._history, self._target = history, target
+
+    def history(self, user: int, split: str) -> list[int]:
+        return self._history
+
+    def target(self, user: int, split: str) -> int:
+        return self._target
+
+
+def record_user(ds, rec: dict, where: str) -> User:
+    """The user whose ratings/reviews the prompt shows: the dataset's own user when the record's history is a prefix
+    of that user's sequence (positions then align), else a stand-in with the record's items and no reviews."""
+    hist, target = rec["history"], rec["target"]
+    u = rec.get("user")
+    if isinstance(u, int) and 1 <= u <= ds.n_users:
+        user = ds.user(u)
+        if user.items[:len(hist)] == hist and len(user.items) > len(hist):
+            return user
+    n = len(hist) + 1
+    return User(0, f"record:{where}", list(hist) + [target], [None] * n, [""] * n, list(range(n)))
+
+
+def load_records(path: Path, kind: str, ds) -> tuple[list[dict], int]:
+    """T2/T3 records {history, target, [rationale], [candidates], [user]} from a JSONL file; bad lines are counted
+    and logged, never fatal, never silent. -> (records, n_skipped)."""
+    recs, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                hist, tgt = [int(x) for x in r["history"]], int(r["target"])
+                if not hist or not all(1 <= x <= ds.n_items for x in hist + [tgt]):
+                    raise ValueError("empty history or item idx out of range")
+                if kind == "reason" and not str(r.get("rationale") or "").strip():
+                    raise ValueError("empty rationale")
+                cands = r.get("candidates")
+                if cands is not None and tgt not in cands:
+                    raise ValueError("target not among the candidates")
+                recs.append({"history": hist, "target": tgt, "rationale": r.get("rationale"), "candidates": cands,
+                             "user": r.get("user"), "where": f"{path.name}:{n}"})
+            except (ValueError, KeyError, TypeError) as e:
+                skipped += 1
+                dist.print0(f"skip {path}:{n}: {type(e).__name__}: {e}")
+    return recs, skipped
+
+
+def build_pools(ds, cfg: SFTConfig) -> tuple[dict[str, list], dict]:
+    """task -> list of keys (T1: item idx; T2/T3: record dicts), and load stats."""
+    m, stats = cfg.mix, {}
+    pools: dict[str, list] = {t: [] for t in TASKS}
+    if m.describe > 0:
+        pools["describe"] = [it.idx for it in ds.items[1:] if len(it.description or "") >= m.describe_min_chars]
+    if m.recommend > 0:
+        if m.t2_source == "official":
+            pools["recommend"], stats["t2_skipped"] = load_records(ds.root / "examples_task2.jsonl", "recommend", ds)
+        else:  # train split: target items[-3], history items[:-3] (non-empty)
+            pools["recommend"] = [{"history": ds.history(u.idx, "train"), "target": ds.target(u.idx, "train"),
+                                   "user": u.idx, "rationale": None, "candidates": None, "where": f"user {u.idx}"}
+                                  for u in ds.users if len(u.items) >= 4]
+    if m.reason > 0:
+        path = ds.root / "examples_task3.jsonl" if m.t3_source == "official" else Path(m.t3_source)
+        if not path.is_file():
+            raise FileNotFoundError(f"mix.t3_source: {path} does not exist")
+        pools["reason"], stats["t3_skipped"] = load_records(path, "reason", ds)
+    for t in TASKS:
+        if getattr(m, t) > 0 and not pools[t]:
+            raise ValueError(f"mixture weight {t}={getattr(m, t)} but its pool is empty (data_dir={cfg.data_dir})")
+    return pools, stats
+
+
+def epoch_plan(pools: dict[str, list], weights: dict[str, float], seed: int, epoch: int) -> list[tuple[str, int]]:
+    """The epoch's examples as (task, index into the pool), shuffled. A weight w uses floor(w) full passes plus a
+    seeded sample of the rest; the length is the same every epoch (round(w * |pool|) summed)."""
+    rng = random.Random(f"sft-plan/{seed}/{epoch}")
+    plan = []
+    for t in TASKS:
+        n_pool, w = len(pools[t]), weights[t]
+        if n_pool == 0 or w <= 0:
+            continue
+        n = int(round(w * n_pool))
+        full, rest = divmod(n, n_pool)
+        plan += [(t, k) for _ in range(full) for k in range(n_pool)]
+        plan += [(t, k) for k in sorted(rng.sample(range(n_pool), rest))]
+    rng.shuffle(plan)
+    return plan
+
+
+def render(ds, tok, cfg: SFTConfig, task: str, key, epoch: int, split: str = "train") -> Example:
+    """One example; T2/T3 candidates from a rng seeded by (seed, epoch, task, key) unless the record has a list."""
+    if task == "describe":
+        return describe_example(ds, key, cfg.task)
+    rec = key
+    view = _RecordView(ds, rec["history"], rec["target"])
+    user = record_user(ds, rec, rec["where"])
+    cands = rec["candidates"]
+    if cands is None:
+        rng = random.Random(f"sft-cands/{cfg.seed}/{epoch}/{task}/{rec['where']}")
+        cands = sample_candidates(ds, user, rec["target"], cfg.task.n_negatives, rng)
+    return recommend_example(view, user, split, cands, cfg.task, tokenizer=tok, reasoning=task == "reason",
+                             rationale=rec["rationale"])
+
+
+class Stream:
+    """Global example index i -> encoded example; epochs are planned lazily (cached) so resume is a cursor."""
+
+    def __init__(self, ds, tok, cfg: SFTConfig, pools):
+        self.ds, self.tok, self.cfg, self.pools = ds, tok, cfg, pools
+        self.weights = {t: getattr(cfg.mix, t) for t in TASKS}
+        self.epoch_len = len(epoch_plan(pools, self.weights, cfg.seed, 0))
+        self._plans: dict[int, list] = {}
+
+    def get(self, i: int):
+        """-> (task, ids, loss_mask, truncated) or (task, None, reason, 0) for a counted skip."""
+        epoch, j = divmod(i, self.epoch_len)
+        if epoch not in self._plans:
+            self._plans = {epoch: epoch_plan(self.pools, self.weights, self.cfg.seed, epoch)}
+        task, k = self._plans[epoch][j]
+        try:
+            ex = render(self.ds, self.tok, self.cfg, task, self.pools[task][k], epoch)
+            ids, mask = encode_example(self.tok, ex, max_len=self.cfg.max_seq_len)
+        except ValueError as e:  # prompt over budget even fully truncated, or example over max_seq_len
+            return task, None, str(e), 0
+        return task, ids, mask, ex.truncated
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches and the loss
+
+def make_targets(ids: list[int], mask: list[int]) -> list[int]:
+    """Position t predicts token t+1: targets[t] = ids[t+1] where that token is a response token, else -100."""
+    return [ids[t + 1] if mask[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
+
+
+def pack(lengths: list[int], budget: int) -> list[list[int]]:
+    """Length bucketing: indices sorted longest first, cut greedily into micro-batches whose padded size
+    (rows x longest) stays within `budget` tokens. A row longer than the budget goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    out, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[cur[0]] > budget:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(ids, mask)] -> input_ids [B, L], targets [B, L] (-100 = no loss), right-padded: pads sit after every real
+    token, so causality alone keeps them out of attention and no attention mask is needed."""
+    L = max(len(ids) for ids, _ in rows)
+    x = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), L), -100, dtype=torch.long)
+    for r, (ids, mask) in enumerate(rows):
+        x[r, :len(ids)] = torch.tensor(ids)
+        y[r, :len(ids)] = torch.tensor(make_targets(ids, mask))
+    return x, y
+
+
+def response_nll(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-row summed negative log-likelihood of the target tokens [B] fp32, via the fused targets= path."""
+    logp = model(x, targets=y)  # [B, L] fp32, 0 where y == -100
+    return -logp.sum(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+
+def valid_examples(ds, tok, cfg: SFTConfig) -> list[tuple[Example, list[int], list[int]]]:
+    """T2 prompts of the first `eval.loss_users` valid users, with the dataset's fixed candidate sets."""
+    out = []
+    for cs in ds.candidates("valid")[:cfg.eval.loss_users]:
+        user = ds.user(cs.user)
+        if len(user.items) < 3:
+            continue
+        try:
+            ex = recommend_example(ds, user, "valid", list(cs.candidates), cfg.task, tokenizer=tok)
+            ids, mask = encode_example(tok, ex, max_len=cfg.max_seq_len)
+        except ValueError as e:
+            dist.print0(f"valid: skip user {cs.user}: {e}")
+            continue
+        out.append((ex, ids, mask))
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, tok, cfg: SFTConfig, val, info) -> dict:
+    """Valid T2 loss (token mean, global) and greedy HR@1 on the first hr_users prompts; collective."""
+    R, W = info.rank, info.world_size
+    model.eval()
+    mine = val[R::W]
+    budget = cfg.optim.micro_batch_tokens
+    mbs = pack([len(ids) for _, ids, _ in mine], budget)
+    n_pass = int(all_reduce_max(torch.tensor([len(mbs)])))
+    sums = torch.zeros(4, dtype=torch.float64)  # nll, tokens, hits, asked
+    for j in range(n_pass):
+        if j < len(mbs):
+            x, y = collate([(mine[i][1], mine[i][2]) for i in mbs[j]], tok.pad_id)
+        else:  # zero-work pass so every FSDP unit runs the same collectives on every rank
+            x, y = torch.full((1, 2), tok.bos_id), torch.tensor([[-100, -100]])
+        nll = response_nll(model, x.to(info.device), y.to(info.device))
+        sums[0] += float(nll.sum())
+        sums[1] += float((y != -100).sum())
+    hr = [v for v in val[:cfg.eval.hr_users]][R::W]
+    with dist.unsharded(model):  # weights gathered once; ranks may decode different numbers of prompts
+        if hr:
+            res = Engine(model, tok).greedy([tok.apply_chat_template(ex.messages) for ex, _, _ in hr],
+                                            max_new_tokens=cfg.eval.max_new_tokens,
+                                            stop_strings=[f"</{cfg.task.item_tag}>"])
+            for (ex, _, _), text in zip(hr, res.texts):
+                item = parse_completion(text, cfg.task.think_tag, cfg.task.item_tag).item
+                sums[2] += float(item is not None and normalize_item(item) == normalize_item(ex.target_id))
+                sums[3] += 1
+    dist.all_reduce_sum(sums)
+    model.train()
+    out = {"eval/loss": float(sums[0]) / max(float(sums[1]), 1.0), "eval/examples": len(val)}
+    if sums[3] > 0:
+        out["eval/hr@1"] = float(sums[2]) / float(sums[3])
+        out["eval/hr_users"] = int(sums[3])
+    return out
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_distributed() and dist.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def rewrite_metrics(path: Path, upto_step: int) -> None:
+    """On resume drop metric lines written after the checkpoint (a killed run may have logged further)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+def main(argv: list[str]) -> dict:
+    cfg = parse_args(SFTConfig, argv)
+    check_config(cfg)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    info = dist.init_distributed()
+    dev, R, W = info.device, info.rank, info.world_size
+    run_dir = Path(cfg.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    dist.barrier()
+    log_f = open(run_dir / "log.txt", "a") if info.is_main else None
+
+    def log(msg: str) -> None:
+        if info.is_main:
+            tqdm.write(msg)
+            log_f.write(msg + "\n")
+            log_f.flush()
+
+    # ---- model (+ LoRA, + FSDP2): the SAME seed on every rank before wrapping (FSDP2 never syncs initial weights)
+    dist.seed_everything(cfg.seed)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    model = Gemma3.from_pretrained(cfg.model.path, dtype=dtype, device=dev)  # also the frozen base for resume
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    if cfg.lora.enabled:
+        apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),
+                   dropout=cfg.lora.dropout, seed=cfg.seed)
+    model = dist.wrap_fsdp(model)
+    model.train()
+    opt = build_adamw(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    loss_scale = W if dist.is_fsdp(model) else 1  # FSDP2 averages grads over ranks; our loss uses global totals
+
+    # ---- data
+    tok = Tokenizer.from_pretrained(cfg.model.path)
+    ds = load_dataset(cfg.data_dir)
+    pools, load_stats = build_pools(ds, cfg)
+    stream = Stream(ds, tok, cfg, pools)
+    G = cfg.optim.batch_size
+    total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * stream.epoch_len / G))
+    val = valid_examples(ds, tok, cfg) if (cfg.eval.loss_users > 0) else []
+
+    # ---- resume
+    state = load_latest(run_dir / "checkpoints", model, opt)
+    start = state["step"] if state else 0
+    if state:
+        if state["data"].get("cursor") != start * G:
+            raise ValueError(f"{state['path']}: data cursor {state['data']} != step {start} x batch_size {G} "
+                             f"(was optim.batch_size changed?)")
+        log(f"resumed from {state['path']} at step {start}")
+        if info.is_main:
+            rewrite_metrics(run_dir / "metrics.jsonl", start)
+    else:  # per-rank streams from here on (adapter dropout); a resume restored each rank's own streams instead
+        dist.seed_everything(cfg.seed + R)
+    metrics_f = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    log(f"SFT: pools " + ", ".join(f"{t} {len(pools[t])} (w {getattr(cfg.mix, t)})" for t in TASKS)
+        + f" | epoch {stream.epoch_len} examples, {G}/step, {total} steps, {W} rank(s) | "
+        f"lora={cfg.lora.enabled} trainable {n_train:,} | valid {len(val)} | skipped records {load_stats}")
+
+    def write_metrics(rec: dict) -> None:
+        if metrics_f:
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
+
+    bar = tqdm(total=total, initial=start, disable=not info.is_main, desc="sft", dynamic_ncols=True)
+    rec = {}
+    for step in range(start, total):
+        t0 = time.time()
+        # ---- 1. this rank's strided share of the step's global examples, encoded; bad ones counted
+        rows, tasks_of = [], []
+        counts = torch.zeros(4, dtype=torch.float64)  # skipped, truncated prompts, input tokens, examples
+        for i in range(step * G + R, (step + 1) * G, W):
+            task, ids, mask, truncated = stream.get(i)
+            if ids is None:
+                counts[0] += 1  # a counted, logged skip (the reason names the user / example)
+                print(f"[rank {R}] skip example {i} ({task}): {mask}", file=sys.stderr, flush=True)
+                continue
+            rows.append((ids, mask))
+            tasks_of.append(task)
+            counts[1] += truncated > 0
+            counts[2] += len(ids)
+            counts[3] += 1
+        mbs = pack([len(ids) for ids, _ in rows], cfg.optim.micro_batch_tokens)
+        # ---- 2. global response-token count FIRST (the loss divides by it), and the pass count every rank runs
+        n_resp = torch.tensor([float(sum(sum(m[1:]) for _, m in rows))], dtype=torch.float64)
+        dist.all_reduce_sum(n_resp)
+        n_pass = int(all_reduce_max(torch.tensor([len(mbs)])))
+        denom = max(float(n_resp), 1.0)
+
+        # ---- 3. forward/backward over the micro-batches (gradient accumulation)
+        task_sums = torch.zeros(2 * len(TASKS), dtype=torch.float64)  # per task: nll, response tokens
+        for j in range(n_pass):
+            if j < len(mbs):
+                x, y = collate([rows[i] for i in mbs[j]], tok.pad_id)
+                w = 1.0
+            else:  # zero-weight pass: FSDP2 needs the same collectives on every rank
+                x, y, w = torch.full((1, 2), tok.bos_id), torch.tensor([[tok.bos_id, -100]]), 0.0
+            if dist.is_fsdp(model) and cfg.optim.defer_grad_sync:
+                dist.set_grad_sync(model, j == n_pass - 1)
+            nll = response_nll(model, x.to(dev), y.to(dev))  # [B]
+            (nll.sum() * (w * loss_scale / denom)).backward()
+            if w > 0:
+                ntok = (y != -100).sum(1)
+                for r, i in enumerate(mbs[j]):
+                    k = TASKS.index(tasks_of[i])
+                    task_sums[2 * k] += float(nll[r].detach())
+                    task_sums[2 * k + 1] += float(ntok[r])
+        gnorm = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
+        lr = lr_at(step, total, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
+        set_lr(opt, lr)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        # ---- 4. log: global sums
+        dist.all_reduce_sum(task_sums)
+        dist.all_reduce_sum(counts)
+        dt = time.time() - t0
+        tot_nll, tot_tok = float(task_sums[0::2].sum()), float(task_sums[1::2].sum())
+        rec = {"step": step + 1, "epoch": (step + 1) * G / stream.epoch_len, "loss": tot_nll / max(tot_tok, 1.0),
+               **{f"loss/{t}": float(task_sums[2 * k]) / float(task_sums[2 * k + 1])
+                  for k, t in enumerate(TASKS) if task_sums[2 * k + 1] > 0},
+               "lr": lr, "grad_norm": float(gnorm), "examples": int(counts[3]), "skipped": int(counts[0]),
+               "truncated": int(counts[1]), "response_tokens": int(tot_tok), "tokens": int(counts[2]),
+               "micro_batches": n_pass, "time": dt, "tokens_per_s": float(counts[2]) / max(dt, 1e-9),
+               "peak_mem_mb": peak_memory_mb(dev)}
+        done = step + 1 == total
+        if (cfg.eval.every and (step + 1) % cfg.eval.every == 0) or done:
+            if val:
+                rec.update(evaluate(model, tok, cfg, val, info))
+        write_metrics(rec)
+        log(f"step {step + 1:5d}/{total} | loss {rec['loss']:.4f} "
+            + " ".join(f"{t[:3]} {rec[f'loss/{t}']:.3f}" for t in TASKS if f"loss/{t}" in rec)
+            + f" | lr {lr:.2e} gnorm {rec['grad_norm']:.3f} | {rec['examples']} ex {rec['response_tokens']} resp tok"
+            + (f" skip {rec['skipped']}" if rec["skipped"] else "") + (f" trunc {rec['truncated']}" if rec["truncated"] else "")
+            + f" | {n_pass} mb {dt:.2f}s {rec['tokens_per_s']:.0f} tok/s {rec['peak_mem_mb']:.0f} MB"
+            + (f" | eval loss {rec['eval/loss']:.4f}" if "eval/loss" in rec else "")
+            + (f" hr@1 {rec['eval/hr@1']:.3f}" if "eval/hr@1" in rec else ""))
+        bar.update(1)
+
+        # ---- 5. checkpoint (collective)
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done:
+            save_checkpoint(run_dir / "checkpoints", step + 1, model, opt, data={"cursor": (step + 1) * G},
+                            config=cfg, keep_last=cfg.keep_checkpoints, trainable_only=cfg.lora.enabled)
+    bar.close()
+
+    # ---- final model as an HF folder (LoRA merged), tokenizer copied
+    export_hf(model, run_dir / "final", dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.export_dtype],
+              tokenizer_path=Path(cfg.model.path) / "tokenizer.model")
+    log(f"done: {run_dir / 'final'}")
+    if metrics_f:
+        metrics_f.close()
+    if log_f:
+        log_f.close()
+    dist.cleanup()
+    return rec
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
