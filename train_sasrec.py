@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from twice.config import ConfigError, parse_args, save_config
 from twice.data import load_dataset
+from twice.dist import cleanup, init_distributed
 from twice.metrics import summarize
 from twice.sasrec import SASRec, SASRecConfig, rank_candidates, rank_full, rank_sampled
 
@@ -42,7 +43,6 @@ class TrainConfig:
     data_dir: str = "data/ml-100k"  # dataset dir written by `python -m twice.data prepare`
     out_dir: str = "runs/sasrec"  # run dir (config.yaml, metrics.jsonl, best/, results.json)
     seed: int = 0  # model init, shuffling and negative sampling
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
     threads: int = 0  # torch CPU threads (0 = torch default)
     batch_size: int = 128  # windows per optimizer step (per process)
     lr: float = 1e-3  # Adam learning rate (constant, as RecBole and the original)
@@ -128,27 +128,11 @@ def metric_value(res: dict, name: str) -> float:
     return res[proto][metric]
 
 
-# ------------------------------------------------------------------------------------------ distributed
-def init_distributed(device_pref: str):
-    """torchrun env -> (rank, world, device). Single process is the same path with world 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
-
-
 def main(argv: list[str]) -> dict:
     cfg = parse_args(Config, argv)
     tc = cfg.train
-    rank, world, device = init_distributed(tc.device)
-    master = rank == 0
+    info = init_distributed()  # torchrun env -> process group (gloo on CPU, nccl on GPU); world 1 without it
+    rank, world, device, master = info.rank, info.world_size, info.device, info.is_main
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if tc.windows not in ("all", "last"):
@@ -259,8 +243,8 @@ def main(argv: list[str]) -> dict:
                 line.append(f"{p} HR@10 {t[p]['hr@10']:.4f} NDCG@10 {t[p]['ndcg@10']:.4f}")
         print("test: " + " | ".join(line))
     if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # rank 0 evaluates while the others wait, then everyone leaves the group together
+    cleanup()
     return results
 
 

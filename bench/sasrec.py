@@ -110,12 +110,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-recbole", action="store_true", help="reuse OUT/recbole.jsonl from an earlier run")
+    ap.add_argument("--report-only", action="store_true", help="only print the comparison for an existing OUT")
     ap.add_argument("--recbole-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.recbole_worker:
         return recbole_worker(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        return report(args, out, Path(args.data_dir))
 
     data = Path(args.data_dir)
     if not (data / "users.jsonl").exists():

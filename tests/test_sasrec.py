@@ -266,3 +266,22 @@ def test_train_sasrec_learns_deterministic_sequence(tmp_path):
     model = SASRec.load(out / "best")
     hists = [u.items[:-1] for u in ds.users]
     assert rank_full(model, hists, [u.items[-1] for u in ds.users]).max().item() == 1
+
+
+@pytest.mark.slow
+def test_train_sasrec_under_torchrun_ddp(tmp_path):
+    """Two gloo ranks on CPU: DDP-wrapped packed training, rank-0 evaluation, stop flag broadcast."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_sasrec.py",
+           f"train.data_dir={data}", f"train.out_dir={out}", "train.epochs=30", "train.eval_every=30",
+           "train.batch_size=8", "train.lr=0.005", "train.threads=1", "sasrec.hidden=32", "sasrec.inner=64",
+           "sasrec.maxlen=12", "sasrec.dropout=0.0"]
+    p = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["test"]["full"]["hr@1"] == 1.0

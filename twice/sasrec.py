@@ -98,10 +98,12 @@ class SASRec(nn.Module):
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)  # row 0 = padding, kept at 0
         self.pos_emb = nn.Embedding(cfg.maxlen, cfg.hidden)
-        self.emb_ln = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)  # post-LN: normalise the input sum (BERT-style)
+        # only the LayerNorm the variant uses exists (an unused parameter would break DDP and the key table)
+        post = cfg.norm == "post"
+        self.emb_ln = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps) if post else None  # post-LN: normalise the input sum
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.blocks))
-        self.final_ln = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)  # pre-LN: normalise the residual stream output
+        self.final_ln = None if post else nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)  # pre-LN: normalise the output
         self.init_weights()
 
     def init_weights(self) -> None:
