@@ -251,4 +251,4 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                          "(fp64 runs on impl='torch')")
     if hidden.shape[0] == 0:
         impl = "torch"                                         # nothing to launch; the reference handles N = 0
-    return TokenLogprobs.apply(hidden, weight, targets.long(), temperature, bool(return_entropy), impl)
+    return TokenLogprobs.apply(hidden, weight, targets.long().contiguous(), temperature, bool(return_entropy), impl)

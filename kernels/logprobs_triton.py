@@ -31,7 +31,6 @@ else:
     _CONFIGS = [
         triton.Config({"BM": 128, "BV": 128, "BD": 64}, num_warps=8, num_stages=3),
         triton.Config({"BM": 64, "BV": 256, "BD": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 128, "BV": 256, "BD": 64}, num_warps=8, num_stages=3),
         triton.Config({"BM": 64, "BV": 128, "BD": 64}, num_warps=4, num_stages=4),
     ]
 
@@ -39,7 +38,7 @@ else:
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
                  temperature, BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, DOT_FP32: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 IEEE: tl.constexpr):
     """z[BM, BV] = (h[rows] @ W[cols]^T) / T with an fp32 accumulator (rows/cols already int64)."""
     acc = tl.zeros([BM, BV], dtype=tl.float32)
     for k0 in range(0, D, BD):
@@ -52,7 +51,10 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_hn, str
         if DOT_FP32:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+        if IEEE:
+            acc = tl.dot(h, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, w, acc)
     return acc / temperature
 
 
@@ -61,7 +63,7 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_hn, str
 def _fwd_partials_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, N, V, D,
                          stride_hn, stride_hd, stride_wv, stride_wd, temperature, n_splits,
                          SPLIT: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr,
-                         PRECISION: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
+                         IEEE: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
     pid_n = tl.program_id(0)            # row block: fastest axis, so neighbouring programs share one W split in L2
     pid_s = tl.program_id(1)            # vocab split
     rows = (pid_n * BM + tl.arange(0, BM)).to(tl.int64)
@@ -76,7 +78,7 @@ def _fwd_partials_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, N, V,
         cols = v_begin + dv + tl.arange(0, BV)
         col_mask = cols < V
         z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd, stride_wv,
-                         stride_wd, temperature, BM, BV, BD, DOT_FP32, PRECISION)
+                         stride_wd, temperature, BM, BV, BD, DOT_FP32, IEEE)
         z = tl.where(col_mask[None, :], z, -1e30)
         m_new = tl.maximum(m, tl.max(z, 1))
         alpha = tl.exp(m - m_new)
@@ -99,7 +101,7 @@ def _fwd_partials_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, N, V,
 @triton.jit
 def _dz_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr, dz_ptr, N, v_begin, v_end, D,
                stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, temperature,
-               HAS_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+               HAS_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
                BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -109,7 +111,7 @@ def _dz_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr, dz_ptr, N
     cols = v_begin + local
     col_mask = cols < v_end
     z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
-                     temperature, BM, BV, BD, DOT_FP32, PRECISION)
+                     temperature, BM, BV, BD, DOT_FP32, IEEE)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     glp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
@@ -140,8 +142,7 @@ def _mm_f32(a, b):
 def _dot_flags(hidden):
     dot_fp32 = INTERPRET or not hidden.is_cuda
     # fp32 inputs: exact fp32 products ("ieee"), so fp32 runs match the reference to ~1e-6; bf16 uses tensor cores.
-    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    return dot_fp32, precision
+    return dot_fp32, hidden.dtype == torch.float32
 
 
 def forward(hidden, weight, targets, temperature, with_entropy):
@@ -150,12 +151,12 @@ def forward(hidden, weight, targets, temperature, with_entropy):
     v = weight.shape[0]
     n_splits = triton.cdiv(v, SPLIT_V)
     part = torch.empty((4, n, n_splits), dtype=torch.float32, device=hidden.device)   # m, s, t, zy
-    dot_fp32, precision = _dot_flags(hidden)
+    dot_fp32, ieee = _dot_flags(hidden)
     grid = lambda meta: (triton.cdiv(n, meta["BM"]), n_splits)  # noqa: E731
     _fwd_partials_kernel[grid](hidden, weight, targets, part[0], part[1], part[2], part[3], n, v, d,
                                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                                temperature, n_splits, SPLIT=SPLIT_V, HAS_ENTROPY=with_entropy,
-                               DOT_FP32=dot_fp32, PRECISION=precision)
+                               DOT_FP32=dot_fp32, IEEE=ieee)
     m, s, t, zy = part
     # deterministic merge of the splits, same formula as the online update: rescale each split to the global max
     m_all = m.amax(dim=1)                                      # [N]
@@ -175,7 +176,7 @@ def backward(hidden, weight, targets, temperature, lse, ent, g_lp, g_h, need_dh,
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    dot_fp32, precision = _dot_flags(hidden)
+    dot_fp32, ieee = _dot_flags(hidden)
     g_lp = torch.zeros(n, dtype=torch.float32, device=dev) if g_lp is None else g_lp.float().contiguous()
     has_ent = g_h is not None
     g_h = g_h.float().contiguous() if has_ent else g_lp       # dummy pointer when HAS_ENTROPY is False
@@ -194,7 +195,7 @@ def backward(hidden, weight, targets, temperature, lse, ent, g_lp, g_h, need_dh,
         grid = lambda meta: (triton.cdiv(n, meta["BM"]), triton.cdiv(v1 - v0, meta["BV"]))  # noqa: E731
         _dz_kernel[grid](hidden, weight, targets, lse, ent, g_lp, g_h, dz_s, n, v0, v1, d,
                          hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), dz_s.stride(0),
-                         temperature, HAS_ENTROPY=has_ent, DOT_FP32=dot_fp32, PRECISION=precision)
+                         temperature, HAS_ENTROPY=has_ent, DOT_FP32=dot_fp32, IEEE=ieee)
         w_s = weight[v0:v1].to(mm_dtype)
         if need_dw:
             dw[v0:v1] = dz_s.T @ h_mm                           # [Vc, D]: written once; cuBLAS accumulates in fp32
