@@ -60,6 +60,7 @@ class TrainConfig:
     track_test: bool = False  # also log full-ranking TEST metrics each evaluation (benchmarks only; never
     #                           used for model selection)
     max_train_s: float = 0.0  # stop after this much training wall time (0 = no limit)
+    max_train_cpu_s: float = 0.0  # stop after this much training CPU time of this process (0 = no limit)
 
 
 @dataclass
@@ -165,11 +166,11 @@ def main(argv: list[str]) -> dict:
         print(f"{ds.n_users} users ({skipped} with < 3 items skipped), {ds.n_items} items, {len(inputs)} windows, "
               f"{n_targets} train targets, {n_params:,} params, loss={cfg.sasrec.loss}, device={device}, world={world}")
 
-    best, best_epoch, bad_evals, train_s, step = -1.0, 0, 0, 0.0, 0
+    best, best_epoch, bad_evals, train_s, train_cpu_s, step = -1.0, 0, 0, 0.0, 0.0, 0
     for epoch in range(1, tc.epochs + 1):
         # ---- one epoch of packed training
         model.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         perm = torch.randperm(len(inputs), generator=shuffle_gen)[rank::world]
         total = 0.0
         for s in tqdm(range(0, len(perm), tc.batch_size), total=steps_per_epoch, disable=not master,
@@ -185,6 +186,7 @@ def main(argv: list[str]) -> dict:
             total += loss.item()
             step += 1
         train_s += time.perf_counter() - t0
+        train_cpu_s += time.process_time() - c0  # CPU seconds of this process: robust to a shared, loaded CPU
 
         # ---- valid evaluation (rank 0), early stopping decision broadcast to every rank
         stop = torch.zeros(1, device=device)
@@ -194,7 +196,7 @@ def main(argv: list[str]) -> dict:
                 valid = evaluate(raw_model, ds, "valid", tc, protocols=(tc.valid_metric.split("/")[0],))
                 value = metric_value(valid, tc.valid_metric)
                 row = {"epoch": epoch, "step": step, "loss": total / max(1, steps_per_epoch), "train_s": train_s,
-                       f"valid/{tc.valid_metric}": value}
+                       "train_cpu_s": train_cpu_s, f"valid/{tc.valid_metric}": value}
                 if tc.track_test:
                     test = evaluate(raw_model, ds, "test", tc, protocols=("full",))["full"]
                     row.update({f"test/full/{k}": v for k, v in test.items() if k.startswith(("ndcg@", "hr@", "mrr@"))
@@ -213,7 +215,7 @@ def main(argv: list[str]) -> dict:
                       f"{' *' if improved else ''} | train {train_s:.1f}s"
                       + (f" | test ndcg@10 {row.get('test/full/ndcg@10', float('nan')):.4f}" if tc.track_test else ""))
                 stop[0] = float(bad_evals >= tc.patience)
-        if tc.max_train_s and train_s >= tc.max_train_s:
+        if (tc.max_train_s and train_s >= tc.max_train_s) or (tc.max_train_cpu_s and train_cpu_s >= tc.max_train_cpu_s):
             stop[0] = 1.0
         if world > 1:
             dist.broadcast(stop, src=0)
@@ -225,7 +227,7 @@ def main(argv: list[str]) -> dict:
         best_model = SASRec.load(out_dir / "best", device=device)
         results = {
             "dataset": str(tc.data_dir), "n_users": ds.n_users, "n_items": ds.n_items, "n_train_targets": n_targets,
-            "best_epoch": best_epoch, "epochs_run": epoch, "train_s": train_s, "loss": cfg.sasrec.loss,
+            "best_epoch": best_epoch, "epochs_run": epoch, "train_s": train_s, "train_cpu_s": train_cpu_s, "loss": cfg.sasrec.loss,
             "valid": evaluate(best_model, ds, "valid", tc),
             "test": evaluate(best_model, ds, "test", tc),
             "tie_break": "pessimistic (a tie with the target ranks it lower)",
