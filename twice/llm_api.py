@@ -7,6 +7,7 @@ named in the config and is never logged or saved.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -80,25 +81,41 @@ class ChatClient:
                     raise LLMError(f"{self.url}: HTTP {e.code}: {detail}") from None
                 last = f"HTTP {e.code}: {detail}"
             except urllib.error.URLError as e:
-                if isinstance(e.reason, ConnectionRefusedError) or "refused" in str(e.reason).lower():
+                if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                    last = f"timed out after {self.cfg.timeout_s}s (connecting)"
+                elif isinstance(e.reason, ConnectionRefusedError) or "refused" in str(e.reason).lower():
                     if attempt >= 1:  # one retry for a server still starting, then a clear error
                         raise LLMError(f"{self.url} is unreachable (connection refused): is the server running "
                                        f"and is base_url right?") from None
-                last = f"connection error: {e.reason}"
+                    last = f"connection refused: {e.reason}"
+                else:
+                    last = f"connection error: {e.reason}"
             except (TimeoutError, socket.timeout):
                 last = f"timed out after {self.cfg.timeout_s}s"
-            except (ConnectionError, json.JSONDecodeError, KeyError, IndexError) as e:
+            except (ConnectionError, http.client.HTTPException, json.JSONDecodeError, KeyError, IndexError,
+                    TypeError, UnicodeDecodeError) as e:
                 last = f"bad response: {type(e).__name__}: {e}"
             if attempt < self.cfg.max_retries:
                 time.sleep(self.cfg.backoff_s * (2 ** attempt) * (0.5 + random.random()))
         raise LLMError(f"{self.url}: giving up after {self.cfg.max_retries + 1} attempts; last error: {last}")
 
-    def chat_many(self, conversations: list[list[dict]], on_result=None, **overrides) -> list[Completion | LLMError]:
+    def preflight(self) -> Completion:
+        """One tiny request before a long run, so a wrong URL, a refused key or a dead server is a clear error up
+        front (LLMError) instead of N counted failures. Retries a 429/5xx like any request."""
+        try:
+            return self.chat([{"role": "user", "content": "Reply with OK."}], max_tokens=1, temperature=0.0)
+        except LLMError as e:
+            raise LLMError(f"preflight request failed: {e}") from None
+
+    def chat_many(self, conversations: list[list[dict]], on_result=None, per_request: list[dict] | None = None,
+                  **overrides) -> list[Completion | LLMError]:
         """Bounded-concurrency map over conversations. A failed request becomes an LLMError in its slot (the
-        caller counts it) instead of aborting the batch; `on_result(i, result)` is called as each one finishes."""
+        caller counts it) instead of aborting the batch; `on_result(i, result)` is called as each one finishes.
+        per_request: optional payload fields per conversation (e.g. {"seed": 7}), on top of overrides."""
         def one(i):
             try:
-                out = self.chat(conversations[i], **overrides)
+                extra = per_request[i] if per_request is not None else {}
+                out = self.chat(conversations[i], **{**overrides, **extra})
             except LLMError as e:
                 out = e
             if on_result is not None:
