@@ -1,6 +1,6 @@
 """Group sampling throughput: twice.engine vs transformers `generate`, same weights, same process, same threads.
 
-    python bench/generate.py                                  # ~/.cache/twice/gemma-3-270m (python -m twice.convert gemma-3-270m)
+    python -m twice.convert gemma-3-270m && python bench/generate.py     # weights in ~/.cache/twice/gemma-3-270m
     python bench/generate.py --model DIR --prompt-len 1024 --new 64 --k 16 --threads 2
 
 The GRPO workload: one ~1k-token prompt, K=16 samples of exactly 64 new tokens (stops disabled on our side,
@@ -75,13 +75,14 @@ def main():
     t_ours, res = timed(ours_group, args.repeats)
     assert all(len(t) == N for t in res.tokens), "fixed-length run produced a short row"
     tps_ours = K * N / t_ours
-    print(f"ours          K={K:<3d} prompt {len(prompt)} + {N} new: {t_ours:7.2f} s  {tps_ours:8.1f} tok/s")
+    print(f"ours          K={K:<3d} prompt {len(prompt)} + {N} new: {t_ours:7.2f} s  {tps_ours:8.1f} tok/s",
+          flush=True)
 
     # our K=1 decode speed: the prefill (+1 token) cancels out
     t_pre, _ = timed(lambda: eng.generate([prompt], 1, 1, stop_ids=[], seeds=0, **sample), args.repeats)
     t_all, _ = timed(lambda: eng.generate([prompt], 1, N + 1, stop_ids=[], seeds=0, **sample), args.repeats)
     print(f"ours          K=1   decode: {N / (t_all - t_pre):8.1f} tok/s   (prefill {len(prompt)} tokens: "
-          f"{t_pre:.2f} s = {len(prompt) / t_pre:.0f} tok/s)")
+          f"{t_pre:.2f} s = {len(prompt) / t_pre:.0f} tok/s)", flush=True)
 
     if args.skip_hf:
         return

@@ -208,7 +208,7 @@ def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float
         vals = vals.masked_fill(drop, float("-inf"))
     lse = torch.logsumexp(vals, -1, keepdim=True)  # [B, 1]
     cdf = torch.cumsum(torch.exp(vals - lse), -1)  # [B, n]
-    # first j with cdf[j] > u * total: a zero-probability token can never be chosen (its cdf equals its left neighbour's)
+    # first j with cdf[j] > u * total: a zero-probability token is never chosen (its cdf equals its left neighbour's)
     j = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).clamp_max(cdf.shape[-1] - 1)
     logp = (vals.gather(1, j) - lse)[:, 0]
     tok = (idx.gather(1, j) if idx is not None else j)[:, 0]
