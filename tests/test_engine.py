@@ -127,6 +127,15 @@ def test_cached_greedy_equals_recompute_past_window(model, engine):
     assert res.logprobs[0] == [0.0] * 14
 
 
+def test_chunked_prefill_same_samples(model, engine):
+    kw = dict(num_samples=2, max_new_tokens=8, temperature=1.0, stop_ids=[], seeds=9)
+    a = engine.generate([P1, P3], **kw)
+    b = Engine(model, prefill_chunk=3).generate([P1, P3], **kw)  # 9 slots -> chunks of 3 (< W, then wrapping)
+    assert a.tokens == b.tokens
+    for x, y in zip(a.full_logprobs, b.full_logprobs):
+        assert x == pytest.approx(y, abs=1e-5)
+
+
 def test_top_k_1_equals_greedy(engine):
     g = engine.greedy([P1, P3], max_new_tokens=10, stop_ids=[])
     s = engine.generate([P1, P3], num_samples=2, max_new_tokens=10, temperature=0.8, top_k=1, stop_ids=[], seeds=3)

@@ -242,8 +242,11 @@ class GenerationResult:
 # Engine
 
 class Engine:
-    def __init__(self, model, tokenizer=None):
+    def __init__(self, model, tokenizer=None, prefill_chunk: int | None = None):
+        """prefill_chunk: run prompt prefills in chunks of this many slots (bounds the [P, H, T, T] attention
+        scores of long prompts; the cache attends each chunk over [ring ; chunk]). None = one pass."""
         self.model, self.tokenizer = model, tokenizer
+        self.prefill_chunk = prefill_chunk
         self.config = model.config
         w = model.embed_tokens.weight
         self.dtype, self.device = w.dtype, w.device
@@ -276,7 +279,9 @@ class Engine:
         ids, start = self._left_pad(prompts)
         P, L = ids.shape
         cache = KVCache(self.config, P, max_len or L, self.dtype, self.device, start=start)
-        h = self._forward(ids, cache)  # [P, L, D]
+        C = self.prefill_chunk or L
+        for c in range(0, L, C):
+            h = self._forward(ids[:, c:c + C], cache)  # [P, <=C, D]
         return cache, self._logits(h[:, -1])
 
     # ---- generation --------------------------------------------------------------------------------------
