@@ -12,7 +12,8 @@ Memory, CPU: peak resident-set growth of the worker process during the first cal
 every byte the op touches (logits, temporaries, the gradients, BLAS/OpenMP buffers), not allocator bookkeeping.
 "excl dW" subtracts the [V, D] weight gradient, which every implementation must return (the irreducible part).
 Memory, CUDA: torch.cuda.max_memory_allocated() - memory_allocated() before the call.
-Time: min over --reps timed calls after the first (measuring) call; wall clock, synchronised on CUDA.
+Time: min over the first (measuring) call and --reps more; wall clock, synchronised on CUDA. On a shared CPU box the
+spread between calls is large (other processes), so compare ratios from the same run and read "first" too.
 naive is skipped where its extrapolated peak (linear in N from the smallest N measured, else 5 x N x V x 4 B) would not
 fit in half of MemAvailable; the extrapolation is then printed instead, marked "est".
 """
@@ -165,12 +166,12 @@ def main():
                 if "error" in r:
                     print(f"{head} error: {r['error']}")
                     continue
-                t = min(r["times"]) if r["times"] else r["first"]
+                t = min([r["first"]] + r["times"])
                 line = (f"{head} peak {fmt_bytes(r['peak'])} (excl dW {fmt_bytes(max(0, r['peak'] - dw_bytes))})"
-                        f"  time {t:8.3f} s (first {r['first']:.3f} s)")
+                        f"  time {t:8.3f} s (calls: {', '.join(f'{x:.2f}' for x in [r['first']] + r['times'])})")
                 if impl != "naive":
                     if "peak" in base:
-                        tb = min(base["times"]) if base["times"] else base["first"]
+                        tb = min([base["first"]] + base["times"])
                         line += (f"  | vs naive: mem {r['peak'] / base['peak']:.3f}x"
                                  f" (excl dW {max(1, r['peak'] - dw_bytes) / max(1, base['peak'] - dw_bytes):.4f}x)"
                                  f", time {t / tb:.2f}x")
