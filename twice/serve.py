@@ -379,6 +379,12 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"body is not valid JSON: {e}") from None
 
     def do_POST(self):
+        try:
+            self._post()
+        except (BrokenPipeError, ConnectionResetError):  # the client went away (killed, timed out): nothing to say
+            self.close_connection = True
+
+    def _post(self):
         path = self.path.rstrip("/")
         t0 = time.perf_counter()
         try:
@@ -400,6 +406,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(400, str(e))
         except OverflowError as e:
             self._error(503, str(e), "server_busy")
+        except (BrokenPipeError, ConnectionResetError):
+            raise
         except Exception as e:  # noqa: BLE001 -- a model failure is the server's fault, and says so
             self._error(500, f"{type(e).__name__}: {e}", "server_error")
 
