@@ -33,10 +33,10 @@ Conventions (documented once, here):
                     top_k/top_p are off; their gap is the truncation bias (grpo.md §9.6) and is worth logging.
     Greedy (temperature == 0): logprobs are 0 (a point mass) and full_logprobs use T = 1.
   - Stops: a row finishes on a stop id (the stop token is kept, mask 1) or when a stop string appears in its decoded
-    text (kept up to and including the token that completes the string), or at max_new_tokens. Between host syncs (every
-    `check_every` steps) finished rows keep running in the static-shape batch with their outputs masked; at a sync,
-    once a quarter of the batch has finished, the finished rows are compacted out of the cache (`compact=True`);
-    the loop exits once all rows are done. Rows never interact, so compaction does not change any result.
+    text (kept up to and including the token that completes the string), or at max_new_tokens. Between host syncs
+    (every `check_every` steps) finished rows keep running in the static-shape batch with their outputs masked; at
+    a sync, once a quarter of the batch has finished, the finished rows are compacted out of the cache
+    (`compact=True`); the loop exits once all rows are done. Rows never interact, so compaction changes no result.
 """
 from __future__ import annotations
 
