@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from twice import dist
+from twice.config import load_config  # noqa: F401  (tests build configs the same way)
 from twice.checkpoint import export_hf, load_latest, save_checkpoint
 from twice.config import ConfigError, parse_args, save_config
 from twice.data import load_dataset
@@ -454,7 +455,7 @@ def main(argv: list[str]) -> dict:
                     sums += torch.tensor([float(met["clip_frac_low"]) * ntok, float(met["clip_frac_high"]) * ntok,
                                           float(met["kl"]) * ntok, float(met["approx_kl"]) * ntok,
                                           float(loss.detach()), float(met["pg_loss"]),
-                                          float((ent * m_dev).sum()) if ent is not None else 0.0, ntok],
+                                          float((ent.detach() * m_dev).sum()) if ent is not None else 0.0, ntok],
                                          dtype=torch.float64)
                     if first and res is not None:
                         sampler = res.full_logprobs_padded[rows, :m.shape[1]].to(dev)

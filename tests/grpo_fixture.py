@@ -98,7 +98,7 @@ def build(out: Path, warm_steps: int = 30) -> dict:
     sas.init_weights()
     sas.save(out / "sasrec")
     return {"data": str(data), "model": str(out / "model"), "warm": str(out / "warm"), "sasrec": str(out / "sasrec"),
-            "final_sft_loss": float(loss)}
+            "final_sft_loss": float(loss.detach())}
 
 
 def overrides(paths: dict, run_dir, model: str = "warm", **kw) -> list[str]:
