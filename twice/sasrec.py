@@ -156,7 +156,8 @@ class SASRec(nn.Module):
         """history_ids [B, L] (left-padded with 0, most recent last), item_ids [B, C] -> logits [B, C].
 
         The GRPO reward is sigmoid(logit) of the named item. Padding (id 0) candidates score 0 as the
-        embedding row is zero; callers should not pass them."""
+        embedding row is zero; callers should not pass them. An all-padding (empty) history gives a zero user
+        vector, so every logit is 0 (sigmoid 0.5): no evidence either way."""
         u = self.user_vectors(history_ids)  # [B, D]
         return torch.einsum("bd,bcd->bc", u, self.item_emb(item_ids))
 
