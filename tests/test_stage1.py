@@ -403,3 +403,40 @@ def test_resume_after_kill(world, tmp_path):
         assert len(set(as_set(a))) == len(a)  # no duplicates
         assert sorted(as_set(a)) == sorted(as_set(b))  # nothing lost, nothing different
     assert clean["kept"] == stats["kept"] and clean["dropped"] == stats["dropped"]
+
+
+def test_recommend_with_sasrec(world, tmp_path):
+    """/v1/recommend --sasrec: SASRec's candidate scores for the request's history (ids mapped through the dataset),
+    equal to SASRec.score on the same indices; unknown ids are listed, not fatal."""
+    from twice.sasrec import SASRec, SASRecConfig
+    from twice.serve import sasrec_scorer
+    ds = world["ds"]
+    torch.manual_seed(0)
+    sas = SASRec(SASRecConfig(n_items=ds.n_items, hidden=16, blocks=1, heads=1, inner=32, maxlen=8)).eval()
+    sas.save(tmp_path / "sasrec")
+
+    class Fixed(ScriptedBackend):
+        def generate(self, reqs):
+            return [GenOutput("<think>ok</think><item>I3", len(r.prompt_ids), 5, "stop") for r in reqs]
+
+    def post(url, body):
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+
+    srv = serve(Fixed(), sasrec=sasrec_scorer(str(tmp_path / "sasrec"), str(world["data"])))
+    body = {"history": [{"id": "I5", "title": "t5"}, {"id": "I9", "title": "t9"}, {"id": "X", "title": "nope"}],
+            "candidates": [{"id": "I3", "title": "a"}, {"id": "I7", "title": "b"}, {"id": "Y", "title": "c"}]}
+    try:
+        code, out = post(srv.url + "/v1/recommend", body)
+    finally:
+        srv.close()
+    assert code == 200 and out["item_id"] == "I3" and out["valid"]
+    with torch.inference_mode():
+        ref = torch.sigmoid(sas.score(torch.tensor([[5, 9]]), torch.tensor([[3, 7]])))[0].tolist()
+    got = out["sasrec"]
+    assert got["scores"].keys() == {"I3", "I7"} and got["unknown"] == ["X", "Y"]
+    assert got["scores"]["I3"] == pytest.approx(ref[0], abs=1e-6)
+    assert got["scores"]["I7"] == pytest.approx(ref[1], abs=1e-6)
+    assert got["item_id"] == ("I3" if ref[0] > ref[1] else "I7")

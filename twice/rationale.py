@@ -93,7 +93,7 @@ def history_block(ds, user_idx: int, history: list[int], cfg: RationaleConfig) -
     for pos in range(max(0, n - cfg.max_history), n):
         item = ds.items[history[pos]]
         rating = user.ratings[pos] if user.ratings else None
-        review = user.reviews[pos] if user.reviews else ""
+        review = (user.reviews[pos] if user.reviews else "") or None  # no empty "- review:" line (MovieLens)
         parts.append(prompts.render_item(item.title, item.id, item.description, review=review, rating=rating,
                                          desc_chars=cfg.desc_chars, review_chars=cfg.review_chars))
     return "\n\n".join(parts)
