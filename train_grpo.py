@@ -244,6 +244,13 @@ def completion_logprobs(model, prompts: list[list[int]], comp: torch.Tensor, mas
     return out.gather(1, idx)
 
 
+def now() -> float:
+    """Wall clock for the phase timings; on GPU, after the queued kernels finished (else phases blur)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.time()
+
+
 def dump_grads(model, path: Path, is_main: bool) -> None:
     """Full gradients of the trainable parameters (collective under FSDP2: every rank gathers)."""
     from safetensors.torch import save_file
@@ -343,7 +350,7 @@ def main(argv: list[str]) -> dict:
 
     last = {}
     for step in range(start, cfg.steps):
-        t_step = time.time()
+        t_step = now()
         # ---- 1. prompts: this rank's strided share of the step's global prompt indices
         groups, skipped = [], 0
         for i in range(step * P_step + R, (step + 1) * P_step, W):
@@ -353,7 +360,7 @@ def main(argv: list[str]) -> dict:
                 skipped += 1
                 log(f"skip prompt {i}: {e}") if info.is_main else print(f"[rank {R}] skip prompt {i}: {e}")
         # ---- 2. sample: weights gathered ONCE for the whole rollout (collective: every rank enters)
-        t0 = time.time()
+        t0 = now()
         model.eval()
         with torch.no_grad(), dist.unsharded(model):
             res = None
@@ -364,10 +371,10 @@ def main(argv: list[str]) -> dict:
                     temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                     stop_strings=cfg.rollout.stop_strings, seeds=seeds)
         model.train()
-        t_sample = time.time() - t0
+        t_sample = now() - t0
 
         # ---- 3. rewards (local), then advantages over the GLOBAL batch (all_gather: batch-std needs every group)
-        t0 = time.time()
+        t0 = now()
         texts = [res.texts[g * K:(g + 1) * K] for g in range(len(groups))] if res else []
         rc = cfg.rewards
         logits = cf_logits(sasrec, ds, groups, texts, rc.item_tag, rc.think_tag)
@@ -386,7 +393,7 @@ def main(argv: list[str]) -> dict:
         else:
             adv_all, adv_stats = torch.zeros(0, dtype=torch.float64), {"zero_std_groups": 0, "n_groups": 0}
         adv = adv_all[mine:mine + len(rewards)].float()  # [G*K] this rank's rows
-        t_reward = time.time() - t0
+        t_reward = now() - t0
 
         # ---- 4. micro-batches; every rank runs the SAME number of passes (FSDP2 would hang otherwise)
         n_rows = len(groups) * K
@@ -416,7 +423,7 @@ def main(argv: list[str]) -> dict:
                                        entropy, dev)
 
         # ---- 5. old / reference log-probs (no grad), only when needed
-        t0 = time.time()
+        t0 = now()
         old_lp, ref_lp = {}, {}
         if mu > 1 or obj.beta > 0:
             with torch.no_grad():
@@ -430,10 +437,10 @@ def main(argv: list[str]) -> dict:
                         else:
                             with lora_disabled(model):
                                 ref_lp[j] = logprobs_pass(b)
-        t_logprobs = time.time() - t0
+        t_logprobs = now() - t0
 
         # ---- 6. mu policy updates, each one optimizer step over all passes (gradient accumulation)
-        t0 = time.time()
+        t0 = now()
         sums = torch.zeros(8, dtype=torch.float64)  # token-weighted sums, all-reduced for logging
         gap_sum = torch.zeros(2, dtype=torch.float64)  # sum |sampler full_logprob - trainer logp|, tokens
         for it in range(mu):
@@ -468,7 +475,7 @@ def main(argv: list[str]) -> dict:
             set_lr(opt, lr)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        t_update = time.time() - t0
+        t_update = now() - t0
 
         # ---- 7. log: global means (sums all-reduced), reward components from the gathered rows
         dist.all_reduce_sum(sums)
@@ -483,7 +490,7 @@ def main(argv: list[str]) -> dict:
                                float(skipped), float(res.mask.shape[0] if res else 0),
                                float(sum(r == "length" for r in res.stop_reasons) if res else 0)], dtype=torch.float64)
         dist.all_reduce_sum(lens_t)
-        dt_step = time.time() - t_step
+        dt_step = now() - t_step
         rec = {
             "step": step + 1, "lr": lr, "grad_norm": float(gnorm),
             "reward": mean(all_rewards), **{f"reward/{n}": mean(v) for n, v in comp_vals.items()},

@@ -86,6 +86,7 @@ def build(out: Path, warm_steps: int = 30) -> dict:
         ids[r, :len(p) + len(c)] = torch.tensor(p + c)
         tg[r, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
     model.train()
+    loss = torch.zeros(())
     for _ in range(warm_steps):
         loss = -model(ids, targets=tg).sum() / (tg != -100).sum()
         opt.zero_grad()

@@ -1,0 +1,215 @@
+"""One GRPO step, ours (train_grpo.py) vs TRL's GRPOTrainer, same model / prompts / K / completion length, this CPU.
+
+    python bench/grpo.py                                   # ours here, TRL in /work/bench-venv-trl (see below)
+    python bench/grpo.py --steps 3 --K 8 --prompts 2 --new 32 --trl-python /work/bench-venv-trl/bin/python
+
+TRL lives ONLY in a separate venv (python -m venv /work/bench-venv-trl; pip install torch==2.13.0 trl transformers
+datasets sentencepiece protobuf); this script re-runs itself there with --trl-worker. Each configuration runs in its
+own fresh process; we report the median seconds per step over the steps after the first (warm-up), the phase
+breakdown (ours), and the process's peak RSS (VmHWM). Same random Gemma-3 (saved with save_pretrained, loaded by
+transformers for TRL), same prompt token ids (TRL gets them through a word-level tokenizer whose words are our
+token ids, so tokenisation cannot differ), K completions per prompt, max completion length N, full fine-tuning,
+beta 0, one optimizer step per rollout, temperature 1, no top-k/top-p, fp32, 1 thread per process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vmhwm_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---------------------------------------------------------------- setup (main venv)
+
+def setup(work: Path, args) -> dict:
+    import dataclasses
+
+    import torch
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from grpo_fixture import build
+    from twice.gemma3 import PRESETS, Gemma3
+    from twice.tokenizer import Tokenizer
+
+    paths = build(work / "world", warm_steps=0)
+    tok = Tokenizer.from_pretrained(paths["model"])
+    cfg = dataclasses.replace(PRESETS["gemma-3-270m"], vocab_size=tok.vocab_size, hidden_size=args.hidden,
+                              intermediate_size=4 * args.hidden, num_hidden_layers=args.layers, head_dim=64,
+                              query_pre_attn_scalar=64, num_attention_heads=4, num_key_value_heads=1,
+                              layer_types=None)  # re-derived: 5 sliding : 1 global
+    torch.manual_seed(0)
+    model = Gemma3.from_config(cfg)
+    model.save_pretrained(work / "model", tokenizer_path=Path(paths["model"]) / "tokenizer.model")
+    paths["bench_model"] = str(work / "model")
+    paths["n_params"] = model.num_params()
+    return paths
+
+
+def our_overrides(paths: dict, run_dir: Path, args, shared: bool) -> list[str]:
+    from grpo_fixture import overrides
+    return overrides(paths, run_dir, model="bench_model", steps=args.steps, threads=1, shared_prefix=shared,
+                     **{"rollout.group_size": args.K, "rollout.prompts_per_step": args.prompts,
+                        "rollout.max_new_tokens": args.new, "rollout.stop_strings": "[]",
+                        "optim.micro_batch_size": args.K, "rewards.weights": "{cg: 1.0, format: 1.0}",
+                        "log_every": 1, "rollout.log_completions": 0})
+
+
+def run_ours(paths: dict, work: Path, args, shared: bool) -> dict:
+    run_dir = work / f"ours_{'shared' if shared else 'naive'}"
+    code = ("import sys, json; sys.path[:0] = [%r, %r]; import train_grpo; train_grpo.main(json.loads(sys.argv[1])); "
+            "print('VMHWM', next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+            % (str(ROOT), str(ROOT / "tests")))
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    ov = our_overrides(paths, run_dir, args, shared)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(ov)], capture_output=True, text=True, env=env)
+    if res.returncode:
+        raise RuntimeError(res.stdout[-2000:] + res.stderr[-3000:])
+    m = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    later = m[1:] or m
+    med = lambda k: statistics.median(r[k] for r in later)
+    return {"s_per_step": med("time/step"), "sample": med("time/sample"), "reward": med("time/reward"),
+            "logprobs": med("time/logprobs"), "update": med("time/update"),
+            "completion_len": med("completion_len_mean"),
+            "peak_rss_mib": int(res.stdout.split("VMHWM")[-1].split()[0]) / 1024}
+
+
+def prompt_ids(paths: dict, args) -> list[list[int]]:
+    """The exact prompt token ids our run uses, in order (so TRL sees the same prompts)."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    import train_grpo
+    from twice.data import load_dataset
+    from twice.tokenizer import Tokenizer
+    cfg = train_grpo.load_config(train_grpo.GRPORunConfig, None, our_overrides(paths, Path("/tmp/unused"), args, True))
+    ds, tok = load_dataset(paths["data"]), Tokenizer.from_pretrained(paths["bench_model"])
+    users = [u.idx for u in ds.users if len(u.items) >= 4]
+    return [train_grpo.build_group(ds, tok, cfg, users, i).prompt for i in range(args.steps * args.prompts)]
+
+
+# ---------------------------------------------------------------- TRL worker (bench venv)
+
+def trl_worker(spec: dict) -> None:
+    import torch
+    torch.set_num_threads(1)
+    from datasets import Dataset
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    V = spec["vocab_size"]
+    # word-level tokenizer whose word "t<id>" is token <id>: TRL's prompts are exactly our prompt ids
+    core = HFTok(WordLevel({f"t{i}": i for i in range(V)}, unk_token="t3"))
+    core.pre_tokenizer = WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="t0", eos_token="t1", bos_token="t2",
+                                  unk_token="t3")
+    tok.padding_side = "left"
+    prompts = [" ".join(f"t{i}" for i in p) for p in spec["prompts"]]
+    ds = Dataset.from_dict({"prompt": prompts})
+
+    sys.path.insert(0, spec["root"])
+
+    from twice.rewards import format_reward  # stdlib-only module
+    from twice.tokenizer import Tokenizer  # sentencepiece only
+    our_tok = Tokenizer.from_pretrained(spec["model"])
+
+    def reward_fn(completions, **kw):  # words "t<id>" -> our ids -> our text -> the paper's format reward
+        return [format_reward(our_tok.decode([int(w[1:]) for w in c.split() if w[1:].isdigit()])) for c in completions]
+
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, s, c, **kw):
+            self.t = time.time()
+
+        def on_step_end(self, a, s, c, **kw):
+            times.append(time.time() - self.t)
+
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], torch_dtype=torch.float32, attn_implementation="eager")
+    K, P = spec["K"], spec["prompts_per_step"]
+    cfg = GRPOConfig(output_dir=spec["out"], per_device_train_batch_size=P * K, num_generations=K,
+                     max_completion_length=spec["new"], learning_rate=1e-3, beta=0.0, loss_type="grpo",
+                     scale_rewards="group", max_steps=spec["steps"], logging_steps=1, report_to=[], use_cpu=True,
+                     bf16=False, save_strategy="no", temperature=1.0, top_p=1.0, seed=0, shuffle_dataset=False,
+                     gradient_accumulation_steps=1, num_iterations=1, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=cfg, train_dataset=ds, processing_class=tok,
+                          callbacks=[Timer()])
+    trainer.train()
+    lens = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
+    print("TRLRESULT", json.dumps({"times": times, "completion_len": lens, "peak_rss_mib": vmhwm_mib()}))
+
+
+def run_trl(paths: dict, work: Path, args, prompts) -> dict:
+    spec = {"model": paths["bench_model"], "prompts": prompts, "K": args.K, "prompts_per_step": args.prompts,
+            "new": args.new, "steps": args.steps, "out": str(work / "trl"), "root": str(ROOT),
+            "vocab_size": json.load(open(Path(paths["bench_model"]) / "config.json"))["vocab_size"]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    res = subprocess.run([args.trl_python, __file__, "--trl-worker", json.dumps(spec)], capture_output=True,
+                         text=True, env=env, cwd=str(work))
+    if res.returncode or "TRLRESULT" not in res.stdout:
+        raise RuntimeError("TRL run failed:\n" + res.stdout[-3000:] + res.stderr[-5000:])
+    r = json.loads(res.stdout.split("TRLRESULT", 1)[1].strip().splitlines()[0])
+    later = r["times"][1:] or r["times"]
+    return {"s_per_step": statistics.median(later), "completion_len": statistics.median(r["completion_len"][1:] or r["completion_len"]),
+            "peak_rss_mib": r["peak_rss_mib"]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--K", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--trl-python", default="/work/bench-venv-trl/bin/python")
+    ap.add_argument("--trl-worker", default=None)
+    args = ap.parse_args()
+    if args.trl_worker:
+        return trl_worker(json.loads(args.trl_worker))
+    work = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
+    t0 = time.time()
+    paths = setup(work, args)
+    prompts = prompt_ids(paths, args)
+    plen = statistics.mean(len(p) for p in prompts)
+    print(f"model: random Gemma-3 {paths['n_params'] / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
+          f"vocab {json.load(open(Path(paths['bench_model']) / 'config.json'))['vocab_size']}); {args.prompts} prompts "
+          f"x K={args.K}, prompt {plen:.0f} tokens, <= {args.new} new tokens, {args.steps} steps (median of steps 2..)")
+    rows = {"ours (shared prefix)": run_ours(paths, work, args, True),
+            "ours (shared prefix off)": run_ours(paths, work, args, False)}
+    try:
+        rows["TRL GRPOTrainer"] = run_trl(paths, work, args, prompts)
+    except Exception as e:  # say exactly why, keep our numbers
+        print(f"TRL: could not run ({e})")
+    print(f"\n{'':28s} {'s/step':>8s} {'peak RSS MiB':>13s} {'compl len':>9s}   phases (sample / reward / logp / update s)")
+    for name, r in rows.items():
+        ph = (f"{r['sample']:.2f} / {r['reward']:.3f} / {r['logprobs']:.2f} / {r['update']:.2f}" if "sample" in r
+              else "n/a (not exposed by TRL)")
+        print(f"{name:28s} {r['s_per_step']:8.2f} {r['peak_rss_mib']:13.0f} {r['completion_len']:9.1f}   {ph}")
+    ours, off = rows["ours (shared prefix)"], rows["ours (shared prefix off)"]
+    print(f"\nshared prefix: update phase {off['update'] / ours['update']:.2f}x faster, step {off['s_per_step'] / ours['s_per_step']:.2f}x")
+    if "TRL GRPOTrainer" in rows:
+        trl = rows["TRL GRPOTrainer"]
+        print(f"vs TRL: {trl['s_per_step'] / ours['s_per_step']:.2f}x faster per step, peak RSS ratio ours/TRL "
+              f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}")
+    print(f"(total bench wall {time.time() - t0:.0f}s; work dir {work})")
+
+
+if __name__ == "__main__":
+    main()
