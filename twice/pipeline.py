@@ -1,0 +1,285 @@
+"""The whole TWiCE-Rec pipeline from one command, on MovieLens-100k with Gemma-3-270m on CPU.
+
+    python -m twice.pipeline                        # real Gemma-3-270m (from PyPI), ml-100k (from PyPI) -> runs/quickstart
+    python -m twice.pipeline --tiny --out /tmp/tq   # random tiny Gemma-3 + tiny SentencePiece: what CI runs (minutes)
+    python -m twice.pipeline --redo sft             # rerun one stage (and every stage after it)
+    python -m twice.pipeline --threads 1            # OMP/torch threads per stage (0 = torch's default)
+
+Stages, each a subprocess of its own script with configs/quickstart/<stage>.yaml plus the path overrides that chain
+them (interfaces.md, "Stage CLIs and run dirs"):
+    data       python -m twice.data prepare            -> OUT/data
+    model      python -m twice.convert gemma-3-270m   (--tiny: a random tiny Gemma-3 + a SentencePiece model trained
+                                                        on the dataset's text, saved as an HF folder: OUT/model)
+    sasrec     python train_sasrec.py                  -> OUT/sasrec/best
+    rationales python build_rationales.py              -> OUT/rationales/rationales.jsonl (local teacher = the model)
+    sft        python train_sft.py                     -> OUT/sft/final          (LoRA, T1 + T2 + T3)
+    grpo_D     python train_grpo.py                    -> OUT/grpo_D/final       (rewards: item match + format)
+    grpo_E     python train_grpo.py                    -> OUT/grpo_E/final       (rewards: rho_cg + format, the paper)
+    eval       python eval.py                          -> OUT/eval/results.json, results.md, predictions_*.jsonl
+Resumable: a stage whose outputs are complete (its script exited 0 and its outputs exist; OUT/pipeline.json
+records it) is skipped; an interrupted stage is rerun and resumes from its own checkpoints. Stage 1 keeps no
+rationale when the teacher writes nothing usable (a 270m teacher often does not): SFT then trains T1 + T2 only,
+and the pipeline says so. The final table (SASRec, base, +SFT, +SFT+GRPO (D), +SFT+GRPO (E); HR@1, HR@5, NDCG@5
+under the paper's sampling protocol and under exact ranking) is printed and written to OUT/results.md; the wall and
+CPU seconds of every stage go to OUT/pipeline.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "quickstart"
+STAGES = ("data", "model", "sasrec", "rationales", "sft", "grpo_D", "grpo_E", "eval")
+# GRPO variants of the paper's RQ3 that the quickstart trains (reward weights, twice/rewards.py registry names)
+VARIANTS = {"grpo_D": "{match: 1.0, format: 1.0}", "grpo_E": "{cg: 1.0, format: 1.0}"}
+ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_D", "+SFT+GRPO (D)"),
+        ("grpo_E", "+SFT+GRPO (E)"))
+
+# --tiny: step counts and sizes small enough for CI (a few minutes on 2 shared cores), every stage still real
+TINY = {
+    "data": [],
+    "sasrec": ["sasrec.hidden=16", "sasrec.inner=32", "sasrec.blocks=1", "sasrec.heads=1", "sasrec.maxlen=20",
+               "train.epochs=1", "train.patience=1"],
+    "rationales": ["n_users=4", "chunk=4", "teacher.batch_size=4", "teacher.max_tokens=12", "rationale.n_shots=1",
+                   "rationale.max_history=3"],
+    "sft": ["steps=3", "optim.batch_size=2", "max_seq_len=1024", "optim.micro_batch_tokens=2048", "eval.every=0", "eval.loss_users=2", "eval.hr_users=1",
+            "eval.max_new_tokens=8", "checkpoint_every=0", "optim.lr=1.0e-3", "mix.describe=0.01", "mix.recommend=0.02"],
+    "grpo": ["steps=2", "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8",
+             "optim.micro_batch_size=4", "checkpoint_every=0", "optim.lr=1.0e-3"],
+    "eval": ["max_users=4", "sampling.max_new_tokens=8", "greedy.max_new_tokens=8", "batch_size=4"],
+}
+# One prompt layout for SFT, GRPO and eval (the stages' YAMLs may differ; the pipeline makes them agree):
+# 5 history items without descriptions or reviews and the dataset's 10 candidates keep a CPU prompt ~450 tokens.
+TASK = ["task.max_history=5", "task.desc_chars=0", "task.review_chars=0", "task.max_prompt_tokens=1024",
+        "task.n_negatives=9"]
+TASK_TINY = ["task.max_history=3", "task.desc_chars=0", "task.review_chars=0", "task.max_prompt_tokens=4096",
+             "task.n_negatives=9"]   # the tiny tokenizer needs ~2x the tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the tiny model (stage "model" under --tiny)
+
+def build_tiny_model(data_dir: Path, out: Path, seed: int = 0) -> Path:
+    """Random tiny Gemma-3 + a tiny SentencePiece model trained on the dataset's text (item titles and ids, the
+    prompt scaffolding and the answer tags), saved as an HF folder: out/{config.json, model.safetensors,
+    tokenizer.model}."""
+    import torch
+
+    from twice import prompts
+    from twice.data import load_dataset
+    from twice.gemma3 import PRESETS, Gemma3
+    from twice.tokenizer import Tokenizer
+
+    ds = load_dataset(data_dir)
+    corpus = [prompts.render_item(it.title, it.id, desc_chars=0) for it in ds.items[1:]]
+    corpus += [prompts.recommendation_prompt("", "", True), prompts.recommendation_prompt("", "", False),
+               prompts.SYSTEM_RECOMMENDER, prompts.SYSTEM_ITEM_EXPERT, prompts.item_description_prompt("x"),
+               prompts.teacher_prompt("", "", [])]
+    corpus += [f"<think>likes {it.title}</think><item>{it.id}</item>" for it in ds.items[1:200]]
+    tmp = out.with_name(out.name + ".tmp")
+    tok = Tokenizer.train_tiny(tmp / "tok", corpus, vocab_size=512)
+    torch.manual_seed(seed)
+    model = Gemma3.from_config(PRESETS["tiny"])
+    model.save_pretrained(out, tokenizer_path=tmp / "tok" / "tokenizer.model")   # written atomically
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"tiny model: {sum(p.numel() for p in model.parameters())} parameters, vocab {tok.vocab_size} -> {out}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stages
+
+def _kept_rationales(run_dir: Path) -> int:
+    f = run_dir / "rationales.jsonl"
+    if not f.exists():
+        return 0
+    return sum(1 for line in f.read_text().splitlines() if line.strip())
+
+
+def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: Path = CONFIGS) -> list[str] | None:
+    """argv of a stage's subprocess (None for the in-process tiny model)."""
+    py = sys.executable
+    data, sas = out / "data", out / "sasrec"
+    task = TASK_TINY if tiny else TASK
+    t = lambda key: TINY[key] if tiny else []  # noqa: E731
+    if stage == "model":
+        return None if tiny else [py, "-m", "twice.convert", "gemma-3-270m"]
+    if stage == "data":
+        return [py, "-m", "twice.data", "prepare", str(configs / "data.yaml"), f"out_dir={data}"] + t("data")
+    if stage == "sasrec":
+        return [py, str(ROOT / "train_sasrec.py"), str(configs / "sasrec.yaml"), f"train.data_dir={data}",
+                f"train.out_dir={sas}"] + t("sasrec")
+    if stage == "rationales":
+        return [py, str(ROOT / "build_rationales.py"), str(configs / "rationales.yaml"), f"data_dir={data}",
+                f"run_dir={out / 'rationales'}", f"teacher.model_path={model_dir}",
+                f"rationale.exemplars={ROOT / 'configs' / 'teacher_exemplars.jsonl'}"] + t("rationales")
+    if stage == "sft":
+        kept = _kept_rationales(out / "rationales")
+        mix = ([f"mix.t3_source={out / 'rationales' / 'rationales.jsonl'}"] if kept else
+               ["mix.t3_source=", "mix.reason=0"])
+        if not kept:
+            print("pipeline: stage 1 kept no rationale (see OUT/rationales/stats.json); SFT trains T1 + T2 only")
+        return [py, str(ROOT / "train_sft.py"), str(configs / "sft.yaml"), f"run_dir={out / 'sft'}",
+                f"model.path={model_dir}", f"data_dir={data}"] + mix + task + t("sft")
+    if stage in VARIANTS:
+        return [py, str(ROOT / "train_grpo.py"), str(configs / "grpo.yaml"), f"run_dir={out / stage}",
+                f"model.path={out / 'sft' / 'final'}", f"data_dir={data}", f"sasrec_dir={sas / 'best'}",
+                f"rewards.weights={VARIANTS[stage]}"] + task + t("grpo")
+    if stage == "eval":
+        return [py, str(ROOT / "eval.py"), str(configs / "eval.yaml"), f"run_dir={out / 'eval'}", f"data_dir={data}",
+                f"sasrec_dir={sas / 'best'}", f"models.base.path={model_dir}",
+                f"models.sft.path={out / 'sft' / 'final'}", f"models.grpo_D.path={out / 'grpo_D' / 'final'}",
+                f"models.grpo_E.path={out / 'grpo_E' / 'final'}"] + task + t("eval")
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def stage_outputs(stage: str, out: Path, model_dir: Path) -> list[Path]:
+    """Files whose existence (with a recorded exit code 0) means the stage is complete."""
+    return {
+        "model": [model_dir / "config.json", model_dir / "tokenizer.model"],
+        "data": [out / "data" / "users.jsonl", out / "data" / "candidates_test.jsonl"],
+        "sasrec": [out / "sasrec" / "best" / "model.safetensors", out / "sasrec" / "results.json"],
+        "rationales": [out / "rationales" / "stats.json"],
+        "sft": [out / "sft" / "final" / "config.json"],
+        "grpo_D": [out / "grpo_D" / "final" / "config.json"],
+        "grpo_E": [out / "grpo_E" / "final" / "config.json"],
+        "eval": [out / "eval" / "results.json", out / "eval" / "results.md"],
+    }[stage]
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the table
+
+def final_table(results: dict) -> str:
+    """Markdown: SASRec, base, +SFT, +SFT+GRPO (D), (E) x HR@1, HR@5, NDCG@5 under both protocols."""
+    cols = [("sampling", "hr@1"), ("sampling", "hr@5"), ("sampling", "ndcg@5"),
+            ("exact", "hr@1"), ("exact", "hr@5"), ("exact", "ndcg@5")]
+    head = ["model"] + [f"{'paper sampling' if p == 'sampling' else 'exact'} {m.upper().replace('HR', 'HR')}"
+                        for p, m in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label in ROWS:
+        m = results["models"].get(key)
+        if m is None:
+            continue
+        cells = []
+        for p, k in cols:
+            v = m.get(p, {}).get(k)
+            cells.append(f"{v['value']:.3f}" if v else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    n = results["n_users"]
+    lines += ["", f"MovieLens-100k, {n} test users x {results['n_candidates']} candidates (target + negatives never "
+                  f"seen by the user). paper sampling: 5 samples at T=1.5 (top-k 120, top-p 0.95), item IDs in "
+                  f"sample order; exact: every candidate ranked by log p(<item>ID</item> | prompt, greedy rationale). "
+                  f"SASRec's own ranking fills both. 95% intervals, greedy validity and format rates: eval/results.json."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m twice.pipeline", description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="random tiny Gemma-3 + tiny tokenizer, tiny step counts (CI)")
+    ap.add_argument("--out", default=None, help="output root (default runs/quickstart, or runs/quickstart-tiny)")
+    ap.add_argument("--redo", default=None, choices=STAGES, help="rerun this stage and every stage after it")
+    ap.add_argument("--threads", type=int, default=0, help="torch/OMP threads per stage (0 = torch's default)")
+    ap.add_argument("--configs", default=str(CONFIGS), help="folder of the stage YAMLs (default configs/quickstart)")
+    ap.add_argument("--dry-run", action="store_true", help="print the stage commands, run nothing")
+    args = ap.parse_args(argv)
+    out = Path(args.out or ("runs/quickstart-tiny" if args.tiny else "runs/quickstart")).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "pipeline.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state.get("tiny", args.tiny) != args.tiny:
+        sys.exit(f"pipeline: {out} holds a {'tiny' if state['tiny'] else 'real'} run; use another --out")
+    state["tiny"] = args.tiny
+    state.setdefault("stages", {})
+    if args.redo:
+        for s in STAGES[STAGES.index(args.redo):]:
+            state["stages"].pop(s, None)
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    model_dir = out / "model"
+    t_all = time.time()
+    for i, stage in enumerate(STAGES, 1):
+        if stage == "model" and not args.tiny:  # the cached conversion's path is what convert prints
+            from twice.convert import default_cache
+            model_dir = default_cache() / "gemma-3-270m"
+        cmd = stage_command(stage, out, model_dir, args.tiny, Path(args.configs).resolve())
+        outputs = stage_outputs(stage, out, model_dir)
+        rec = state["stages"].get(stage, {})
+        if rec.get("rc") == 0 and all(p.exists() for p in outputs):
+            print(f"[{i}/{len(STAGES)}] {stage}: complete, skipped ({rec.get('wall_s', '?')} s when it ran)",
+                  flush=True)
+            continue
+        print(f"\n[{i}/{len(STAGES)}] {stage}: " + (" ".join(cmd) if cmd else "build the tiny model in-process"),
+              flush=True)
+        if args.dry_run:
+            continue
+        t0, c0 = time.time(), _children_cpu() + _self_cpu()
+        if cmd is None:
+            build_tiny_model(out / "data", model_dir)
+            rc = 0
+        else:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+        rec = {"rc": rc, "wall_s": round(time.time() - t0, 1),
+               "cpu_s": round(_children_cpu() + _self_cpu() - c0, 1), "cmd": cmd}
+        state["stages"][stage] = rec
+        _save_state(state_path, state)
+        if rc != 0:
+            print(f"pipeline: stage {stage} failed (exit {rc}); fix it and rerun: finished stages are skipped",
+                  file=sys.stderr)
+            return rc
+        missing = [str(p) for p in outputs if not p.exists()]
+        if missing:
+            print(f"pipeline: stage {stage} exited 0 but did not write {missing}", file=sys.stderr)
+            state["stages"][stage]["rc"] = -1
+            _save_state(state_path, state)
+            return 1
+        print(f"[{i}/{len(STAGES)}] {stage}: done in {rec['wall_s']} s wall, {rec['cpu_s']} s CPU "
+              f"({time.time() - t_all:.0f} s so far)", flush=True)
+    if args.dry_run:
+        return 0
+    results = json.loads((out / "eval" / "results.json").read_text())
+    table = final_table(results)
+    state["total_wall_s"] = round(sum(s.get("wall_s", 0) for s in state["stages"].values()), 1)
+    state["total_cpu_s"] = round(sum(s.get("cpu_s", 0) for s in state["stages"].values()), 1)
+    _save_state(state_path, state)
+    timing = "\n".join(f"| {s} | {state['stages'][s]['wall_s']} | {state['stages'][s]['cpu_s']} |" for s in STAGES)
+    text = (table + "\n| stage | wall s | CPU s |\n|---|---|---|\n" + timing +
+            f"\n| total | {state['total_wall_s']} | {state['total_cpu_s']} |\n")
+    tmp = out / "results.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "results.md")
+    print("\n" + text + f"\n(written to {out / 'results.md'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
