@@ -139,6 +139,14 @@ class SFTConfig:
     threads: int = 0                    # torch CPU threads (0 = torch default)
 
 
+def expand_paths(c: SFTConfig) -> None:
+    """`~` in path fields (configs name ~/.cache/twice/gemma-3-270m)."""
+    c.run_dir, c.data_dir = os.path.expanduser(c.run_dir), os.path.expanduser(c.data_dir)
+    c.model.path = os.path.expanduser(c.model.path)
+    if c.mix.t3_source not in ("", "official"):
+        c.mix.t3_source = os.path.expanduser(c.mix.t3_source)
+
+
 def check_config(c: SFTConfig) -> None:
     rules = [("model.path is set", bool(c.model.path)), ("data_dir is set", bool(c.data_dir)),
              ("model.dtype in float32|bfloat16", c.model.dtype in ("float32", "bfloat16")),
@@ -415,6 +423,7 @@ def rewrite_metrics(path: Path, upto_step: int) -> None:
 
 def main(argv: list[str]) -> dict:
     cfg = parse_args(SFTConfig, argv)
+    expand_paths(cfg)
     check_config(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
