@@ -170,6 +170,16 @@ def run_trl(paths: dict, work: Path, args, prompts) -> dict:
             "peak_rss_mib": r["peak_rss_mib"]}
 
 
+def import_baseline_mib(python: str, imports: str, path: str) -> float:
+    """VmHWM of a process that only imports the stack (torch + the trainer's modules): the floor of each RSS."""
+    code = f"import sys; sys.path.insert(0, {path!r}); {imports}; " \
+           "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    res = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, cwd="/tmp")
+    return int(res.stdout.strip().splitlines()[-1]) / 1024 if res.returncode == 0 else float("nan")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
@@ -197,17 +207,24 @@ def main():
         rows["TRL GRPOTrainer"] = run_trl(paths, work, args, prompts)
     except Exception as e:  # say exactly why, keep our numbers
         print(f"TRL: could not run ({e})")
-    print(f"\n{'':28s} {'s/step':>8s} {'peak RSS MiB':>13s} {'compl len':>9s}   phases (sample / reward / logp / update s)")
+    base = {"ours": import_baseline_mib(sys.executable, "import train_grpo", str(ROOT)),
+            "TRL": import_baseline_mib(args.trl_python, "import trl, transformers; from trl import GRPOTrainer", "/tmp")}
+    for name, r in rows.items():
+        r["rss_above_import"] = r["peak_rss_mib"] - base["TRL" if name.startswith("TRL") else "ours"]
+    print(f"\nimport-only peak RSS: ours {base['ours']:.0f} MiB, TRL {base['TRL']:.0f} MiB")
+    print(f"\n{'':28s} {'s/step':>8s} {'peak RSS MiB':>13s} {'above import':>12s} {'compl len':>9s}   phases (sample / reward / logp / update s)")
     for name, r in rows.items():
         ph = (f"{r['sample']:.2f} / {r['reward']:.3f} / {r['logprobs']:.2f} / {r['update']:.2f}" if "sample" in r
               else "n/a (not exposed by TRL)")
-        print(f"{name:28s} {r['s_per_step']:8.2f} {r['peak_rss_mib']:13.0f} {r['completion_len']:9.1f}   {ph}")
+        print(f"{name:28s} {r['s_per_step']:8.2f} {r['peak_rss_mib']:13.0f} {r['rss_above_import']:12.0f} "
+              f"{r['completion_len']:9.1f}   {ph}")
     ours, off = rows["ours (shared prefix)"], rows["ours (shared prefix off)"]
     print(f"\nshared prefix: update phase {off['update'] / ours['update']:.2f}x faster, step {off['s_per_step'] / ours['s_per_step']:.2f}x")
     if "TRL GRPOTrainer" in rows:
         trl = rows["TRL GRPOTrainer"]
         print(f"vs TRL: {trl['s_per_step'] / ours['s_per_step']:.2f}x faster per step, peak RSS ratio ours/TRL "
-              f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}")
+              f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f} (above the import floor: "
+              f"{ours['rss_above_import'] / trl['rss_above_import']:.2f})")
     print(f"(total bench wall {time.time() - t0:.0f}s; work dir {work})")
 
 
