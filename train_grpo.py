@@ -71,6 +71,8 @@ class RolloutConfig:
     top_k: Optional[int] = None         # None = off. top-k/top-p make the sampler's policy differ from the trained
     top_p: float = 1.0                  #   one (grpo.md 9.6): the canary metric logp_gap shows by how much
     stop_strings: list[str] = field(default_factory=lambda: ["</item>"])  # stop once the answer is closed
+    reasoning: bool = True              # T3 prompts (<think> then <item>); False: T2 item-only prompts (RQ6 (C);
+                                        #   then drop the think-tag format terms, e.g. rewards.weights={cg: 1.0})
     split: str = "train"                # which leave-one-out target the prompts ask for (train = items[-3])
     log_completions: int = 4            # completions per step dumped to completions.jsonl (rank 0's first rows)
 
@@ -178,7 +180,8 @@ def build_group(ds, tok, cfg: GRPORunConfig, users: list[int], i: int) -> Group:
     target = ds.target(u, split)
     # negatives: seeded by (seed, prompt index), so a resumed run rebuilds the same candidate list
     cands = sample_candidates(ds, ds.user(u), target, cfg.task.n_negatives, random.Random(f"grpo-cands/{cfg.seed}/{i}"))
-    ex = recommend_example(ds, ds.user(u), split, cands, cfg.task, tokenizer=tok, reasoning=True, with_response=False)
+    ex = recommend_example(ds, ds.user(u), split, cands, cfg.task, tokenizer=tok, reasoning=cfg.rollout.reasoning,
+                           with_response=False)
     return Group(i, u, prompt_ids(tok, ex), ex.target_id, ex.candidate_ids, ds.history(u, split))
 
 
