@@ -128,6 +128,13 @@ def attend(q, k, v, mask, scale: float):
     Scores in the model dtype, + mask, softmax in fp32 then cast back (bit-exact with transformers' eager path)."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
+    if H != KV and T == 1:  # cached decode: group the G query heads of each kv head instead of copying the cache
+        G = H // KV          # (expanding K/V copies the whole cache every step: 3x slower decode at K=16 on CPU)
+        s = (torch.matmul(q.reshape(B, KV, G, hd), k.transpose(2, 3)) * scale).view(B, KV, G, S)
+        if mask is not None:
+            s = s + mask.view(mask.shape[0], 1, 1, S)  # [B|1, 1, 1, S]
+        p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, v).reshape(B, 1, H * hd)  # [B, KV, G, hd] -> heads in order j*G + g
     if H != KV:  # GQA: kv head j serves query heads j*G .. j*G+G-1 (same expand+reshape as HF repeat_kv)
         k = k[:, :, None].expand(B, KV, H // KV, S, hd).reshape(B, H, S, hd)
         v = v[:, :, None].expand(B, KV, H // KV, S, hd).reshape(B, H, S, hd)
