@@ -332,6 +332,7 @@ def summarize_model(rows: torch.Tensor, cfg: EvalConfig, n_cands: list[int]) -> 
                          "no_tag": rate(no_tag, U), "hallucination": rate(U - valid - no_tag, U),
                          "format": rate(wf, U),
                          "rationale_words": float(rat.mean()) if rat.numel() else 0.0,
+                         "rationale_words_ci95": list(bootstrap_interval(rat.tolist())) if rat.numel() else None,
                          "with_rationale": rate(int((col["g_has_rat"] > 0).sum()), U)}
     if cfg.exact.enabled:
         out["exact"] = ranked_metrics([int(x) for x in col["e_rank"]], cfg.exact.ks, mrr=True)
@@ -473,6 +474,7 @@ def main(argv: list[str]) -> dict | None:
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+    cfg.data_dir, cfg.sasrec_dir = (str(Path(p).expanduser()) if p else p for p in (cfg.data_dir, cfg.sasrec_dir))
     ds = load_dataset(cfg.data_dir)
     all_sets = ds.candidates(cfg.split)
     if not all_sets:

@@ -292,3 +292,52 @@ def test_run_judge_on_crafted_records(world, tmp_path):
     assert [(r["user"], r["item_exists"], r["score"]) for r in rows] == [(1, True, 2), (2, False, 0), (3, True, None)]
     first = [t for t in _FakeJudge.seen if "likes warm" in t]
     assert len(first) == 1 and "title:" in first[0] and "exists in the catalogue" in first[0]
+
+
+def _assert_close(a, b, where):
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _assert_close(a[k], b[k], (*where, k))
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, (*where, i))
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=1e-9), where
+    else:
+        assert a == b, where
+
+
+def test_two_ranks_equal_one_process(world, tmp_path):
+    """torchrun with 2 gloo ranks (users strided, per-user results all-reduced, predictions merged by rank 0)
+    writes the same results and predictions as one process."""
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    argv = ["data_dir=" + world["data"], "sasrec_dir=" + world["sasrec"],
+            "models={base: {path: " + world["model"] + "}}", "greedy.max_new_tokens=4", "sampling.enabled=false",
+            "exact.constrained=true", "batch_size=4", *TASK]
+    one = ev.main(["run_dir=" + str(tmp_path / "one"), *argv])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "eval.py"), "run_dir=" + str(tmp_path / "two"), *argv]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    for k in ("n_users", "n_candidates"):
+        assert two[k] == one[k]
+    for m in ("sasrec", "base"):
+        a, b = one["models"][m], two["models"][m]
+        for proto in a:
+            if proto == "label":
+                continue
+            _assert_close(a[proto], b[proto], (m, proto))
+    p1 = [json.loads(x) for x in (tmp_path / "one" / "predictions_base.jsonl").read_text().splitlines()]
+    p2 = [json.loads(x) for x in (tmp_path / "two" / "predictions_base.jsonl").read_text().splitlines()]
+    assert [r["user"] for r in p2] == [r["user"] for r in p1]
+    for r1, r2 in zip(p1, p2):
+        assert r1["greedy"]["text"] == r2["greedy"]["text"] and r1["exact"]["rank"] == r2["exact"]["rank"]
+        assert r1["exact"]["scores"] == pytest.approx(r2["exact"]["scores"], abs=1e-4)
+    assert not list((tmp_path / "two").glob(".predictions_*"))
