@@ -26,9 +26,9 @@ class ConfigError(ValueError):
     pass
 
 
-def _closest(key: str, valid: list[str]) -> str:
+def _closest(key: str, valid: list[str], prefix: str = "") -> str:
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
 
 
 def _coerce(value, tp, where: str):
@@ -66,6 +66,11 @@ def _coerce(value, tp, where: str):
         args = typing.get_args(tp)
         return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()} if args else dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string; accept any float literal
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -95,7 +100,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key '{prefix}{key}'{_closest(key, list(fields))}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_closest(key, list(fields), prefix)}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)
@@ -114,7 +119,7 @@ def _set_dotted(tree: dict, dotted: str, value, cls) -> None:
     for i, key in enumerate(keys):
         names = [f.name for f in dataclasses.fields(node_cls)] if dataclasses.is_dataclass(node_cls) else None
         if names is not None and key not in names:
-            raise ConfigError(f"unknown config key '{path}{key}'{_closest(key, names)}")
+            raise ConfigError(f"unknown config key '{path}{key}'{_closest(key, names, path)}")
         if i == len(keys) - 1:
             node[key] = value
             return
