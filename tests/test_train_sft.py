@@ -29,6 +29,7 @@ from twice.data import load_dataset
 from twice.engine import Engine
 from twice.gemma3 import Gemma3
 from twice.lora import apply_lora, load_lora_state_dict
+from twice.tasks import encode_example
 from twice.tokenizer import Tokenizer
 
 torch.set_num_threads(1)  # tiny shapes on a shared 2-core box: intra-op threads only add contention
@@ -256,3 +257,32 @@ def test_tiny_model_overfits_one_example(world, tmp_path):
     model = Gemma3.from_pretrained(tmp_path / "run" / "final")
     res = Engine(model, tok).greedy([tok.apply_chat_template(ex.messages)], max_new_tokens=80)
     assert res.texts[0] == ex.response and res.stop_reasons[0] == "stop_id"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the authors' released examples as T2/T3 sources
+
+def test_official_examples_as_t2_t3_sources(world, official_sample_dir, tmp_path):
+    from twice.data import DataConfig
+    from twice.data.official import import_official
+    from twice.prompts import clean
+    data = import_official(DataConfig(source="official", raw_dir=str(official_sample_dir),
+                                      domain="Grocery_and_Gourmet_Food", out_dir=str(tmp_path / "official")))
+    cfg = cfg_of(world, data_dir=str(data), **{"mix.t3_source": "official", "mix.t2_source": "official",
+                                               "task.max_history": 20, "task.desc_chars": 100,
+                                               # the tiny test tokenizer spells Amazon text mostly in bytes
+                                               "task.max_prompt_tokens": 60000, "max_seq_len": 60000,
+                                               "optim.micro_batch_tokens": 60000})
+    ds, tok = load_dataset(data), Tokenizer.from_pretrained(world["model"])
+    pools, stats = S.build_pools(ds, cfg)
+    raw3 = ds.examples("task3")
+    assert len(pools["reason"]) == len(raw3) > 0 and stats["t3_skipped"] == 0
+    assert len(pools["recommend"]) == len(ds.examples("task2")) and len(pools["describe"]) > 0
+    for rec, raw in list(zip(pools["reason"], raw3))[:2]:
+        ex = S.render(ds, tok, cfg, "reason", rec, epoch=0)
+        # the authors' candidate list, in their order; our tags around their rationale and the target ASIN
+        assert ex.candidate_ids == [ds.items[c].id for c in raw["candidates"]]
+        assert ex.response == f"<think>{clean(raw['rationale'])}</think><item>{raw['target_id']}</item>"
+        assert ex.history == raw["history"][-cfg.task.max_history:]
+        ids, mask = encode_example(tok, ex)
+        assert tok.decode([x for x, m in zip(ids, mask) if m][:-1], skip_special=False) == ex.response
