@@ -61,7 +61,8 @@ def print_mfu_formula() -> None:
         print(f"  {'LoRA' if lora else 'full'}: N_linear {f['n_linear'] / 1e6:.0f}M, forward {f['fwd'] / 1e9:.2f} GFLOP, "
               f"train {f['train'] / 1e9:.2f} GFLOP/token (attention {100 * f['attn_share']:.0f}% of forward) -> "
               f"40% MFU on one H100 (989 TFLOP/s bf16 dense) = {need:,.0f} tokens/s/GPU")
-    print("  MFU = tokens_per_s (metrics.jsonl, per GPU) * train FLOPs/token / 989e12")
+    print("  MFU = tokens_per_s (metrics.jsonl: global, all ranks) / n_gpus * train FLOPs/token / 989e12 "
+          "(tokens = real, unpadded prompt + response tokens)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
