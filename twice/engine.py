@@ -46,6 +46,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from kernels import token_logprobs
+
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
@@ -452,20 +454,43 @@ class Engine:
             if Lc > 1:
                 cache = small.fan_out(n, small.pos + Lc)
                 h = self._forward(ids, cache)[:, :-1]  # [n, Lc-1, D]: position t predicts token t+1
-                lp[:, 1:] = _token_logprobs(h, self.model.embed_tokens.weight, ids[:, 1:], self._logits)
+                lp[:, 1:] = token_logprobs(h.reshape(-1, h.shape[-1]), self.model.embed_tokens.weight,  # fused: no [n*T, V]
+                                           ids[:, 1:].reshape(-1)).view(n, Lc - 1)
             lp = lp.masked_fill(~valid, 0.0).cpu()
             for i, c in enumerate(conts):
                 out.append(lp[i, :len(c)].tolist() if per_token else float(lp[i, :len(c)].double().sum()))
         return out
 
 
-def _token_logprobs(h, weight, targets, to_logits, chunk: int = 4096):
-    """log_softmax(head(h))[targets] in fp32, over chunks of rows so [rows x V] never gets large.
-    h [n, T, D], targets [n, T] -> [n, T]."""
-    n, T, D = h.shape
-    hf, tf = h.reshape(n * T, D), targets.reshape(n * T)
-    out = torch.empty(n * T, device=h.device)
-    for i in range(0, n * T, chunk):
-        logits = to_logits(hf[i:i + chunk])  # [c, V] fp32
-        out[i:i + chunk] = logits.gather(1, tf[i:i + chunk, None])[:, 0] - torch.logsumexp(logits, -1)
-    return out.view(n, T)
+def main(argv=None):
+    """The quickstart demo: greedy or sampled continuation of a prompt with our model, tokenizer and engine alone."""
+    import argparse
+    import time
+
+    from twice.gemma3 import Gemma3
+    from twice.tokenizer import Tokenizer
+    ap = argparse.ArgumentParser(description="python -m twice.engine --model ~/.cache/twice/gemma-3-270m --prompt 'Hi'")
+    ap.add_argument("--model", required=True, help="HF-format folder (e.g. from `python -m twice.convert gemma-3-270m`)")
+    ap.add_argument("--prompt", default="The capital of France is")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the Gemma-3 chat template")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    model = Gemma3.from_pretrained(args.model).eval()
+    tok = Tokenizer.from_pretrained(args.model)
+    ids = (tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat
+           else [tok.bos_id] + tok.encode(args.prompt))
+    t0 = time.perf_counter()
+    out = Engine(model, tok).generate([ids], num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, seeds=args.seed)
+    dt = time.perf_counter() - t0
+    for text in out.texts:
+        print(repr(args.prompt), "->", repr(text))
+    n = sum(len(t) for t in out.tokens)
+    print(f"{n} tokens in {dt:.1f} s ({n / dt:.1f} tok/s, prompt {len(ids)} tokens)")
+
+
+if __name__ == "__main__":
+    main()
