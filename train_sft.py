@@ -367,7 +367,7 @@ def evaluate(model, tok, cfg: SFTConfig, val, info) -> dict:
     mine = val[R::W]
     budget = cfg.optim.micro_batch_tokens
     mbs = pack([len(ids) for _, ids, _ in mine], budget)
-    n_pass = int(all_reduce_max(torch.tensor([len(mbs)])))
+    n_pass = int(reduce(torch.tensor([len(mbs)]), info.device, "max"))
     sums = torch.zeros(4, dtype=torch.float64)  # nll, tokens, hits, asked
     for j in range(n_pass):
         if j < len(mbs):
@@ -377,7 +377,7 @@ def evaluate(model, tok, cfg: SFTConfig, val, info) -> dict:
         nll = response_nll(model, x.to(info.device), y.to(info.device))
         sums[0] += float(nll.sum())
         sums[1] += float((y != -100).sum())
-    hr = [v for v in val[:cfg.eval.hr_users]][R::W]
+    hr = val[:cfg.eval.hr_users][R::W]
     with dist.unsharded(model):  # weights gathered once; ranks may decode different numbers of prompts
         if hr:
             res = Engine(model, tok).greedy([tok.apply_chat_template(ex.messages) for ex, _, _ in hr],
@@ -387,7 +387,7 @@ def evaluate(model, tok, cfg: SFTConfig, val, info) -> dict:
                 item = parse_completion(text, cfg.task.think_tag, cfg.task.item_tag).item
                 sums[2] += float(item is not None and normalize_item(item) == normalize_item(ex.target_id))
                 sums[3] += 1
-    dist.all_reduce_sum(sums)
+    sums = reduce(sums, info.device)
     model.train()
     out = {"eval/loss": float(sums[0]) / max(float(sums[1]), 1.0), "eval/examples": len(val)}
     if sums[3] > 0:
@@ -396,10 +396,15 @@ def evaluate(model, tok, cfg: SFTConfig, val, info) -> dict:
     return out
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_distributed() and dist.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t
+def reduce(t: torch.Tensor, device, op: str = "sum") -> torch.Tensor:
+    """Sum / max of a small host tensor over ranks, returned on the host. The collective runs on the backend's
+    device (nccl only reduces CUDA tensors, gloo CPU ones). Identity at world size 1."""
+    if not (dist.is_distributed() and dist.get_world_size() > 1):
+        return t
+    x = t.to(device)
+    rop = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+    torch.distributed.all_reduce(x, op=rop)
+    return x.cpu()
 
 
 def peak_memory_mb(device) -> float:
@@ -412,7 +417,13 @@ def rewrite_metrics(path: Path, upto_step: int) -> None:
     """On resume drop metric lines written after the checkpoint (a killed run may have logged further)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln).get("step", 0) <= upto_step:
+                keep.append(ln)
+        except ValueError:  # a line torn by the kill: dropped (its step is redone anyway)
+            print(f"note: {path}: dropping a torn line {ln[:60]!r}", file=sys.stderr)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
@@ -508,8 +519,8 @@ def main(argv: list[str]) -> dict:
         mbs = pack([len(ids) for ids, _ in rows], cfg.optim.micro_batch_tokens)
         # ---- 2. global response-token count FIRST (the loss divides by it), and the pass count every rank runs
         n_resp = torch.tensor([float(sum(sum(m[1:]) for _, m in rows))], dtype=torch.float64)
-        dist.all_reduce_sum(n_resp)
-        n_pass = int(all_reduce_max(torch.tensor([len(mbs)])))
+        n_resp = reduce(n_resp, dev)
+        n_pass = int(reduce(torch.tensor([len(mbs)]), dev, "max"))
         denom = max(float(n_resp), 1.0)
 
         # ---- 3. forward/backward over the micro-batches (gradient accumulation)
@@ -537,8 +548,7 @@ def main(argv: list[str]) -> dict:
         opt.zero_grad(set_to_none=True)
 
         # ---- 4. log: global sums
-        dist.all_reduce_sum(task_sums)
-        dist.all_reduce_sum(counts)
+        task_sums, counts = reduce(task_sums, dev), reduce(counts, dev)
         dt = time.time() - t0
         tot_nll, tot_tok = float(task_sums[0::2].sum()), float(task_sums[1::2].sum())
         rec = {"step": step + 1, "epoch": (step + 1) * G / stream.epoch_len, "loss": tot_nll / max(tot_tok, 1.0),
@@ -556,7 +566,8 @@ def main(argv: list[str]) -> dict:
         log(f"step {step + 1:5d}/{total} | loss {rec['loss']:.4f} "
             + " ".join(f"{t[:3]} {rec[f'loss/{t}']:.3f}" for t in TASKS if f"loss/{t}" in rec)
             + f" | lr {lr:.2e} gnorm {rec['grad_norm']:.3f} | {rec['examples']} ex {rec['response_tokens']} resp tok"
-            + (f" skip {rec['skipped']}" if rec["skipped"] else "") + (f" trunc {rec['truncated']}" if rec["truncated"] else "")
+            + (f" skip {rec['skipped']}" if rec["skipped"] else "")
+            + (f" trunc {rec['truncated']}" if rec["truncated"] else "")
             + f" | {n_pass} mb {dt:.2f}s {rec['tokens_per_s']:.0f} tok/s {rec['peak_mem_mb']:.0f} MB"
             + (f" | eval loss {rec['eval/loss']:.4f}" if "eval/loss" in rec else "")
             + (f" hr@1 {rec['eval/hr@1']:.3f}" if "eval/hr@1" in rec else ""))

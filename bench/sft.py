@@ -58,7 +58,8 @@ def print_mfu_formula() -> None:
     for lora in (True, False):
         f = flops_per_token(cfg, T, resp, lora)
         need = 0.40 * H100_BF16_DENSE / f["train"]
-        print(f"  {'LoRA' if lora else 'full'}: N_linear {f['n_linear'] / 1e6:.0f}M, forward {f['fwd'] / 1e9:.2f} GFLOP, "
+        print(f"  {'LoRA' if lora else 'full'}: N_linear {f['n_linear'] / 1e6:.0f}M, "
+              f"forward {f['fwd'] / 1e9:.2f} GFLOP, "
               f"train {f['train'] / 1e9:.2f} GFLOP/token (attention {100 * f['attn_share']:.0f}% of forward) -> "
               f"40% MFU on one H100 (989 TFLOP/s bf16 dense) = {need:,.0f} tokens/s/GPU")
     print("  MFU = tokens_per_s (metrics.jsonl: global, all ranks) / n_gpus * train FLOPs/token / 989e12 "
@@ -146,7 +147,8 @@ def main() -> None:
             print(f"{v}: FAILED\n{p.stderr[-3000:]}")
             continue
         r = res[v] = json.loads(line[7:])
-        print(f"  {v:11s} {r['tokens_per_s']:8.1f} tok/s  step {r['step_s']:6.2f}s  peak RSS {r['peak_rss_mb']:7.0f} MB "
+        print(f"  {v:11s} {r['tokens_per_s']:8.1f} tok/s  step {r['step_s']:6.2f}s  "
+              f"peak RSS {r['peak_rss_mb']:7.0f} MB "
               f"(+{r['train_peak_over_load_mb']:.0f} MB over the loaded model)  loss {r['losses'][0]:.4f} -> "
               f"{r['losses'][-1]:.4f}{'' if r['real_model'] else '  [RANDOM 270m-shaped model: not converted]'}",
               flush=True)

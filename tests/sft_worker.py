@@ -43,8 +43,10 @@ def write_dataset(out: Path) -> Path:
         for u in range(1, N_USERS + 1):
             items = rng.sample(range(1, N_ITEMS + 1), SEQ)
             seqs.append(items)
-            f.write(json.dumps({"idx": u, "id": f"U{u}", "items": items, "ratings": [rng.randint(1, 5) for _ in items],
-                                "reviews": [f"so {WORDS[k % 8]}" for k in items], "timestamps": list(range(SEQ))}) + "\n")
+            f.write(json.dumps({"idx": u, "id": f"U{u}", "items": items,
+                                "ratings": [rng.randint(1, 5) for _ in items],
+                                "reviews": [f"so {WORDS[k % 8]}" for k in items],
+                                "timestamps": list(range(SEQ))}) + "\n")
     with open(out / "candidates_valid.jsonl", "w") as f:
         for u, items in enumerate(seqs, 1):
             negs = rng.sample([i for i in range(1, N_ITEMS + 1) if i not in items], 3)
