@@ -71,7 +71,7 @@ def scripted_reply(r) -> str:
     text = r.messages[-1]["content"]
     if text == "Reply with OK.":  # the preflight
         return "OK"
-    now = text.split("### Now this customer", 1)[1]
+    now = text[text.index("[Purchase History]"):]  # the customer of this request (the last user turn)
     hist, nxt = now.split("[Next Item]", 1)
     target_title = re.search(r"title:(.*)", nxt).group(1)
     k = int(re.search(r"item_id:I(\d+)", nxt).group(1))
@@ -207,6 +207,10 @@ def test_curation_each_reason():
         ("<rationale>The customer will like this item a lot, surely, overall.</rationale>"
          "<verdict>RELEVANT</verdict>", "degenerate"),                               # grounded in nothing
         ("<rationale>Velvet lamp fan.</rationale><verdict>RELEVANT</verdict>", "degenerate"),  # < min_words
+        ("<rationale>" + "The velvet lamp is what they like. " * 3 + "</rationale><verdict>RELEVANT</verdict>",
+         "degenerate"),                                                              # a sentence looping 3 times
+        ("<rationale>" + "The velvet lamp is what they like. " * 2 + "</rationale><verdict>RELEVANT</verdict>",
+         None),
         ("<rationale>Someone who owns a crimson thing will want one more of those for sure.</rationale>"
          "<verdict>RELEVANT</verdict>", None),                                      # a history title word suffices
         ("<rationale>It is from brand7, which makes the nicest gadgets around for sure.</rationale>"
@@ -225,6 +229,12 @@ def test_grounding_words_and_exemplars(world):
     assert {"misty", "mug", "velvet", "brand7"} <= t and "one" not in t  # title, description, details; no stopwords
     ex = load_exemplars(ROOT / "configs/teacher_exemplars.jsonl")
     assert len(ex) >= 3 and {e["verdict"] for e in ex} == {"RELEVANT", "IRRELEVANT"}
+    req = build_request(ds, 3, RationaleConfig(n_shots=2, max_history=2), ex[:2])
+    assert [m["role"] for m in req["messages"]] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert req["messages"][2]["content"] == f"<rationale>{ex[0]['rationale']}</rationale><verdict>RELEVANT</verdict>"
+    assert ds.items[ds.target(3, "train")].title in req["messages"][-1]["content"]
+    assert ds.items[ds.history(3, "train")[-1]].title in req["messages"][-1]["content"]
+    assert world["tok"].apply_chat_template(req["messages"])  # a valid Gemma-3 conversation
     for e in ex:  # the hand-written exemplars pass our own curation as labelled
         hw = set().union(*(grounding_words_text(x) for x in re.findall(r"title:(.*)", e["history"])))
         reason, _, _ = curate(f"<rationale>{e['rationale']}</rationale><verdict>{e['verdict']}</verdict>",

@@ -117,21 +117,46 @@ TEACHER_SYSTEM = ("You are an expert analyst of customer behaviour. You explain,
 VERDICT_RELEVANT, VERDICT_IRRELEVANT = "RELEVANT", "IRRELEVANT"
 
 
+TEACHER_INSTRUCTION = (
+    "Explain why the customer bought the [Next Item], using only the [Purchase History]: link the preferences "
+    "the history shows (items, ratings, reviews) to concrete attributes of the next item. Write the rationale "
+    "as the recommender would, before knowing the answer: infer the preference first, then say why the item "
+    "fits. Mention at least one history item and one attribute of the next item.\n"
+    f"Then judge the link: <verdict>{VERDICT_RELEVANT}</verdict> if the history clearly explains the purchase, "
+    f"<verdict>{VERDICT_IRRELEVANT}</verdict> if there is no clear connection.\n"
+    "Answer exactly as: <rationale>...</rationale><verdict>RELEVANT or IRRELEVANT</verdict>")
+
+
+def teacher_case(history_block: str, target_block: str) -> str:
+    return f"[Purchase History]\n{history_block}\n[Next Item]\n{target_block}"
+
+
+def teacher_answer(rationale: str, verdict: str) -> str:
+    return f"<rationale>{rationale}</rationale><verdict>{verdict}</verdict>"
+
+
+def teacher_messages(history_block: str, target_block: str, exemplars: list[dict]) -> list[dict]:
+    """The Stage-1 request as chat messages, few-shot as real turns: the instruction and exemplar 1 in the first
+    user turn, its answer as an assistant turn, then exemplar 2 / answer ..., and this customer last. Small
+    instruct models follow the answer format far better this way than with exemplars pasted into one long user
+    message (measured on Gemma-3-270m: 1 of 6 single-message prompts vs 2 of 2 multi-turn prompts started with
+    <rationale>). Each exemplar is {"history": str, "target": str, "rationale": str, "verdict": str}."""
+    msgs = [{"role": "system", "content": TEACHER_SYSTEM}]
+    for i, ex in enumerate(exemplars):
+        head = TEACHER_INSTRUCTION + "\n\n" if i == 0 else ""
+        msgs += [{"role": "user", "content": head + teacher_case(ex["history"], ex["target"])},
+                 {"role": "assistant", "content": teacher_answer(ex["rationale"], ex["verdict"])}]
+    head = "" if exemplars else TEACHER_INSTRUCTION + "\n\n"
+    msgs.append({"role": "user", "content": head + teacher_case(history_block, target_block)})
+    return msgs
+
+
 def teacher_prompt(history_block: str, target_block: str, exemplars: list[dict]) -> str:
-    """Few-shot prompt: each exemplar is {"history": str, "target": str, "rationale": str, "verdict": str}."""
-    shots = "\n\n".join(
-        f"### Example {i + 1}\n[Purchase History]\n{ex['history']}\n[Next Item]\n{ex['target']}\n"
-        f"<rationale>{ex['rationale']}</rationale>\n<verdict>{ex['verdict']}</verdict>"
-        for i, ex in enumerate(exemplars))
-    return (
-        "Explain why the customer bought the [Next Item], using only the [Purchase History]: link the preferences "
-        "the history shows (items, ratings, reviews) to concrete attributes of the next item. Write the rationale "
-        "as the recommender would, before knowing the answer: infer the preference first, then say why the item "
-        "fits. Mention at least one history item and one attribute of the next item.\n"
-        f"Then judge the link: <verdict>{VERDICT_RELEVANT}</verdict> if the history clearly explains the purchase, "
-        f"<verdict>{VERDICT_IRRELEVANT}</verdict> if there is no clear connection.\n"
-        "Answer exactly as: <rationale>...</rationale><verdict>RELEVANT or IRRELEVANT</verdict>\n\n"
-        f"{shots}\n\n### Now this customer\n[Purchase History]\n{history_block}\n[Next Item]\n{target_block}\n")
+    """The same request as ONE user message (for endpoints or tools that take a single prompt)."""
+    shots = "\n\n".join(f"### Example {i + 1}\n{teacher_case(ex['history'], ex['target'])}\n"
+                         f"{teacher_answer(ex['rationale'], ex['verdict'])}" for i, ex in enumerate(exemplars))
+    return (f"{TEACHER_INSTRUCTION}\n\n{shots}\n\n### Now this customer\n"
+            f"{teacher_case(history_block, target_block)}\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
     python build_rationales.py configs/quickstart/rationales.yaml      # the loop that uses these (see that file)
 
 The teacher sees the user's history S_u AND the true next item i+ (paper Stage 1, Appendix F in spirit), writes
-`<rationale>...</rationale><verdict>RELEVANT|IRRELEVANT</verdict>` (twice.prompts.teacher_prompt), and so tags its
-own instances; curation keeps an instance only when all of these hold, else drops it with ONE reason (the first
+`<rationale>...</rationale><verdict>RELEVANT|IRRELEVANT</verdict>` (twice.prompts.teacher_messages; few-shot
+exemplars are earlier chat turns), and so tags its own instances; curation keeps an instance only when all of these hold, else drops it with ONE reason (the first
 that applies, in this order):
 
     unparseable   no `<rationale>...</rationale>` pair, or no `<verdict>` with RELEVANT / IRRELEVANT after it
@@ -15,7 +15,8 @@ that applies, in this order):
                   content words = lower-cased alphanumeric runs of >= 3 characters that are not in STOPWORDS;
                   the rationale is degenerate when it has fewer than `min_words` words (whitespace split), OR
                   when it shares no content word with the history item titles AND none with the target's
-                  title / description / detail values. E.g. "The customer will like this item." is degenerate;
+                  title / description / detail values, OR when one sentence (>= 4 words, case/space-folded)
+                  occurs 3+ times (a looping small model). E.g. "The customer will like this item." is degenerate;
                   "They loved the cookies, and baklava is a sweet treat" is kept (cookies: a history title word).
 
 Records (interfaces.md "Stage CLIs"): one JSON object per line, `{"user", "history", "target", "rationale",
@@ -108,9 +109,8 @@ def build_request(ds, user_idx: int, cfg: RationaleConfig, exemplars: list[dict]
                   split: str = "train") -> dict:
     """-> {"user", "history", "target", "messages", "prompt_hash"} for one training instance (S_u, i+)."""
     history, target = ds.history(user_idx, split), ds.target(user_idx, split)
-    text = prompts.teacher_prompt(history_block(ds, user_idx, history, cfg), target_block(ds, target, cfg),
-                                  exemplars)
-    messages = [{"role": "system", "content": prompts.TEACHER_SYSTEM}, {"role": "user", "content": text}]
+    messages = prompts.teacher_messages(history_block(ds, user_idx, history, cfg), target_block(ds, target, cfg),
+                                        exemplars)
     return {"user": user_idx, "history": list(history), "target": target, "messages": messages,
             "prompt_hash": prompt_hash(messages)}
 
@@ -161,9 +161,20 @@ def curate(text: str, history_words: set[str], target_words: set[str], min_words
     if not rationale:
         return "empty", rationale, verdict
     words = content_words(rationale)
-    if len(rationale.split()) < min_words or not (words & history_words or words & target_words):
+    if len(rationale.split()) < min_words or not (words & history_words or words & target_words) \
+            or _loops(rationale):
         return "degenerate", rationale, verdict
     return None, rationale, verdict
+
+
+def _loops(text: str, times: int = 3) -> bool:
+    """True when one sentence of >= 4 words occurs `times` or more times."""
+    sents = [" ".join(x.lower().split()) for x in re.split(r"[.!?;\n]+", text)]
+    counts: dict[str, int] = {}
+    for x in sents:
+        if len(x.split()) >= 4:
+            counts[x] = counts.get(x, 0) + 1
+    return any(c >= times for c in counts.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
