@@ -484,12 +484,14 @@ def main(argv: list[str]) -> dict:
             raise ValueError(f"{state['path']}: data cursor {state['data']} != step {start} x batch_size {G} "
                              f"(was optim.batch_size changed?)")
         log(f"resumed from {state['path']} at step {start}")
+        if state["world_size"] != W:  # its RNG streams were not restored: fresh, distinct per-rank streams
+            dist.seed_everything(cfg.seed + R + 1_000_003 * start)
         if info.is_main:
             rewrite_metrics(run_dir / "metrics.jsonl", start)
     else:  # per-rank streams from here on (adapter dropout); a resume restored each rank's own streams instead
         dist.seed_everything(cfg.seed + R)
     metrics_f = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
-    log(f"SFT: pools " + ", ".join(f"{t} {len(pools[t])} (w {getattr(cfg.mix, t)})" for t in TASKS)
+    log("SFT: pools " + ", ".join(f"{t} {len(pools[t])} (w {getattr(cfg.mix, t)})" for t in TASKS)
         + f" | epoch {stream.epoch_len} examples, {G}/step, {total} steps, {W} rank(s) | "
         f"lora={cfg.lora.enabled} trainable {n_train:,} | valid {len(val)} | skipped records {load_stats}")
 
@@ -509,7 +511,8 @@ def main(argv: list[str]) -> dict:
             task, ids, mask, truncated = stream.get(i)
             if ids is None:
                 counts[0] += 1  # a counted, logged skip (the reason names the user / example)
-                print(f"[rank {R}] skip example {i} ({task}): {mask}", file=sys.stderr, flush=True)
+                msg = f"[rank {R}] skip example {i} ({task}): {mask}"
+                log(msg) if info.is_main else print(msg, file=sys.stderr, flush=True)
                 continue
             rows.append((ids, mask))
             tasks_of.append(task)
