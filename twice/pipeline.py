@@ -42,6 +42,17 @@ VARIANTS = {"grpo_D": "{match: 1.0, format: 1.0}", "grpo_E": "{cg: 1.0, format: 
 ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_D", "+SFT+GRPO (D)"),
         ("grpo_E", "+SFT+GRPO (E)"))
 
+# The real quickstart's sizing (on top of configs/quickstart/*.yaml, which stay usable stage by stage): budgets chosen
+# so that the whole pipeline fits ~20 minutes on 2 dedicated CPU cores (measured in CPU seconds per stage on a shared
+# box; see pipeline.json after a run): SASRec is capped in CPU time, stage 1 asks 8 users, SFT takes 12 LoRA steps,
+# each GRPO variant 4 steps (2 prompts x 4 samples x 64 tokens), eval 8 test users (configs/quickstart/eval.yaml).
+QUICK = {
+    "sasrec": ["train.max_train_cpu_s=120"],
+    "rationales": ["n_users=8"],
+    "sft": ["steps=12"],
+    "grpo": ["steps=4", "checkpoint_every=2"],
+}
+
 # --tiny: step counts and sizes small enough for CI (a few minutes on 2 shared cores), every stage still real
 TINY = {
     "data": [],
@@ -49,8 +60,9 @@ TINY = {
                "train.epochs=1", "train.patience=1"],
     "rationales": ["n_users=4", "chunk=4", "teacher.batch_size=4", "teacher.max_tokens=12", "rationale.n_shots=1",
                    "rationale.max_history=3"],
-    "sft": ["steps=3", "optim.batch_size=2", "max_seq_len=1024", "optim.micro_batch_tokens=2048", "eval.every=0", "eval.loss_users=2", "eval.hr_users=1",
-            "eval.max_new_tokens=8", "checkpoint_every=0", "optim.lr=1.0e-3", "mix.describe=0.01", "mix.recommend=0.02"],
+    "sft": ["steps=3", "optim.batch_size=2", "max_seq_len=1024", "optim.micro_batch_tokens=2048", "eval.every=0",
+            "eval.loss_users=2", "eval.hr_users=1", "eval.max_new_tokens=8", "checkpoint_every=0", "optim.lr=1.0e-3",
+            "mix.describe=0.01", "mix.recommend=0.02"],
     "grpo": ["steps=2", "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8",
              "optim.micro_batch_size=4", "checkpoint_every=0", "optim.lr=1.0e-3"],
     "eval": ["max_users=4", "sampling.max_new_tokens=8", "greedy.max_new_tokens=8", "batch_size=4"],
@@ -109,7 +121,7 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
     py = sys.executable
     data, sas = out / "data", out / "sasrec"
     task = TASK_TINY if tiny else TASK
-    t = lambda key: TINY[key] if tiny else []  # noqa: E731
+    t = lambda key: (TINY if tiny else QUICK).get(key, [])  # noqa: E731
     if stage == "model":
         return None if tiny else [py, "-m", "twice.convert", "gemma-3-270m"]
     if stage == "data":
@@ -125,7 +137,7 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
         kept = _kept_rationales(out / "rationales")
         mix = ([f"mix.t3_source={out / 'rationales' / 'rationales.jsonl'}"] if kept else
                ["mix.t3_source=", "mix.reason=0"])
-        if not kept:
+        if not kept and (out / "rationales" / "stats.json").exists():
             print("pipeline: stage 1 kept no rationale (see OUT/rationales/stats.json); SFT trains T1 + T2 only")
         return [py, str(ROOT / "train_sft.py"), str(configs / "sft.yaml"), f"run_dir={out / 'sft'}",
                 f"model.path={model_dir}", f"data_dir={data}"] + mix + task + t("sft")
