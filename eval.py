@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -191,7 +192,6 @@ def ranked_metrics(ranks: list[int], ks: list[int], mrr: bool = False) -> dict:
 
 def judge_score(text: str) -> int | None:
     """The judge's `<score>N</score>` (N in 0..3), or None when absent/out of range."""
-    import re
     m = re.search(r"<score>\s*([0-9]+)\s*</score>", text or "")
     if not m or not 0 <= int(m.group(1)) <= 3:
         return None
@@ -319,7 +319,7 @@ def gather_values(values_by_pos: dict[int, list[float]], n: int, width: int) -> 
     return all_reduce_sum(t)
 
 
-def summarize_model(rows: torch.Tensor, cfg: EvalConfig, n_cands: list[int]) -> dict:
+def summarize_model(rows: torch.Tensor, cfg: EvalConfig) -> dict:
     """rows [U, 12] per user (see PER_USER) -> the results.json block of one model."""
     out: dict = {}
     U = rows.shape[0]
@@ -448,7 +448,8 @@ def results_table(results: dict, cfg: EvalConfig) -> str:
     lines.append(f"{n} {results['split']} users, {results['n_candidates']} candidates each. sampling = the paper's "
                  f"protocol ({cfg.sampling.num_samples} samples, T={cfg.sampling.temperature}, top-k "
                  f"{cfg.sampling.top_k}, top-p {cfg.sampling.top_p}, IDs in sample order); exact = candidates ranked "
-                 f"by log-likelihood; SASRec's ranking fills both; constrained = greedy item span restricted to the candidates' "
+                 f"by log-likelihood; SASRec's ranking fills both; constrained = greedy item span restricted to the "
+                 f"candidates' "
                  f"token trie (reported separately). 95% intervals are in results.json.")
     return "\n".join(lines) + "\n"
 
@@ -509,7 +510,7 @@ def main(argv: list[str]) -> dict | None:
             raise ConfigError(f"models.{name}.path is empty")
         records = evaluate_model(cfg, name, spec, ds, [all_sets[i] for i in mine], info)
         rows = gather_values({p: per_user_values(r) for p, r in zip(mine, records)}, U, len(PER_USER))
-        block = summarize_model(rows, cfg, [len(cs.candidates) for cs in all_sets])
+        block = summarize_model(rows, cfg)
         block["label"] = spec.label or name
         # predictions: each rank writes its part, rank 0 merges them in user order
         part = out_dir / f".predictions_{name}.rank{info.rank}.jsonl"

@@ -21,7 +21,6 @@ if str(ROOT) not in sys.path:
 
 import eval as ev  # noqa: E402
 from twice.gemma3 import PRESETS, Gemma3  # noqa: E402
-from twice.engine import Engine  # noqa: E402
 from twice.sasrec import SASRec, SASRecConfig  # noqa: E402
 from twice.tokenizer import Tokenizer  # noqa: E402
 
@@ -260,7 +259,8 @@ def test_judge_against_fake_server(world, tmp_path):
     assert j["n"] == 4 and j["scored"] == 4 and j["failed"] == 0 and len(_FakeJudge.seen) == 4
     rows = [json.loads(x) for x in (tmp_path / "run" / "judge_base.jsonl").read_text().splitlines()]
     assert len(rows) == 4
-    preds = {p["user"]: p for p in map(json.loads, (tmp_path / "run" / "predictions_base.jsonl").read_text().splitlines())}
+    lines = (tmp_path / "run" / "predictions_base.jsonl").read_text().splitlines()
+    preds = {p["user"]: p for p in map(json.loads, lines)}
     from twice.data import load_dataset
     ds = load_dataset(world["data"])
     want = [0 if preds[r["user"]]["greedy"]["item"] not in ds.item_by_id else 2 for r in rows]

@@ -1,6 +1,6 @@
 """The whole TWiCE-Rec pipeline from one command, on MovieLens-100k with Gemma-3-270m on CPU.
 
-    python -m twice.pipeline                        # real Gemma-3-270m (from PyPI), ml-100k (from PyPI) -> runs/quickstart
+    python -m twice.pipeline                        # real Gemma-3-270m + ml-100k (both from PyPI) -> runs/quickstart
     python -m twice.pipeline --tiny --out /tmp/tq   # random tiny Gemma-3 + tiny SentencePiece: what CI runs (minutes)
     python -m twice.pipeline --redo sft             # rerun one stage (and every stage after it)
     python -m twice.pipeline --threads 1            # OMP/torch threads per stage (0 = torch's default)
@@ -206,7 +206,8 @@ def final_table(results: dict) -> str:
     lines += ["", f"MovieLens-100k, {n} test users x {results['n_candidates']} candidates (target + negatives never "
                   f"seen by the user). paper sampling: 5 samples at T=1.5 (top-k 120, top-p 0.95), item IDs in "
                   f"sample order; exact: every candidate ranked by log p(<item>ID</item> | prompt, greedy rationale). "
-                  f"SASRec's own ranking fills both. 95% intervals, greedy validity and format rates: eval/results.json."]
+                  f"SASRec's own ranking fills both. 95% intervals, greedy validity and format rates: "
+                  f"eval/results.json."]
     return "\n".join(lines) + "\n"
 
 
