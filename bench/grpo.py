@@ -1,15 +1,24 @@
 """One GRPO step, ours (train_grpo.py) vs TRL's GRPOTrainer, same model / prompts / K / completion length, this CPU.
 
     python bench/grpo.py                                   # ours here, TRL in /work/bench-venv-trl (see below)
-    python bench/grpo.py --steps 3 --K 8 --prompts 2 --new 32 --trl-python /work/bench-venv-trl/bin/python
+    python bench/grpo.py --steps 3 --K 8 --prompts 2 --new 32 --hidden 256 --layers 6    # the README numbers
+    python bench/grpo.py --small-vocab                     # old mode: the fixture's ~940-id tokenizer, head_dim 64
+
+Default mode runs at Gemma-3's real vocabulary: a random Gemma-3 with the gemma-3-270m preset's vocab (262,144, tied
+LM head) and head_dim 256 (4 query heads, 1 KV head), but --layers/--hidden small enough for a CPU; the tokenizer is
+the real converted one (--tokenizer, default ~/.cache/twice/gemma-3-270m/tokenizer.model), copied into the saved
+model so both sides read the same file. At this vocab the [tokens x V] log-prob work and its memory dominate a step,
+which a ~940-id vocab (--small-vocab) hides. Note: TRL >= 1.x scores through a chunked LM head too (no full [N, V]
+logits); on CPU (no Triton) it scores every position, prompt included, in [<=4096 tokens, 32768 ids] fp32 tiles.
 
 TRL lives ONLY in a separate venv (python -m venv /work/bench-venv-trl; pip install torch==2.13.0 trl transformers
 datasets sentencepiece protobuf); this script re-runs itself there with --trl-worker. Each configuration runs in its
 own fresh process; we report the median seconds per step over the steps after the first (warm-up), the phase
 breakdown (ours), and the process's peak RSS (VmHWM). Same random Gemma-3 (saved with save_pretrained, loaded by
 transformers for TRL), same prompt token ids (TRL gets them through a word-level tokenizer whose words are our
-token ids, so tokenisation cannot differ), K completions per prompt, max completion length N, full fine-tuning,
-beta 0, one optimizer step per rollout, temperature 1, no top-k/top-p, fp32, 1 thread per process.
+token ids, so tokenisation cannot differ; its reward decodes them with our tokenizer), K completions per prompt, max
+completion length N, full fine-tuning, beta 0, one optimizer step per rollout, temperature 1, no top-k/top-p, fp32,
+1 thread per process. Timings on a shared machine are noisy: run it when `uptime` is low, compare ratios.
 """
 from __future__ import annotations
 
@@ -45,17 +54,27 @@ def setup(work: Path, args) -> dict:
     from twice.gemma3 import PRESETS, Gemma3
     from twice.tokenizer import Tokenizer
 
-    paths = build(work / "world", warm_steps=0)
-    tok = Tokenizer.from_pretrained(paths["model"])
-    cfg = dataclasses.replace(PRESETS["gemma-3-270m"], vocab_size=tok.vocab_size, hidden_size=args.hidden,
-                              intermediate_size=4 * args.hidden, num_hidden_layers=args.layers, head_dim=64,
-                              query_pre_attn_scalar=64, num_attention_heads=4, num_key_value_heads=1,
+    paths = build(work / "world", warm_steps=0)  # dataset, SASRec (and a tiny tokenizer, used only --small-vocab)
+    real = PRESETS["gemma-3-270m"]
+    if args.small_vocab:  # the fixture's tiny SentencePiece (~940 ids): logits are negligible
+        tok_file, head_dim = Path(paths["model"]) / "tokenizer.model", 64
+    else:  # Gemma's real 262,144-id tokenizer: V-sized logits dominate a materialising trainer's memory
+        tok_file, head_dim = Path(args.tokenizer).expanduser(), real.head_dim
+        if not tok_file.is_file():
+            raise SystemExit(f"{tok_file}: no tokenizer.model (convert gemma-3-270m first, or pass --small-vocab)")
+    tok = Tokenizer(tok_file)
+    if not args.small_vocab and tok.vocab_size != real.vocab_size:
+        raise SystemExit(f"{tok_file}: {tok.vocab_size} ids, Gemma-3 has {real.vocab_size}")
+    cfg = dataclasses.replace(real, vocab_size=tok.vocab_size, hidden_size=args.hidden,
+                              intermediate_size=4 * args.hidden, num_hidden_layers=args.layers, head_dim=head_dim,
+                              query_pre_attn_scalar=head_dim, num_attention_heads=4, num_key_value_heads=1,
                               layer_types=None)  # re-derived: 5 sliding : 1 global
     torch.manual_seed(0)
     model = Gemma3.from_config(cfg)
-    model.save_pretrained(work / "model", tokenizer_path=Path(paths["model"]) / "tokenizer.model")
+    model.save_pretrained(work / "model", tokenizer_path=tok_file)  # both sides load exactly these weights
     paths["bench_model"] = str(work / "model")
     paths["n_params"] = model.num_params()
+    paths["n_embed"] = model.embed_tokens.weight.numel()  # tied LM head: counted once
     return paths
 
 
@@ -188,6 +207,10 @@ def main():
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--small-vocab", action="store_true",
+                    help="old mode: the fixture's ~940-id tokenizer and head_dim 64 (logits negligible)")
+    ap.add_argument("--tokenizer", default="~/.cache/twice/gemma-3-270m/tokenizer.model",
+                    help="Gemma-3's 262,144-id tokenizer.model (default mode; head_dim 256 as in gemma-3-270m)")
     ap.add_argument("--trl-python", default="/work/bench-venv-trl/bin/python")
     ap.add_argument("--trl-worker", default=None)
     args = ap.parse_args()
@@ -198,15 +221,27 @@ def main():
     paths = setup(work, args)
     prompts = prompt_ids(paths, args)
     plen = statistics.mean(len(p) for p in prompts)
-    print(f"model: random Gemma-3 {paths['n_params'] / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
-          f"vocab {json.load(open(Path(paths['bench_model']) / 'config.json'))['vocab_size']}); {args.prompts} prompts "
-          f"x K={args.K}, prompt {plen:.0f} tokens, <= {args.new} new tokens, {args.steps} steps (median of steps 2..)")
-    rows = {"ours (shared prefix)": run_ours(paths, work, args, True),
-            "ours (shared prefix off)": run_ours(paths, work, args, False)}
-    try:
-        rows["TRL GRPOTrainer"] = run_trl(paths, work, args, prompts)
-    except Exception as e:  # say exactly why, keep our numbers
-        print(f"TRL: could not run ({e})")
+    V = json.load(open(Path(paths["bench_model"]) / "config.json"))["vocab_size"]
+    print(f"model: random Gemma-3 {paths['n_params'] / 1e6:.1f}M params ({paths['n_embed'] / 1e6:.1f}M of them the "
+          f"tied embedding; hidden {args.hidden}, {args.layers} layers, head_dim {256 if not args.small_vocab else 64}, "
+          f"vocab {V}); {args.prompts} prompts x K={args.K}, prompt {plen:.0f} tokens, <= {args.new} new tokens, "
+          f"{args.steps} steps (median of steps 2..); 1 thread per process")
+    print(f"one step's completion logits [P*K, N, V] in fp32 would be "
+          f"{args.prompts * args.K * args.new * V * 4 / 2**20:.0f} MiB; neither side builds them (ours: fused kernel; "
+          f"TRL >= 1.x: chunked LM head, which on CPU scores every position, prompt included, in [<=4096, 32768] tiles); "
+          f"weights + grads + AdamW state, same on both sides: {16 * paths['n_params'] / 2**20:.0f} MiB", flush=True)
+    rows = {}
+    for name, fn in [("ours (shared prefix)", lambda: run_ours(paths, work, args, True)),
+                     ("ours (shared prefix off)", lambda: run_ours(paths, work, args, False)),
+                     ("TRL GRPOTrainer", lambda: run_trl(paths, work, args, prompts))]:
+        t1 = time.time()
+        try:
+            rows[name] = fn()
+        except Exception as e:  # say exactly why, keep the other numbers
+            if not name.startswith("TRL"):
+                raise
+            print(f"TRL: could not run ({e})")
+        print(f"  {name}: process wall {time.time() - t1:.0f}s", flush=True)
     base = {"ours": import_baseline_mib(sys.executable, "import train_grpo", str(ROOT)),
             "TRL": import_baseline_mib(args.trl_python, "import trl, transformers; from trl import GRPOTrainer", "/tmp")}
     for name, r in rows.items():
