@@ -267,12 +267,6 @@ def dump_grads(model, path: Path, is_main: bool) -> None:
         save_file(grads, str(path))
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_distributed() and dist.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t
-
-
 class JsonlWriter:
     """Append-only JSONL on rank 0, flushed per line (a kill loses at most the line being written)."""
 
@@ -402,7 +396,7 @@ def main(argv: list[str]) -> dict:
         n_rows = len(groups) * K
         mbs = micro_batches(len(groups), K, cfg.optim.micro_batch_size)
         n_pass = torch.tensor([len(mbs)], dtype=torch.long)
-        n_pass = int(all_reduce_max(n_pass))
+        n_pass = int(dist.all_reduce_max(n_pass))
         mask_all = res.mask if res else torch.zeros(0, 1, dtype=torch.bool)  # [G*K, N]
         tok_all = res.tokens_padded if res else torch.zeros(0, 1, dtype=torch.long)
         totals = torch.tensor([float(n_rows), float(mask_all.sum())], dtype=torch.float64)
@@ -488,7 +482,7 @@ def main(argv: list[str]) -> dict:
         comp_vals = {n: [x for _, _, p in gathered for x in p.get(n, [])] for n in comp_names}
         mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0
         lens = [int(x) for x in mask_all.sum(1).tolist()]
-        len_max = int(all_reduce_max(torch.tensor([max(lens, default=0)], dtype=torch.long)))
+        len_max = int(dist.all_reduce_max(torch.tensor([max(lens, default=0)], dtype=torch.long)))
         lens_t = torch.tensor([float(sum(lens)), float(len(lens)), 0.0,
                                float(skipped), float(res.mask.shape[0] if res else 0),
                                float(sum(r == "length" for r in res.stop_reasons) if res else 0)], dtype=torch.float64)

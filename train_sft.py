@@ -367,7 +367,7 @@ def evaluate(model, tok, cfg: SFTConfig, val, info) -> dict:
     mine = val[R::W]
     budget = cfg.optim.micro_batch_tokens
     mbs = pack([len(ids) for _, ids, _ in mine], budget)
-    n_pass = int(reduce(torch.tensor([len(mbs)]), info.device, "max"))
+    n_pass = int(dist.all_reduce_max(torch.tensor([len(mbs)])))
     sums = torch.zeros(4, dtype=torch.float64)  # nll, tokens, hits, asked
     for j in range(n_pass):
         if j < len(mbs):
@@ -387,24 +387,13 @@ def evaluate(model, tok, cfg: SFTConfig, val, info) -> dict:
                 item = parse_completion(text, cfg.task.think_tag, cfg.task.item_tag).item
                 sums[2] += float(item is not None and normalize_item(item) == normalize_item(ex.target_id))
                 sums[3] += 1
-    sums = reduce(sums, info.device)
+    sums = dist.all_reduce_sum(sums)
     model.train()
     out = {"eval/loss": float(sums[0]) / max(float(sums[1]), 1.0), "eval/examples": len(val)}
     if sums[3] > 0:
         out["eval/hr@1"] = float(sums[2]) / float(sums[3])
         out["eval/hr_users"] = int(sums[3])
     return out
-
-
-def reduce(t: torch.Tensor, device, op: str = "sum") -> torch.Tensor:
-    """Sum / max of a small host tensor over ranks, returned on the host. The collective runs on the backend's
-    device (nccl only reduces CUDA tensors, gloo CPU ones). Identity at world size 1."""
-    if not (dist.is_distributed() and dist.get_world_size() > 1):
-        return t
-    x = t.to(device)
-    rop = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
-    torch.distributed.all_reduce(x, op=rop)
-    return x.cpu()
 
 
 def peak_memory_mb(device) -> float:
@@ -522,8 +511,8 @@ def main(argv: list[str]) -> dict:
         mbs = pack([len(ids) for ids, _ in rows], cfg.optim.micro_batch_tokens)
         # ---- 2. global response-token count FIRST (the loss divides by it), and the pass count every rank runs
         n_resp = torch.tensor([float(sum(sum(m[1:]) for _, m in rows))], dtype=torch.float64)
-        n_resp = reduce(n_resp, dev)
-        n_pass = int(reduce(torch.tensor([len(mbs)]), dev, "max"))
+        n_resp = dist.all_reduce_sum(n_resp)
+        n_pass = int(dist.all_reduce_max(torch.tensor([len(mbs)])))
         denom = max(float(n_resp), 1.0)
 
         # ---- 3. forward/backward over the micro-batches (gradient accumulation)
@@ -551,7 +540,7 @@ def main(argv: list[str]) -> dict:
         opt.zero_grad(set_to_none=True)
 
         # ---- 4. log: global sums
-        task_sums, counts = reduce(task_sums, dev), reduce(counts, dev)
+        task_sums, counts = dist.all_reduce_sum(task_sums), dist.all_reduce_sum(counts)
         dt = time.time() - t0
         tot_nll, tot_tok = float(task_sums[0::2].sum()), float(task_sums[1::2].sum())
         rec = {"step": step + 1, "epoch": (step + 1) * G / stream.epoch_len, "loss": tot_nll / max(tot_tok, 1.0),

@@ -95,20 +95,34 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks; returns `t`. The tensor must live on the backend's device (cpu for gloo, cuda for
-    nccl). At world size 1 it is returned untouched."""
-    if is_distributed() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """In place over ranks, wherever `t` lives: nccl reduces only CUDA tensors and gloo only CPU ones, so a tensor on
+    the other device goes through a copy on the backend's device. Identity at world size 1."""
+    if not (is_distributed() and dist.get_world_size() > 1):
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if t.device == dev:
+        dist.all_reduce(t, op=op)
+    else:
+        buf = t.to(dev)
+        dist.all_reduce(buf, op=op)
+        t.copy_(buf)
     return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks; returns `t` (any device)."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """In-place max over ranks; returns `t` (any device)."""
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """In-place mean over ranks (sum / world_size); returns `t`."""
-    if is_distributed() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t.div_(dist.get_world_size())
-    return t
+    return _all_reduce(t, dist.ReduceOp.SUM).div_(get_world_size())
 
 
 def seed_everything(seed: int) -> None:
