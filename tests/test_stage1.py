@@ -90,13 +90,14 @@ class ScriptedBackend:
     name = "scripted"
 
     def __init__(self, delay: float = 0.0):
-        self.delay = delay
+        self.delay, self.stops = delay, set()
 
     def encode_chat(self, messages):
         return list(range(sum(len(m["content"].split()) for m in messages)))
 
     def generate(self, reqs):
         time.sleep(self.delay)
+        self.stops |= {r.stop for r in reqs if r.messages[-1]["content"] != "Reply with OK."}
         return [GenOutput(scripted_reply(r), len(r.prompt_ids), 20, "stop") for r in reqs]
 
 
@@ -272,6 +273,7 @@ def test_end_to_end_scripted_teacher(world, tmp_path):
         stats = br.main(config(world, tmp_path / "run", srv.url))
     finally:
         srv.close()
+    assert srv.backend.stops == {("</verdict>",)}  # every instance request stops decoding at the closed verdict
     ds = world["ds"]
     kept, dropped = records(tmp_path / "run")
     want = {u.idx: expected_reason(ds.target(u.idx, "train")) for u in ds.users}

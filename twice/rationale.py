@@ -247,6 +247,9 @@ class TeacherConfig:
     batch_size: int = 8           # local: prompts per Engine.generate call
 
 
+STOP = ("</verdict>",)  # the answer is complete once the verdict is closed: stop decoding there (not returned)
+
+
 class ApiTeacher:
     def __init__(self, cfg: TeacherConfig):
         from twice.llm_api import ChatClient, LLMConfig
@@ -260,7 +263,7 @@ class ApiTeacher:
         self.client.preflight()
 
     def complete(self, conversations: list[list[dict]], seeds: list[int]) -> list:
-        return self.client.chat_many(conversations, per_request=[{"seed": s} for s in seeds])
+        return self.client.chat_many(conversations, per_request=[{"seed": s} for s in seeds], stop=list(STOP))
 
 
 class LocalTeacher:
@@ -283,7 +286,7 @@ class LocalTeacher:
         from twice.serve import GenRequest
         out = []
         for i in range(0, len(conversations), max(1, self.cfg.batch_size)):
-            reqs = [GenRequest(m, self.backend.encode_chat(m), self.cfg.max_tokens, self.cfg.temperature, 1.0, (), s)
+            reqs = [GenRequest(m, self.backend.encode_chat(m), self.cfg.max_tokens, self.cfg.temperature, 1.0, STOP, s)
                     for m, s in zip(conversations[i:i + self.cfg.batch_size], seeds[i:i + self.cfg.batch_size])]
             try:
                 outs = self.backend.generate(reqs)
