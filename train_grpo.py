@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import random
 import sys
 import time
@@ -36,7 +35,6 @@ from typing import Optional
 import torch
 
 from twice import dist
-from twice.config import load_config  # noqa: F401  (tests build configs the same way)
 from twice.checkpoint import export_hf, load_latest, save_checkpoint
 from twice.config import ConfigError, parse_args, save_config
 from twice.data import load_dataset

@@ -111,9 +111,10 @@ def prompt_ids(paths: dict, args) -> list[list[int]]:
     """The exact prompt token ids our run uses, in order (so TRL sees the same prompts)."""
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     import train_grpo
+    from twice.config import load_config
     from twice.data import load_dataset
     from twice.tokenizer import Tokenizer
-    cfg = train_grpo.load_config(train_grpo.GRPORunConfig, None, our_overrides(paths, Path("/tmp/unused"), args, True))
+    cfg = load_config(train_grpo.GRPORunConfig, None, our_overrides(paths, Path("/tmp/unused"), args, True))
     ds, tok = load_dataset(paths["data"]), Tokenizer.from_pretrained(paths["bench_model"])
     users = [u.idx for u in ds.users if len(u.items) >= 4]
     return [train_grpo.build_group(ds, tok, cfg, users, i).prompt for i in range(args.steps * args.prompts)]

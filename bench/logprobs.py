@@ -19,7 +19,6 @@ fit in half of MemAvailable; the extrapolation is then printed instead, marked "
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time

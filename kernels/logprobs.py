@@ -23,6 +23,7 @@ else "torch". triton is optional: this module imports without it.
 
 Tests: pytest tests/test_logprobs.py        Benchmark: python bench/logprobs.py
 """
+import importlib
 import math
 import os
 
@@ -39,7 +40,7 @@ IMPLS = ("torch", "triton")
 
 def _triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        importlib.import_module("triton")
     except Exception:  # ImportError, or a broken install: fall back to torch
         return False
     return True

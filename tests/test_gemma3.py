@@ -51,7 +51,7 @@ class FullCache:
         past = self.k[layer_idx].shape[2] if layer_idx in self.k else 0
         self.k[layer_idx] = k if past == 0 else torch.cat([self.k[layer_idx], k], 2)
         self.v[layer_idx] = v if past == 0 else torch.cat([self.v[layer_idx], v], 2)
-        T, S = k.shape[2], past + k.shape[2]
+        S = past + k.shape[2]
         q = torch.arange(past, S)[:, None]
         kv = torch.arange(S)[None, :]
         allowed = kv <= q

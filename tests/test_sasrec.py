@@ -9,7 +9,6 @@ import torch
 
 import train_sasrec
 from twice.data import load_dataset
-from twice.metrics import rank_of_target
 from twice.sasrec import SASRec, SASRecConfig, left_pad, rank_candidates, rank_full, rank_sampled
 
 N_ITEMS = 24

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import train_grpo  # noqa: E402
 from grpo_fixture import build, overrides  # noqa: E402
+from twice.config import load_config  # noqa: E402
 from twice.gemma3 import PRESETS, Gemma3  # noqa: E402
 from twice.grpo import policy_loss  # noqa: E402
 
@@ -196,7 +197,7 @@ def test_reward_rises_on_a_learnable_toy_reward(world, tmp_path, monkeypatch):
           "rewards.weights": "{think_first: 1.0}"}
     metrics = run(world, tmp_path / "e2e", **kw)
 
-    cfg = train_grpo.load_config(train_grpo.GRPORunConfig, None, overrides(world, tmp_path / "x"))
+    cfg = load_config(train_grpo.GRPORunConfig, None, overrides(world, tmp_path / "x"))
     ds, tok = load_dataset(world["data"]), Tokenizer.from_pretrained(world["warm"])
     users = [u.idx for u in ds.users]
     prompts = [train_grpo.build_group(ds, tok, cfg, users, 1000 + i).prompt for i in range(8)]
