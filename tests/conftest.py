@@ -21,6 +21,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (real 270m weights, benchmarks); not run in CI")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny shapes gain
+    nothing from more, and on a shared 2-core CI box their spin-waits make tests 5-20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def official_sample_dir():
     if not OFFICIAL_SAMPLE.is_dir():

@@ -20,13 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 N = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 1 thread here and in the resume subprocess: bitwise comparisons across processes need the same kernels
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# 1 thread here and in the resume subprocess: bitwise comparisons across processes need the same kernels
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fresh(init_seed=0):

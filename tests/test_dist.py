@@ -25,13 +25,7 @@ from twice.optim import build_adamw, clip_grad_norm_, lr_at
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny shapes: intra-op threads only add contention on the shared 2-core CI box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from twice.gemma3 import Gemma3, PRESETS
 W = PRESETS["tiny"].sliding_window  # 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matmuls: intra-op threads only add sync overhead (20x slower on a loaded 2-core CI box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from twice.gemma3 import FULL, PRESETS, SLIDING, Gemma3, Gemma3Config, build_mas
 TINY = PRESETS["tiny"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core box their spin-waits cost ~5x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(seed=0, dtype=torch.float32, config=TINY):

@@ -29,13 +29,7 @@ IDS = torch.tensor([[2, 17, 301, 5, 88, 450, 9, 9, 123, 64, 500, 3, 7],
                     [2, 44, 1, 250, 310, 77, 12, 499, 6, 8, 90, 200, 33]])  # [2, 13]: 13 > window 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core box their spin-waits cost ~5x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_load(path, dtype):

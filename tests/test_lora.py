@@ -13,13 +13,7 @@ from twice.lora import (TARGETS, LoRALinear, apply_lora, load_lora_state_dict, l
                         lora_state_dict, merge_lora, merge_lora_state_dict)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny shapes: intra-op threads only add contention on the shared 2-core CI box (10x slower when loaded)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0):

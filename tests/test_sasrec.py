@@ -14,13 +14,7 @@ from twice.sasrec import SASRec, SASRecConfig, left_pad, rank_candidates, rank_f
 N_ITEMS = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one intra-op thread is fastest, and avoids oversubscription on a shared 2-core CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(norm="pre", loss="ce", **kw):
