@@ -92,11 +92,6 @@ def sample_candidates(ds, user, target: int, n_negatives: int, rng: random.Rando
     return cands
 
 
-def split_candidates(ds, split: str) -> dict[int, list[int]]:
-    """user idx -> fixed candidate list for 'valid' / 'test'."""
-    return {c.user: list(c.candidates) for c in ds.candidates(split)}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the tasks
 
