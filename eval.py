@@ -202,9 +202,11 @@ def judge_score(text: str) -> int | None:
 # one model
 
 def rationale_prefix(tok, gen_tokens: list[int], text: str, think_tag: str, item_tag: str) -> tuple[list[int], str]:
-    """Token ids to put after the prompt before scoring `<item>ID</item>`, and the rationale text.
-    The greedy completion's own tokens through the one that completes `</think>` when they end exactly there;
-    otherwise the text up to `</think>` (or up to `<item>`, or all of it, closed with `</think>`) re-encoded."""
+    """Token ids to put after the prompt before scoring `<item>ID</item>`, and their text: what the model wrote
+    before its answer. The greedy completion's own tokens through the one that completes `</think>` when they end
+    exactly there, else the text through `</think>` re-encoded. Without `</think>`: the text before `<item>` (all of
+    it when there is no `<item>`), closed with `</think>` only if the model opened `<think>` (a model that answers
+    without reasoning, e.g. one trained on T2 only, is scored right where it wrote `<item>`)."""
     close, item_open = f"</{think_tag}>", f"<{item_tag}>"
     cut = text.find(close)
     if cut >= 0:
@@ -217,8 +219,10 @@ def rationale_prefix(tok, gen_tokens: list[int], text: str, think_tag: str, item
                 break
         return tok.encode(upto), upto
     j = text.find(item_open)
-    upto = (text[:j] if j >= 0 else text).rstrip() + close
-    return tok.encode(upto), upto
+    upto = text[:j] if j >= 0 else text
+    if f"<{think_tag}>" in upto:
+        upto = upto.rstrip() + close
+    return (tok.encode(upto) if upto else []), upto
 
 
 def _parse_dtype(name: str, device) -> torch.dtype:

@@ -78,6 +78,17 @@ def test_pessimistic_rank_and_trie_greedy():
     assert ev.trie_greedy(seqs, lps2) == 1         # greedy picks 5 (sum of [6,3,9] = -0.6 would be higher)
 
 
+def test_rationale_prefix_rules(world):
+    tok = world["tok"]
+    gen = tok.encode("<think>likes warm things</think><item>I3</item>")
+    ids, text = ev.rationale_prefix(tok, gen, tok.decode(gen), "think", "item")
+    assert text == "<think>likes warm things</think>" and tok.decode(ids) == text
+    # an open rationale cut by the token budget is closed; an answer without reasoning is scored where it starts
+    assert ev.rationale_prefix(tok, [], "<think>likes warm", "think", "item")[1] == "<think>likes warm</think>"
+    assert ev.rationale_prefix(tok, [], "<item>I3</item>", "think", "item") == ([], "")
+    assert ev.rationale_prefix(tok, [], "blah <item>I3", "think", "item")[1] == "blah "
+
+
 def test_judge_score_parse():
     assert ev.judge_score("<score>3</score> convincing") == 3
     assert ev.judge_score("<score> 0 </score>") == 0
@@ -199,7 +210,6 @@ def test_exact_ranking_equals_full_forward_loglik(world, tmp_path):
                                    reasoning=reasoning, with_response=False)
             prefix = prompt_ids(tok, ex)
             if reasoning:
-                assert p["exact"]["rationale_scored"].endswith("</think>")
                 # the scored prefix: the greedy tokens through </think>, or its text re-encoded
                 g = tok.encode(p["greedy"]["text"])
                 pre, _ = ev.rationale_prefix(tok, g, p["greedy"]["text"], "think", "item")
