@@ -64,11 +64,15 @@ def hit_rate(ranks, k: int) -> float:
     return float((r <= k).double().mean())
 
 
-def ndcg(ranks, k: int) -> float:
-    """NDCG@K with a single relevant item: 1/log2(rank+1) inside the top K, 0 outside."""
+def ndcg_gains(ranks, k: int) -> torch.Tensor:
+    """Per-row NDCG@K gains [B] (float64) with a single relevant item: 1/log2(rank+1) inside the top K, 0 outside."""
     r = _as_ranks(ranks).double()
-    gain = torch.where(r <= k, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r))
-    return float(gain.mean())
+    return torch.where(r <= k, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r))
+
+
+def ndcg(ranks, k: int) -> float:
+    """NDCG@K: the mean of ndcg_gains."""
+    return float(ndcg_gains(ranks, k).mean())
 
 
 def mrr(ranks, k: int | None = None) -> float:
@@ -107,12 +111,6 @@ def bootstrap_interval(values, n_boot: int = 1000, alpha: float = 0.05, seed: in
     means = v[idx].mean(dim=1)
     lo, hi = torch.quantile(means, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)).tolist()
     return lo, hi
-
-
-def ndcg_gains(ranks, k: int) -> torch.Tensor:
-    """Per-row NDCG@K gains [B] (float64), for bootstrap intervals."""
-    r = _as_ranks(ranks).double()
-    return torch.where(r <= k, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r))
 
 
 def summarize(ranks, ks=(1, 5, 10)) -> dict[str, float]:
