@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from twice import dist
-from twice.checkpoint import export_hf, load_latest, save_checkpoint
+from twice.checkpoint import export_hf, load_latest, rewrite_metrics, save_checkpoint
 from twice.config import ConfigError, parse_args, save_config
 from twice.data import load_dataset
 from twice.engine import Engine
@@ -336,6 +336,9 @@ def main(argv: list[str]) -> dict:
             raise ValueError(f"{state['path']}: data cursor {state['data']} does not match step {start} x "
                              f"prompts_per_step {P_step} (was prompts_per_step changed?)")
         log(f"resumed from {state['path']} at step {start}")
+        if info.is_main:  # steps logged after the checkpoint are redone: drop their lines
+            for name in ("metrics.jsonl", "completions.jsonl"):
+                rewrite_metrics(run_dir / name, start)
     if not state:  # per-rank streams from here on (a resume restored each rank's own streams instead)
         dist.seed_everything(cfg.seed + 1000 * R)
     metrics_f = JsonlWriter(run_dir / "metrics.jsonl", info.is_main)

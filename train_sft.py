@@ -52,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from twice import dist
-from twice.checkpoint import export_hf, load_latest, save_checkpoint
+from twice.checkpoint import export_hf, load_latest, rewrite_metrics, save_checkpoint
 from twice.config import ConfigError, parse_args, save_config
 from twice.data import User, load_dataset
 from twice.engine import Engine
@@ -400,22 +400,6 @@ def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def rewrite_metrics(path: Path, upto_step: int) -> None:
-    """On resume drop metric lines written after the checkpoint (a killed run may have logged further)."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            if json.loads(ln).get("step", 0) <= upto_step:
-                keep.append(ln)
-        except ValueError:  # a line torn by the kill: dropped (its step is redone anyway)
-            print(f"note: {path}: dropping a torn line {ln[:60]!r}", file=sys.stderr)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -138,3 +138,13 @@ def test_bad_inputs_fail_clearly_before_writing(tmp_path):
         load_checkpoint(path, other, None)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         load_checkpoint(tmp_path / "step_000007", model, opt)
+
+
+def test_rewrite_metrics_drops_lines_after_the_checkpoint(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 3)) + '{"step": 4, "lo')
+    C.rewrite_metrics(path, 2)
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2]
+    assert "dropping a torn line" in capsys.readouterr().err
+    C.rewrite_metrics(tmp_path / "absent.jsonl", 2)  # a fresh run dir: nothing to do
+    assert not (tmp_path / "absent.jsonl").exists()

@@ -42,6 +42,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -277,6 +278,21 @@ def load_latest(ckpt_dir, model: nn.Module, optimizer: torch.optim.Optimizer | N
         dist.print0(f"note: {pointer} says {pointer.read_text().strip()!r}, newest complete is {path.name}: "
                     f"using {path.name}")
     return load_checkpoint(path, model, optimizer, extra_generators)
+
+
+def rewrite_metrics(path: Path, upto_step: int) -> None:
+    """On resume drop the JSONL lines logged after the checkpoint's step (a killed run may have logged further;
+    those steps are redone). Rank 0 only."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln).get("step", 0) <= upto_step:
+                keep.append(ln)
+        except ValueError:  # a line torn by the kill: dropped (its step is redone anyway)
+            print(f"note: {path}: dropping a torn line {ln[:60]!r}", file=sys.stderr)
+    _write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 # ----------------------------------------------------------------------------------------------------------------
