@@ -1,6 +1,6 @@
 """Typed run configs: YAML -> nested dataclasses, with dotted command-line overrides.
 
-    python train_grpo.py configs/quickstart/grpo.yaml grpo.group_size=8 optim.lr=1e-6
+    python train_grpo.py configs/quickstart/grpo.yaml rollout.group_size=8 optim.lr=1e-6
 
 Each stage script defines its own top-level dataclass (its sections are the dataclasses of the things it
 configures: `twice.data.DataConfig`, `twice.sasrec.SASRecConfig`, ...), so a YAML key is one hop from the
