@@ -47,8 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import token_logprobs
-
-SLIDING, FULL = "sliding_attention", "full_attention"
+from twice.gemma3 import FULL, SLIDING  # the layer kinds of Gemma3Config.layer_types
 
 
 # ----------------------------------------------------------------------------------------------------------------
