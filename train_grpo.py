@@ -538,4 +538,7 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"train_grpo.py: config error: {e}")
