@@ -107,7 +107,7 @@ def _ref_chunks(n: int, v: int, d: int) -> tuple[int, int]:
 
 
 def _ref_forward(hidden, weight, targets, temperature, with_entropy):
-    """-> lse, logp, entropy (or None), each [N] fp32."""
+    """-> lse, logp, entropy (or None), each [N] in the accumulation dtype (fp32; fp64 for fp64 inputs)."""
     n, v = hidden.shape[0], weight.shape[0]
     dev, acc = hidden.device, _acc_dtype(hidden)
     rows, vchunk = _ref_chunks(n, v, hidden.shape[1])
