@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from twice.metrics import rank_of_target
+
 
 @dataclass
 class SASRecConfig:
@@ -261,8 +263,6 @@ def _batches(n: int, batch_size: int):
 def rank_candidates(model: SASRec, histories: list[list[int]], candidates: list[list[int]], targets: list[int],
                     batch_size: int = 512) -> torch.Tensor:
     """Fixed candidate sets (the paper's protocol): 1-based rank of each target inside its candidate list [U]."""
-    from twice.metrics import rank_of_target
-
     dev = model.item_emb.weight.device
     out = []
     for s, e in _batches(len(histories), batch_size):
@@ -288,8 +288,6 @@ def _seen_mask(histories: list[list[int]], n_cols: int, device) -> torch.Tensor:
 @torch.no_grad()
 def rank_full(model: SASRec, histories: list[list[int]], targets: list[int], batch_size: int = 512) -> torch.Tensor:
     """Full ranking over every item, the user's history items excluded (score -inf) but never the target [U]."""
-    from twice.metrics import rank_of_target
-
     dev = model.item_emb.weight.device
     out = []
     for s, e in _batches(len(histories), batch_size):
@@ -307,8 +305,6 @@ def rank_sampled(model: SASRec, histories: list[list[int]], targets: list[int], 
                  n_negatives: int = 100, seed: int = 0, batch_size: int = 512) -> torch.Tensor:
     """Original SASRec protocol: the target against `n_negatives` uniform items outside `exclude[u]` (the user's
     whole sequence here), drawn with replacement from a seeded generator (same negatives on every run) [U]."""
-    from twice.metrics import rank_of_target
-
     dev = model.item_emb.weight.device
     V = model.cfg.n_items
     g = torch.Generator().manual_seed(seed)
