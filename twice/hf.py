@@ -188,7 +188,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 def from_pretrained(path, dtype=torch.float32, device="cpu") -> Gemma3:
     """HF folder -> Gemma3 in `dtype` on `device`, eval mode. Strict: every tensor accounted for, by name."""
-    path = Path(path)
+    path = Path(path).expanduser()
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json")

@@ -218,7 +218,7 @@ class SASRec(nn.Module):
         """Rebuild from config.json and load model.safetensors strictly (every key, every shape). Eval mode."""
         from safetensors.torch import load_file
 
-        model_dir = Path(model_dir)
+        model_dir = Path(model_dir).expanduser()
         cfg_path, w_path = model_dir / "config.json", model_dir / "model.safetensors"
         for p in (cfg_path, w_path):
             if not p.exists():

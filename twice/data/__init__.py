@@ -95,7 +95,7 @@ class Dataset:
     `users[k].idx == k + 1` (use `user(idx)`); `history`, `target` and candidate sets take the user *idx*."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         for name in ("items.jsonl", "users.jsonl", "meta.json"):
             if not (self.root / name).exists():
                 raise FileNotFoundError(f"{self.root}: not a dataset dir (missing {name}); "
