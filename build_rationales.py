@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from twice.config import parse_args, save_config
 from twice.data import load_dataset
+from twice.fileio import write_json_atomic
 from twice.llm_api import LLMError
 from twice.rationale import (DROP_REASONS, RationaleConfig, TeacherConfig, append_jsonl, build_request, curate,
                              grounding_words, load_exemplars, make_teacher, read_jsonl,
@@ -62,12 +63,6 @@ def select_users(ds, n_users: int, seed: int) -> list[int]:
 def instance_seed(seed: int, user: int) -> int:
     """Sampling seed of one instance: the same on every (re)run, independent of batching."""
     return (seed * 1_000_003 + user) % (2 ** 62)
-
-
-def atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def main(cfg: BuildConfig) -> dict:
@@ -159,7 +154,7 @@ def write_stats(run: Path, users: list[int], done: set[int], tot: dict, asked: i
     stats = {"users": len(users), "done": len(done), "kept": tot["kept"], "dropped": dict(tot["dropped"]),
              "asked_this_run": asked, "failed_requests": failed, "pending": len(set(users) - done),
              "tokens": {"prompt": tot["tokens"][0], "completion": tot["tokens"][1]}}
-    atomic_json(run / "stats.json", stats)
+    write_json_atomic(run / "stats.json", stats)
     return stats
 
 

@@ -53,6 +53,7 @@ from twice.config import ConfigError, parse_args, save_config
 from twice.data import load_dataset
 from twice.dist import all_reduce_sum, barrier, init_distributed, print0
 from twice.engine import Engine
+from twice.fileio import write_atomic
 from twice.llm_api import ChatClient, LLMConfig, LLMError
 from twice.metrics import bootstrap_interval, wilson_interval
 from twice.rewards import normalize_item, parse_completion
@@ -458,12 +459,6 @@ def results_table(results: dict, cfg: EvalConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str]) -> dict | None:
@@ -529,7 +524,7 @@ def main(argv: list[str]) -> dict | None:
                 merged += [json.loads(line) for line in pf.read_text().splitlines()]
                 pf.unlink()
             merged.sort(key=lambda r: r.pop("pos"))
-            _atomic_write(out_dir / f"predictions_{name}.jsonl", "".join(json.dumps(r) + "\n" for r in merged))
+            write_atomic(out_dir / f"predictions_{name}.jsonl", "".join(json.dumps(r) + "\n" for r in merged))
             if cfg.judge.enabled and (not cfg.judge.models or name in cfg.judge.models):
                 block["judge"] = run_judge(cfg, name, merged, ds, out_dir)
         results["models"][name] = block
@@ -541,9 +536,9 @@ def main(argv: list[str]) -> dict | None:
 
     results["wall_s"] = round(time.time() - t0, 1)
     if info.is_main:
-        _atomic_write(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        write_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
         table = results_table(results, cfg)
-        _atomic_write(out_dir / "results.md", table)
+        write_atomic(out_dir / "results.md", table)
         print(table)
     return results
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from twice.config import ConfigError, parse_args, save_config
 from twice.data import load_dataset
 from twice.dist import cleanup, init_distributed
+from twice.fileio import write_json_atomic
 from twice.metrics import summarize
 from twice.sasrec import SASRec, SASRecConfig, rank_candidates, rank_full, rank_sampled
 
@@ -232,9 +232,7 @@ def main(argv: list[str]) -> dict:
             "test": evaluate(best_model, ds, "test", tc),
             "tie_break": "pessimistic (a tie with the target ranks it lower)",
         }
-        tmp = out_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, out_dir / "results.json")
+        write_json_atomic(out_dir / "results.json", results)
         t = results["test"]
         line = [f"best epoch {best_epoch}, train {train_s:.1f}s"]
         if "candidates" in t:

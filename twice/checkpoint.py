@@ -53,6 +53,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from twice import dist
+from twice.fileio import write_atomic
 from twice.lora import lora_modules, merge_lora_state_dict
 
 FORMAT_VERSION = 1
@@ -68,19 +69,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, write_fn) -> None:
-    """write_fn(tmp_path) then fsync and rename over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    write_fn(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda p: p.write_text(text))
 
 
 def step_dirs(ckpt_dir) -> list[Path]:
@@ -190,7 +178,7 @@ def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer: torch.opti
     dist.barrier()
 
     if is_main:
-        _write_text(tmp / "meta.json", meta_text)  # last file: its presence marks the directory complete
+        write_atomic(tmp / "meta.json", meta_text)  # last file: its presence marks the directory complete
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
             old = ckpt_dir / f".old_{name}"
@@ -198,7 +186,7 @@ def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer: torch.opti
             os.replace(final, old)
             shutil.rmtree(old)
         os.replace(tmp, final)
-        _write_text(ckpt_dir / "latest", name + "\n")
+        write_atomic(ckpt_dir / "latest", name + "\n")
         _fsync_dir(ckpt_dir)
         for stale in ckpt_dir.glob(".tmp_step_*"):  # crashed saves from before
             shutil.rmtree(stale, ignore_errors=True)
@@ -292,7 +280,7 @@ def rewrite_metrics(path: Path, upto_step: int) -> None:
                 keep.append(ln)
         except ValueError:  # a line torn by the kill: dropped (its step is redone anyway)
             print(f"note: {path}: dropping a torn line {ln[:60]!r}", file=sys.stderr)
-    _write_text(path, "".join(ln + "\n" for ln in keep))
+    write_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 # ----------------------------------------------------------------------------------------------------------------

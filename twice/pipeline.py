@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from twice.fileio import write_atomic, write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "quickstart"
 STAGES = ("data", "model", "sasrec", "rationales", "sft", "grpo_D", "grpo_E", "eval")
@@ -177,12 +179,6 @@ def _self_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the table
 
@@ -264,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = {"rc": rc, "wall_s": round(time.time() - t0, 1),
                "cpu_s": round(_children_cpu() + _self_cpu() - c0, 1), "cmd": cmd}
         state["stages"][stage] = rec
-        _save_state(state_path, state)
+        write_json_atomic(state_path, state)
         if rc != 0:
             print(f"pipeline: stage {stage} failed (exit {rc}); fix it and rerun: finished stages are skipped",
                   file=sys.stderr)
@@ -273,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"pipeline: stage {stage} exited 0 but did not write {missing}", file=sys.stderr)
             state["stages"][stage]["rc"] = -1
-            _save_state(state_path, state)
+            write_json_atomic(state_path, state)
             return 1
         print(f"[{i}/{len(STAGES)}] {stage}: done in {rec['wall_s']} s wall, {rec['cpu_s']} s CPU "
               f"({time.time() - t_all:.0f} s so far)", flush=True)
@@ -283,13 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     table = final_table(results)
     state["total_wall_s"] = round(sum(s.get("wall_s", 0) for s in state["stages"].values()), 1)
     state["total_cpu_s"] = round(sum(s.get("cpu_s", 0) for s in state["stages"].values()), 1)
-    _save_state(state_path, state)
+    write_json_atomic(state_path, state)
     timing = "\n".join(f"| {s} | {state['stages'][s]['wall_s']} | {state['stages'][s]['cpu_s']} |" for s in STAGES)
     text = (table + "\n| stage | wall s | CPU s |\n|---|---|---|\n" + timing +
             f"\n| total | {state['total_wall_s']} | {state['total_cpu_s']} |\n")
-    tmp = out / "results.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "results.md")
+    write_atomic(out / "results.md", text)
     print("\n" + text + f"\n(written to {out / 'results.md'})")
     return 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from twice.metrics import rank_of_target
+from twice.fileio import atomic_path, write_json_atomic
 
 
 @dataclass
@@ -206,12 +206,9 @@ class SASRec(nn.Module):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        tmp = out_dir / "model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt", "model": "twice.sasrec"})
-        os.replace(tmp, out_dir / "model.safetensors")
-        tmp = out_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
-        os.replace(tmp, out_dir / "config.json")
+        with atomic_path(out_dir / "model.safetensors") as tmp:
+            save_file(state, tmp, metadata={"format": "pt", "model": "twice.sasrec"})
+        write_json_atomic(out_dir / "config.json", dataclasses.asdict(self.cfg))
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "SASRec":

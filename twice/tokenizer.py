@@ -29,6 +29,8 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from twice.fileio import write_atomic
+
 # Gemma-3 special pieces (google-deepmind/gemma `_Gemma3SpecialTokens`); the ids are read back from the model and
 # checked, so a tokenizer with another layout fails loudly instead of mis-tokenising.
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -93,7 +95,7 @@ class Tokenizer:
         """Write out_dir/tokenizer.model (atomic)."""
         out = Path(out_dir) / "tokenizer.model"
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, self.sp.serialized_model_proto())
+        write_atomic(out, self.sp.serialized_model_proto())
         return out
 
     # ---- text <-> ids -----------------------------------------------------------------------------------------
@@ -251,17 +253,6 @@ def neutralize(text: str, tags: Iterable[str] = DEFAULT_TAGS, _pattern: re.Patte
     pat = _pattern or _neutralize_pattern(tags)
     return pat.sub(LOOKALIKE_LT, text).replace("[multimodal]", "(multimodal)")
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 if __name__ == "__main__":

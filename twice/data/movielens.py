@@ -19,6 +19,7 @@ from pathlib import Path
 from twice.data import DataConfig
 from twice.data.build import DataError, log
 from twice.data.recbole import RecBoleSource
+from twice.fileio import write_atomic
 
 WHEEL = "recbole==1.2.1"
 MEMBERS = ("ml-100k.inter", "ml-100k.item")
@@ -39,9 +40,7 @@ def extract(wheel: Path, dest: Path) -> None:
                 data = z.read(PREFIX + name)
             except KeyError:
                 raise DataError(f"{wheel}: has no {PREFIX + name}") from None
-            tmp = dest / (name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, dest / name)
+            write_atomic(dest / name, data)
 
 
 def fetch_ml100k(dest: Path | None = None) -> Path:
