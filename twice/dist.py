@@ -240,6 +240,7 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
         set_model_state_dict(model, state_dict, options=opts)
         return
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if strict and (missing or unexpected):
-        raise KeyError(f"state dict mismatch: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+    # strict=False is only for partial (trainable-only) loads: keys may be missing, but a stray key is still an error
+    unexpected = model.load_state_dict(state_dict, strict=strict).unexpected_keys
+    if unexpected:
+        raise KeyError(f"state dict has keys the model lacks: {sorted(unexpected)[:8]}")
