@@ -11,8 +11,9 @@ instruction. Our answer tags are the paper's `<think>` and `<item>` (configurabl
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from twice.tokenizer import neutralize
 
 RATING_WORDS = {1: "Terrible", 2: "Bad", 3: "Okay", 4: "Good", 5: "Excellent"}
 
@@ -33,18 +34,17 @@ class Tags:
         return f"<{self.think}>{text}</{self.think}>"
 
 
-# Strings that must never survive inside data-derived text: Gemma chat control tokens and our answer tags.
-_CONTROL = re.compile(r"<\s*/?\s*(start_of_turn|end_of_turn|bos|eos|pad|think|item|item_nm|item_id|item_info)\s*>",
-                      re.IGNORECASE)
+# Data text must never carry a chat control token or an answer tag: ours (<think>, <item>) and the authors' release's
+# (<item_nm>, <item_id>, <item_info>). The defusing itself lives in twice.tokenizer.neutralize (one mechanism).
+DATA_TAGS = ("think", "item", "item_nm", "item_id", "item_info")
 
 
 def clean(text: str | None, max_chars: int | None = None) -> str:
-    """Data text -> prompt-safe text: control strings and tags defused ("<item>" -> "(item)"), whitespace folded,
-    length capped. Capping happens after cleaning so a cut never leaves half a tag."""
+    """Data text -> prompt-safe text: control strings and tags defused ("<item>" -> "‹item>"), whitespace folded,
+    length capped. Capping happens after defusing so a cut never leaves half a tag."""
     if not text:
         return ""
-    text = _CONTROL.sub(lambda m: "(" + m.group(0).strip("<>").strip() + ")", str(text))
-    text = " ".join(text.split())
+    text = " ".join(neutralize(str(text), DATA_TAGS).split())
     if max_chars is not None and len(text) > max_chars:
         text = text[:max_chars].rstrip() + "..."
     return text
