@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from twice import prompts
-from twice.config import ConfigError, parse_args, save_config
+from twice.config import ConfigError, check_inputs, parse_args, save_config
 from twice.data import load_dataset
 from twice.dist import all_reduce_sum, barrier, init_distributed, print0
 from twice.engine import Engine
@@ -469,6 +469,8 @@ def main(argv: list[str]) -> dict | None:
         raise ConfigError("nothing to evaluate: set `models` and/or `sasrec_dir`")
     if cfg.judge.enabled and not (cfg.greedy.enabled or cfg.exact.enabled):
         raise ConfigError("judge.enabled needs greedy (or exact) decoding: the judge reads the greedy rationale")
+    check_inputs(("data_dir", cfg.data_dir, "dataset"), ("sasrec_dir", cfg.sasrec_dir, "sasrec"),
+                 *((f"models.{k}.path", m.path, "model") for k, m in cfg.models.items()))  # before any model load
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = init_distributed()

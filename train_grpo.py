@@ -36,7 +36,7 @@ import torch
 
 from twice import dist
 from twice.checkpoint import export_hf, load_latest, rewrite_metrics, save_checkpoint
-from twice.config import ConfigError, parse_args, save_config
+from twice.config import ConfigError, check_inputs, parse_args, save_config
 from twice.data import load_dataset
 from twice.engine import Engine
 from twice.gemma3 import Gemma3, SharedPrefix
@@ -283,6 +283,8 @@ class JsonlWriter:
 def main(argv: list[str]) -> dict:
     cfg = parse_args(GRPORunConfig, argv)
     check_config(cfg)
+    check_inputs(("model.path", cfg.model.path, "model"), ("data_dir", cfg.data_dir, "dataset"),
+                 ("sasrec_dir", cfg.sasrec_dir, "sasrec"))  # before any model load: one line naming the field
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     info = dist.init_distributed()

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twice import prompts
+from twice.config import ConfigError
 
 DROP_REASONS = ("unparseable", "irrelevant", "empty", "degenerate")
 
@@ -262,8 +263,10 @@ class ApiTeacher:
     def preflight(self):
         self.client.preflight()
 
-    def complete(self, conversations: list[list[dict]], seeds: list[int]) -> list:
-        return self.client.chat_many(conversations, per_request=[{"seed": s} for s in seeds], stop=list(STOP))
+    def complete(self, conversations: list[list[dict]], seeds: list[int], on_result=None) -> list:
+        """on_result(i, result) as each request finishes (progress per instance)."""
+        return self.client.chat_many(conversations, per_request=[{"seed": s} for s in seeds], stop=list(STOP),
+                                     on_result=on_result)
 
 
 class LocalTeacher:
@@ -273,7 +276,7 @@ class LocalTeacher:
         from twice.serve import load_backend
         if backend is None:
             if not cfg.model_path:
-                raise ValueError("teacher.backend=local needs teacher.model_path (an HF-format folder)")
+                raise ConfigError("teacher.backend=local needs teacher.model_path (an HF-format folder)")
             backend = load_backend(cfg.model_path, cfg.dtype)
         self.backend, self.cfg = backend, cfg
         self.name = f"local:{os.path.basename(os.path.normpath(cfg.model_path)) or backend.name}"
@@ -281,7 +284,8 @@ class LocalTeacher:
     def preflight(self):
         pass  # loading the checkpoint already failed loudly if it is missing or broken
 
-    def complete(self, conversations: list[list[dict]], seeds: list[int]) -> list:
+    def complete(self, conversations: list[list[dict]], seeds: list[int], on_result=None) -> list:
+        """on_result(i, result) for each instance as its engine batch (teacher.batch_size prompts) finishes."""
         from twice.llm_api import Completion, LLMError
         from twice.serve import GenRequest
         out = []
@@ -293,6 +297,9 @@ class LocalTeacher:
                 out += [Completion(o.text, o.prompt_tokens, o.completion_tokens) for o in outs]
             except (RuntimeError, ValueError) as e:  # e.g. out of memory for one batch: counted, run goes on
                 out += [LLMError(f"local generation failed: {type(e).__name__}: {e}")] * len(reqs)
+            if on_result is not None:
+                for j in range(i, len(out)):
+                    on_result(j, out[j])
         return out
 
 
@@ -301,4 +308,4 @@ def make_teacher(cfg: TeacherConfig):
         return ApiTeacher(cfg)
     if cfg.backend == "local":
         return LocalTeacher(cfg)
-    raise ValueError(f"teacher.backend must be 'api' or 'local', got {cfg.backend!r}")
+    raise ConfigError(f"teacher.backend must be 'api' or 'local', got {cfg.backend!r}")
