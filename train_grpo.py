@@ -67,7 +67,7 @@ class RolloutConfig:
     max_new_tokens: int = 300           # completion budget (the paper: 300)
     temperature: float = 1.0            # sampling temperature; the trainer's log-probs use the same temperature
     top_k: Optional[int] = None         # None = off. top-k/top-p make the sampler's policy differ from the trained
-    top_p: float = 1.0                  #   one (grpo.md 9.6): the canary metric logp_gap shows by how much
+    top_p: float = 1.0                  #   one: the canary metric logp_gap shows by how much
     stop_strings: list[str] = field(default_factory=lambda: ["</item>"])  # stop once the answer is closed
     reasoning: bool = True              # T3 prompts (<think> then <item>); False: T2 item-only prompts (RQ6 (C);
                                         #   then drop the think-tag format terms, e.g. rewards.weights={cg: 1.0})

@@ -19,7 +19,7 @@ that applies, in this order):
                   occurs 3+ times (a looping small model). E.g. "The customer will like this item." is degenerate;
                   "They loved the cookies, and baklava is a sweet treat" is kept (cookies: a history title word).
 
-Records (interfaces.md "Stage CLIs"): one JSON object per line, `{"user", "history", "target", "rationale",
+Records (build_rationales.py's docstring lists the files): one JSON object per line, `{"user", "history", "target", "rationale",
 "verdict", "teacher", "prompt_hash"}` (+ "tokens": [prompt, completion]) in rationales.jsonl; dropped instances
 go to dropped.jsonl with the same keys + "reason" and the raw teacher "text". `append_jsonl` writes a record as
 ONE os.write of a full line then fsync, and `repair_jsonl` cuts a torn last line left by a killed run, so a
