@@ -207,5 +207,27 @@ def test_checkpoint_and_export_files_follow_the_umask(tmp_path):
         for f in path.iterdir():
             assert oct(f.stat().st_mode & 0o777) == oct(0o644), f
         assert oct(path.stat().st_mode & 0o777) == oct(0o755)
+        out = C.export_hf(model, tmp_path / "final")     # the issue: final/ was 0700, model.safetensors 0600
+        assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+        for f in out.iterdir():
+            assert oct(f.stat().st_mode & 0o777) == oct(0o644), f
     finally:
         os.umask(old)
+
+
+def test_export_keeps_the_source_dtype(tmp_path):
+    """Trained in fp32 on CPU from a bf16 folder (Gemma-3 releases, our converted 270m): final/ is bf16 again (half the
+    disk of the issue's fp32 folders), unless a dtype is asked for."""
+    from twice.gemma3 import PRESETS, Gemma3
+    torch.manual_seed(0)
+    Gemma3.from_config(PRESETS["tiny"]).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    model = Gemma3.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    assert C.source_dtype(model) == torch.bfloat16
+    out = C.export_hf(model, tmp_path / "final")
+    sd = load_file(out / "model.safetensors")
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    src = load_file(tmp_path / "src" / "model.safetensors")
+    assert all(torch.equal(sd[k], src[k]) for k in src)   # bf16 -> fp32 -> bf16 is lossless
+    sd32 = load_file(C.export_hf(model, tmp_path / "f32", dtype=torch.float32) / "model.safetensors")
+    assert {v.dtype for v in sd32.values()} == {torch.float32}
