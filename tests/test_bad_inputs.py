@@ -62,7 +62,7 @@ CASES = {
     "twice.data missing raw dir": (["-m", "twice.data", "prepare", "configs/data/recbole.yaml", "raw_dir=NOPE", "domain=x", "out_dir=NOPE/out"], "NOPE/x.inter not found"),
     "twice.serve missing model": (["-m", "twice.serve", "--model", "NOPE"], "--model: NOPE does not exist"),
     "twice.serve misspelled option": (["-m", "twice.serve", "--model", "MODEL", "--prot", "1"], "unrecognized arguments: --prot 1"),
-    "twice.serve sasrec without data": (["-m", "twice.serve", "--model", "MODEL", "--sasrec", "SASREC"], "pass --data DATA_DIR"),
+    "twice.serve sasrec without data": (["-m", "twice.serve", "--model", "MODEL", "--sasrec", "SASREC"], "no train_sasrec.py config.yaml beside it names its dataset"),
     "twice.pipeline misspelled option": (["-m", "twice.pipeline", "--tinny"], "unrecognized arguments: --tinny"),
     "twice.pipeline missing configs": (["-m", "twice.pipeline", "--configs", "NOPE", "--out", "NOPE/out"], "--configs NOPE"),
 }

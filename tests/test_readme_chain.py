@@ -113,7 +113,8 @@ def test_readme_chain_runs_as_written(tmp_path):
         st = stage_of(argv)
         if st == "model":   # instead of downloading the 270m: the tiny model, built once the data exists (below)
             continue
-        if st == "serve":   # a server blocks; tests/test_serve.py covers it
+        if st == "serve":   # a server blocks (tests/test_serve.py serves); here: its inputs are what the chain wrote
+            serve = argv
             continue
         extra = list(TINY.get(st, [])) + (TASK_TINY if st in ("sft", "grpo", "eval") else [])
         if st == "sft" and not (work / "runs/quickstart/rationales/rationales.jsonl").read_text().strip():
@@ -143,3 +144,7 @@ def test_readme_chain_runs_as_written(tmp_path):
                                                                                                  "format": 1.0}
     for d in ("sft", "grpo_D", "grpo_E"):
         assert (q / d / "final" / "model.safetensors").is_file()
+    from twice.config import check_inputs
+    opt = dict(zip(serve[3::2], serve[4::2]))
+    check_inputs(*((o, work / opt[o], k) for o, k in (("--model", "model"), ("--sasrec", "sasrec"),
+                                                       ("--data", "dataset"))))
