@@ -12,6 +12,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,9 +120,11 @@ def test_readme_chain_runs_as_written(tmp_path):
         extra = list(TINY.get(st, [])) + (TASK_TINY if st in ("sft", "grpo", "eval") else [])
         if st == "sft" and not (work / "runs/quickstart/rationales/rationales.jsonl").read_text().strip():
             extra.append("mix.reason=0")   # what the README says to do when stage 1 kept nothing
+        t0 = time.time()
         p = subprocess.run([sys.executable] + argv[1:] + extra, cwd=work, env=env, capture_output=True, text=True,
                            timeout=600)
         assert p.returncode == 0, (argv, p.stdout[-2000:], p.stderr[-3000:])
+        print(f"$ {shlex.join(argv)}   (+ {' '.join(extra)})  -> exit 0, {time.time() - t0:.1f} s wall")
         ran.append(st)
         if st == "data":
             from twice.pipeline import build_tiny_model
