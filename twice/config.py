@@ -263,7 +263,7 @@ def check_inputs(*checks: tuple[str, str | Path, str]) -> None:
     """(field, path, kind) triples -> InputError naming the first bad one, e.g.
     `data_dir: runs/x/data does not exist (build it with ...)`. Empty paths are skipped (optional inputs)."""
     for field_name, path, kind in checks:
-        if not str(path):
+        if path is None or (isinstance(path, str) and not path):
             continue
         why = input_problem(path, kind)
         if why is not None:
