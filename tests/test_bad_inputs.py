@@ -52,7 +52,7 @@ CASES = {
     "train_sft misspelled key": (["train_sft.py", Q + "sft.yaml", "optim.lrate=1"], "optim.lr"),
     "train_sft missing data": (["train_sft.py", Q + "sft.yaml", "model.path=MODEL", "data_dir=NOPE"], "data_dir: NOPE does not exist"),
     "train_sft missing model": (["train_sft.py", Q + "sft.yaml", "model.path=NOPE", "data_dir=DATA"], "model.path: NOPE does not exist"),
-    "train_sft truncated weights": (["train_sft.py", Q + "sft.yaml", "model.path=TRUNC", "data_dir=DATA"], "model.path: TRUNC model.safetensors: truncated"),
+    "train_sft truncated weights": (["train_sft.py", Q + "sft.yaml", "model.path=TRUNC", "data_dir=DATA"], "model.path: TRUNC/model.safetensors is truncated: "),
     "train_sft empty T3 pool": (["train_sft.py", Q + "sft.yaml", "model.path=MODEL", "data_dir=DATA", "mix.t3_source=EMPTY"], "mix.t3_source: EMPTY has no records"),
     "train_grpo misspelled key": (["train_grpo.py", Q + "grpo.yaml", "rollout.group=2"], "rollout.group_size"),
     "train_grpo missing sasrec": (["train_grpo.py", Q + "grpo.yaml", "model.path=MODEL", "data_dir=DATA", "sasrec_dir=NOPE"], "sasrec_dir: NOPE does not exist"),

@@ -248,9 +248,9 @@ def input_problem(path: str | Path, kind: str) -> str | None:
             shards = ["model.safetensors"]
         for s in shards:
             if (why := safetensors_problem(p / s)) is not None:
-                return f"{s} is {why}" if why == "missing" else f"{s}: {why}"
+                return f"/{s} is {why}"    # "/": the message continues the folder's path
     if kind == "sasrec" and (why := safetensors_problem(p / "model.safetensors")) is not None:
-        return f"model.safetensors: {why}"
+        return f"/model.safetensors is {why}"
     return None
 
 
@@ -268,4 +268,4 @@ def check_inputs(*checks: tuple[str, str | Path, str]) -> None:
         why = input_problem(path, kind)
         if why is not None:
             hint = f" ({HINTS[kind]})" if kind in HINTS and why in ("does not exist", "is not a folder") else ""
-            raise InputError(f"{field_name}: {path} {why}{hint}")
+            raise InputError(f"{field_name}: {str(path).rstrip('/')}{why if why.startswith('/') else ' ' + why}{hint}")
