@@ -21,6 +21,9 @@ What is mapped:
     An item never shown with an ASIN keeps its vocab number as id (counted in stats.json).
   - users.jsonl: one user per test record, items = history + target; ratings and reviews parsed from the history
     blocks (rating words -> 1..5; the target has none); timestamps = positions (the release has no times).
+    Task-2/3 records get `user` = the test user whose sequence they prefix (the release lines up by index:
+    train record k = the first items of test user k), so SFT prompts show that user's reviews and ratings and
+    the same history block as the user's eval prompt; joined / unjoined / review-mismatch counts in stats.json.
     candidates_test.jsonl = the authors' 30 candidates in their order; candidates_valid.jsonl is sampled by us
     (the release has none) exactly like build.py does (n_negatives, negative_sampling, seed).
 """
@@ -138,6 +141,7 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
     examples: dict[str, list] = {t: [] for t in TASK_FILES}
     users: list[dict] = []
     cand_test: list[dict] = []
+    train_blocks: dict[int, tuple[int, list[dict]]] = {}     # id(task-2/3 example) -> (record index, history blocks)
     for task in ("task1", "task2", "task3", "test"):
         for where, k, ex in parsed[task]:
             if task != "task1":
@@ -152,6 +156,8 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
                     asin_idx.setdefault(b["id"], idx)
             hist_blocks = ex.pop("_hist_blocks", None)
             examples[task].append(ex)
+            if task in ("task2", "task3"):
+                train_blocks[id(ex)] = (k, hist_blocks)
             if task == "test":
                 uid = len(users) + 1
                 ex["user"] = uid
@@ -160,6 +166,8 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
                               "reviews": [b["review"] or "" for b in hist_blocks] + [""],
                               "timestamps": list(range(len(ex["history"]) + 1))})
                 cand_test.append({"user": uid, "target": ex["target"], "candidates": ex["candidates"]})
+
+    join_users(examples, users, train_blocks, counts)
 
     items = []
     for idx in range(1, n_items + 1):
@@ -203,6 +211,40 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
     log(f"official import: {n_items} items, {len(users)} test users, "
         + ", ".join(f"{len(e)} {t}" for t, e in examples.items()))
     return out
+
+
+def join_users(examples: dict, users: list[dict], train_blocks: dict, counts: dict) -> None:
+    """Give each task-2/3 record the test user it belongs to (`ex["user"]`), so SFT renders that user's reviews and
+    ratings (train_sft.record_user) and its prompt shows the same history block as the eval prompt of the user.
+    The release lines up by index (train record k = the first items of test user k); the user of the same index
+    is taken when the record's history + target is a prefix of its sequence, else the one user whose sequence it
+    prefixes (ambiguous or none: left unjoined and counted). Reviews/ratings that disagree with the record's own
+    history blocks are counted (the test record's are used)."""
+    by_index = {u["id"]: u for u in users}
+    for task in ("task2", "task3"):
+        joined = unjoined = text_mismatch = 0
+        for ex in examples[task]:
+            k, blocks = train_blocks[id(ex)]
+            seq = ex["history"] + [ex["target"]]
+
+            def fits(u):
+                return u["items"][:len(seq)] == seq and len(u["items"]) > len(seq)
+            u = by_index.get(f"official-test-{k}")
+            if u is None or not fits(u):
+                found = [v for v in users if fits(v)]
+                u = found[0] if len(found) == 1 else None
+            if u is None:
+                unjoined += 1
+                continue
+            ex["user"] = u["idx"]
+            joined += 1
+            text_mismatch += any((b["review"] or "") != u["reviews"][p] or WORD_RATINGS.get(b["rating"] or "") !=
+                                 u["ratings"][p] for p, b in enumerate(blocks))
+        counts[f"{task}_joined_users"] = joined
+        counts[f"{task}_unjoined"] = unjoined
+        counts[f"{task}_review_mismatch"] = text_mismatch
+        if unjoined:
+            log(f"{task}: {unjoined} of {joined + unjoined} records match no test user: trained without reviews")
 
 
 def parse_rec(r: dict, task: str, learn) -> dict:
