@@ -49,3 +49,75 @@ def test_official_sft_prompt_shows_the_eval_history_block(official):
     assert n_reviews > 0.9 * sum(len(r["history"]) for t in ("recommend", "reason") for r in pools[t])
     assert ds.stats["filtered"]["task2_joined_users"] == ds.stats["filtered"]["task3_joined_users"] == 100
     assert ds.stats["filtered"]["task3_review_mismatch"] == 0    # the record's own blocks carry the same reviews
+
+
+# -- item 2: no format shortcut in sampled negatives ---------------------------------------------------------------
+
+def heuristic_hr1(sets, keep) -> float:
+    """Expected HR@1 of a format-only ranker: keep the candidates `keep` says look like a target, pick one of them
+    uniformly (all of them when none does). sets = [(target, candidates)]."""
+    total = 0.0
+    for target, cands in sets:
+        pool = [c for c in cands if keep(c)] or cands
+        total += (target in pool) / len(pool)
+    return total / len(sets)
+
+
+def test_negative_mask_rule():
+    from twice.data import item_kind, negative_mask
+    kinds = [None, item_kind("B00A000001", "d", {}), item_kind("4711", "", {}), item_kind("B00A000002", "", {}),
+             item_kind("B00A000003", "", {"k": "v"}), item_kind("12", "x", {})]
+    assert negative_mask(kinds, {1}) == [False, True, False, False, True, False]   # ASIN + metadata only
+    assert negative_mask(kinds, {1, 3}) == [False, True, False, True, True, False]  # a text-less ASIN target
+
+
+def test_format_only_heuristic_is_at_chance_on_the_release(official):
+    """On the release 3,259 of 6,149 vocab items have a bare-number ID and no text, every target has an ASIN.
+    Today's main sampled valid negatives from all of them: "pick the ASIN-looking ID" scored HR@1 0.073 (chance
+    1/30). Every sampled list (valid lists, and the SFT/GRPO lists of tasks.sample_candidates) must leave a
+    format-only ranker at chance, and every negative must come from the one pool (ds.negative_pool)."""
+    from twice.data import id_shape
+    from twice.tasks import sample_candidates
+    ds = official
+    pool = set(ds.negative_pool)
+    assert len(pool) == ds.stats["filtered"]["negative_pool"] < ds.n_items
+    asin = lambda c: id_shape(ds.items[c].id) == ("alnum", 10)                      # noqa: E731
+    has_text = lambda c: bool(ds.items[c].description or ds.items[c].details)      # noqa: E731
+    valid = [(cs.target, cs.candidates) for cs in ds.candidates("valid")]
+    rng = random.Random(0)
+    train = [(ds.target(u.idx, "train"), sample_candidates(ds, u, ds.target(u.idx, "train"), 29, rng))
+             for u in ds.users for _ in range(5)]
+    for sets in (valid, train):
+        assert all(len(c) == 30 for _, c in sets)
+        assert all(c in pool for t, cands in sets for c in cands if c != t)
+        assert heuristic_hr1(sets, asin) == pytest.approx(1 / 30)
+        assert heuristic_hr1(sets, has_text) == pytest.approx(1 / 30, abs=0.004)
+
+
+# -- item 3: max_history keeps the whole sequence out of the negatives ---------------------------------------------
+
+def test_max_history_excludes_the_whole_sequence(tmp_path):
+    """Users touch ~30 of 40 items, max_history keeps the last 5: the negatives must avoid all ~30 (today's main
+    avoided only the 5 kept, so most negatives were items the user had touched)."""
+    from test_data import recbole_cfg, write_recbole
+    from twice.tasks import sample_candidates
+    raw = write_recbole(tmp_path / "raw", n_users=30, n_items=40, per_user=(25, 32))
+    ds = load_dataset(prepare(recbole_cfg(raw, tmp_path / "ds", k_core=1, max_history=5, n_negatives=5)))
+    touched: dict[str, set[str]] = {}
+    for line in (raw / "toy.inter").read_text().splitlines()[1:]:
+        uid, iid = line.split("\t")[:2]
+        touched.setdefault(uid, set()).add(iid)
+    by_source = {it.source_id: it.idx for it in ds.items[1:]}
+    n_checked = 0
+    for split in ("valid", "test"):
+        for cs in ds.candidates(split):
+            user = ds.user(cs.user)
+            assert len(user.items) == 5 and len(user.dropped) >= 15
+            seen = {by_source[i] for i in touched[user.id] if i in by_source}   # (not all survive the cut)
+            assert set(user.items) | set(user.dropped) == seen
+            assert set(cs.candidates) & seen == {cs.target}, (split, user.id)
+            n_checked += 1
+    for user in ds.users:                                         # the SFT / GRPO lists too
+        cands = sample_candidates(ds, user, user.items[-3], 5, random.Random(user.idx))
+        assert set(cands) & (set(user.items) | set(user.dropped)) == {user.items[-3]}
+    assert n_checked == 2 * ds.n_users

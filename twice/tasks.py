@@ -78,13 +78,16 @@ def _messages(system: str, user_text: str) -> list[dict]:
 # candidates
 
 def sample_candidates(ds, user, target: int, n_negatives: int, rng: random.Random) -> list[int]:
-    """Target + n negatives the user never interacted with, shuffled (target position uniform). Training only:
-    valid/test use the dataset's fixed candidate sets so every model is judged on the same lists."""
-    seen = set(user.items)
-    n_negatives = min(n_negatives, ds.n_items - len(seen))
+    """Target + n negatives the user never interacted with (nor in the part max_history cut off), drawn from
+    `ds.negative_pool` (the one eligibility rule, twice.data.negative_mask: items that look like targets, so the
+    ID format gives nothing away), shuffled (target position uniform). Training only: valid/test use the
+    dataset's fixed candidate sets so every model is judged on the same lists."""
+    seen = set(user.items) | set(getattr(user, "dropped", ()))
+    pool = getattr(ds, "negative_pool", None) or range(1, ds.n_items + 1)
+    n_negatives = min(n_negatives, len(set(pool) - seen) if len(pool) - len(seen) < n_negatives else n_negatives)
     negatives: set[int] = set()
     while len(negatives) < n_negatives:
-        c = rng.randint(1, ds.n_items)
+        c = pool[rng.randrange(len(pool))]
         if c not in seen:
             negatives.add(c)
     cands = sorted(negatives) + [target]

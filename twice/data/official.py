@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twice.data import WORD_RATINGS, DataConfig
+from twice.data import WORD_RATINGS, DataConfig, item_kind, negative_mask, split_targets
 from twice.data.build import DataError, _write_jsonl, candidate_set, commit_dir, log, write_meta
 
 TASK_FILES = {"task1": "llm_train", "task2": "llm_train_case_2", "task3": "llm_train_case_1", "test": "llm_test"}
@@ -188,9 +188,15 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
         counts_train = np.zeros(n_items + 1, dtype=np.int64)
         for u in users:
             counts_train[u["items"][:-2]] += 1
-        cum = None if cfg.negative_sampling == "uniform" else np.cumsum(counts_train[1:] + 1)
+        # negatives only from items that look like the targets (data.negative_mask): here the ones with an ASIN
+        # and metadata, not the vocab's bare-number, text-less items
+        mask = negative_mask([None] + [item_kind(it["id"], it["description"], it["details"]) for it in items],
+                             split_targets(u["items"] for u in users))
+        pool = np.flatnonzero(mask)
+        counts["negative_pool"] = len(pool)
+        cum = None if cfg.negative_sampling == "uniform" else np.cumsum(counts_train[pool] + 1)
         _write_jsonl(tmp / "candidates_valid.jsonl",
-                     (candidate_set(cfg.seed, u["idx"], "valid", u["items"], n_items, cfg.n_negatives, cum)
+                     (candidate_set(cfg.seed, u["idx"], "valid", u["items"], pool, cfg.n_negatives, cum)
                       for u in users if len(u["items"]) >= 2))
         for task, exs in examples.items():
             _write_jsonl(tmp / f"examples_{task}.jsonl", exs)
