@@ -121,3 +121,40 @@ def test_max_history_excludes_the_whole_sequence(tmp_path):
         cands = sample_candidates(ds, user, user.items[-3], 5, random.Random(user.idx))
         assert set(cands) & (set(user.items) | set(user.dropped)) == {user.items[-3]}
     assert n_checked == 2 * ds.n_users
+
+
+# -- item 4: numeric IDs at one width; the length/score diagnostic -------------------------------------------------
+
+def test_numeric_ids_render_at_one_width(tmp_path):
+    """ml-100k-style numeric IDs 1..40: every `<item>ID</item>` must be the same number of tokens (Gemma-style
+    tokenizers split digits, so "7" was 1 token and "40" 2 before), and the prompt, the answer, the rewards' parse
+    and the dataset's lookup must agree on the padded spelling."""
+    from test_data import recbole_cfg, write_recbole
+    from test_tokenizer import CORPUS
+    from twice.rewards import parse_completion
+    from twice.tokenizer import Tokenizer
+    raw = write_recbole(tmp_path / "raw", n_users=40, n_items=40, per_user=(8, 15))
+    ds = load_dataset(prepare(recbole_cfg(raw, tmp_path / "ds", k_core=1)))
+    ids = [it.id for it in ds.items[1:]]
+    assert {len(i) for i in ids} == {2} and "07" in ids and ds.items[ds.item_by_id["07"]].source_id == "7"
+    tok = Tokenizer.train_tiny(tmp_path / "tok", CORPUS, vocab_size=512)
+    assert len({len(tok.encode(f"<item>{i}</item>")) for i in ids}) == 1
+    cs = ds.candidates("test")[0]
+    ex = recommend_example(ds, ds.user(cs.user), "test", list(cs.candidates), TaskConfig())
+    assert all(f"- item_id:{ds.items[c].id}\n" in ex.messages[-1]["content"] for c in cs.candidates)
+    assert ex.target_id == ds.items[cs.target].id and ex.candidate_ids == [ds.items[c].id for c in cs.candidates]
+    item = parse_completion(f"<think>x</think><item>{ex.target_id}</item>").item
+    assert ds.item_by_id[item] == cs.target
+
+
+def test_fixed_width_ids_and_spearman_reference():
+    from twice.data import fixed_width_ids
+    from twice.tasks import id_length_bias, spearman
+    assert fixed_width_ids(["1", "10", "1682"]) == ["0001", "0010", "1682"]
+    assert fixed_width_ids(["B00A000001", "12"]) == ["B00A000001", "12"]           # ASINs: left alone
+    # hand-computed: ranks x = (1.5, 1.5, 3, 4), y = (4, 3, 2, 1): rho = -4.5 / sqrt(4.5 * 5) = -0.9487
+    assert spearman([1, 1, 2, 3], [9, 5, 2, 0]) == pytest.approx(-4.5 / (4.5 * 5) ** 0.5)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0) and spearman([2, 2], [1, 0]) is None
+    d = id_length_bias([([1, 2, 3], [-1.0, -2.0, -3.0]), ([4, 4, 4], [-1.0, -5.0, -2.0])])
+    assert d["spearman_within_mean"] == pytest.approx(-1.0) and d["users_with_length_spread"] == 1
+    assert d["spearman_pooled"] == pytest.approx(spearman([1, 2, 3, 4, 4, 4], [-1, -2, -3, -1, -5, -2]))

@@ -161,3 +161,50 @@ def encode_example(tokenizer, ex: Example, max_len: int | None = None) -> tuple[
 
 def prompt_ids(tokenizer, ex: Example) -> list[int]:
     return tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diagnostics
+
+def _avg_ranks(x: list[float]) -> list[float]:
+    """Ranks 1..n, ties get the mean of the ranks they span (what Spearman's rho needs)."""
+    order = sorted(range(len(x)), key=lambda k: x[k])
+    r = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            r[k] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (Pearson on average ranks); None when either side is constant or n < 2."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} vs {len(y)} values")
+    if len(x) < 2:
+        return None
+    rx, ry = _avg_ranks(x), _avg_ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / (sxx * syy) ** 0.5
+
+
+def id_length_bias(rows: list[tuple[list[int], list[float]]]) -> dict:
+    """Exact-ranking diagnostic for results.json: does a candidate's score follow the token length of its ID?
+    rows: per user, (token length of each candidate's ID, its summed log-likelihood score), same order. A summed
+    log-likelihood falls with every extra token, so IDs of unequal length are ranked partly by length
+    (data.fixed_width_ids removes that for numeric IDs; with one width every rho is None: no length to follow).
+    -> {"spearman_pooled": rho over all (length, score) pairs, "spearman_within_mean": mean over users of the
+        within-list rho (users whose IDs all have one length are left out), "users_with_length_spread": n}."""
+    xs = [float(v) for lens, _ in rows for v in lens]
+    ys = [float(v) for _, scores in rows for v in scores]
+    within = [r for r in (spearman([float(v) for v in lens], [float(v) for v in scores]) for lens, scores in rows)
+              if r is not None]
+    return {"spearman_pooled": spearman(xs, ys),
+            "spearman_within_mean": sum(within) / len(within) if within else None,
+            "users_with_length_spread": len(within)}
