@@ -158,3 +158,20 @@ def test_fixed_width_ids_and_spearman_reference():
     d = id_length_bias([([1, 2, 3], [-1.0, -2.0, -3.0]), ([4, 4, 4], [-1.0, -5.0, -2.0])])
     assert d["spearman_within_mean"] == pytest.approx(-1.0) and d["users_with_length_spread"] == 1
     assert d["spearman_pooled"] == pytest.approx(spearman([1, 2, 3, 4, 4, 4], [-1, -2, -3, -1, -5, -2]))
+
+
+# -- item 12: the authors' released test candidates are not uniform ------------------------------------------------
+
+def test_release_test_candidates_are_not_uniform(official):
+    """Verifies the figures configs/README quote: 95 of 100 released test lists are the target + 29 items of one
+    fixed 30-item pool (the other 5: a pool item as target + the other 29), 23 users have their own history items
+    among the negatives, and "pick the odd one out" gets HR@1 95/100. Our own sampled lists pass the same audit."""
+    from twice.data.audit import audit_candidates
+    ds = official
+    a = audit_candidates([(cs.target, cs.candidates, ds.history(cs.user, "test")) for cs in ds.candidates("test")])
+    assert (a["lists"], a["distinct_negatives"], a["lists_negatives_in_pool"]) == (100, 30, 100)
+    assert (a["lists_target_outside_pool"], a["users_history_in_negatives"]) == (95, 23)
+    assert a["odd_one_out_hr1"] == pytest.approx(0.95 + 5 / 30 / 100)      # 95 sure hits + 5 uniform guesses
+    ours = audit_candidates([(cs.target, cs.candidates, ds.history(cs.user, "valid")) for cs in ds.candidates("valid")])
+    assert ours["distinct_negatives"] > 1500 and ours["users_history_in_negatives"] == 0
+    assert ours["odd_one_out_hr1"] < 0.1

@@ -25,7 +25,10 @@ What is mapped:
     train record k = the first items of test user k), so SFT prompts show that user's reviews and ratings and
     the same history block as the user's eval prompt; joined / unjoined / review-mismatch counts in stats.json.
     candidates_test.jsonl = the authors' 30 candidates in their order; candidates_valid.jsonl is sampled by us
-    (the release has none) exactly like build.py does (n_negatives, negative_sampling, seed).
+    (the release has none) exactly like build.py does (n_negatives, negative_sampling, seed, eligible items only).
+    The authors' test lists are NOT uniform samples: 95 of 100 are the target + 29 items of one fixed 30-item
+    pool, 23 users have own history items among the negatives, "pick the odd one out" gets HR@1 95/100
+    (audit_candidates; stats.json "test_candidates_audit"). Use them to check the import, never for headline numbers.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from twice.data import WORD_RATINGS, DataConfig, item_kind, negative_mask, split_targets
+from twice.data.audit import audit_candidates
 from twice.data.build import DataError, _write_jsonl, candidate_set, commit_dir, log, write_meta
 
 TASK_FILES = {"task1": "llm_train", "task2": "llm_train_case_2", "task3": "llm_train_case_1", "test": "llm_test"}
@@ -206,7 +210,11 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
                  "sparsity": 1.0 - n_inter / max(1, len(users) * n_items),
                  "seq_len": {"min": int(lengths.min()), "max": int(lengths.max()), "mean": float(lengths.mean()),
                              "median": float(np.median(lengths))},
-                 "examples": {t: len(e) for t, e in examples.items()}, "filtered": counts}
+                 "examples": {t: len(e) for t, e in examples.items()}, "filtered": counts,
+                 # the released test lists are not uniform samples (audit_candidates): a caveat for every number
+                 "test_candidates_audit": {k: v for k, v in audit_candidates(
+                     [(c["target"], c["candidates"], u["items"][:-1]) for c, u in zip(cand_test, users)]).items()
+                     if k != "pool"}}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         mapping = __doc__.split("What is mapped:")[1]
         write_meta(tmp, cfg, extra={"official": {"vocab": str(vocab_path), "mapping": mapping}})
@@ -214,6 +222,11 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    audit = stats["test_candidates_audit"]
+    if audit and audit["odd_one_out_hr1"] > 2 * audit["chance_hr1"]:
+        log(f"WARNING: the released test candidate lists are not uniform: picking the candidate outside the "
+            f"{audit['candidates']} most frequent negatives gets HR@1 {audit['odd_one_out_hr1']:.2f} (chance "
+            f"{audit['chance_hr1']:.3f}); do not report headline numbers on candidates_test.jsonl of this dir")
     log(f"official import: {n_items} items, {len(users)} test users, "
         + ", ".join(f"{len(e)} {t}" for t, e in examples.items()))
     return out
@@ -309,3 +322,4 @@ def convert_item_knowledge(r: dict, by_title: dict, info: dict) -> dict:
                      "details": parse_details(m.group(3).strip())}
     return {"task": "task1", "system": r.get("system_prompt", ""), "input": r["input"], "output": r["output"],
             "output_raw": r["output"], "item": idx, "title": title, "target_id": m.group(1).strip() if m else None}
+
