@@ -25,8 +25,9 @@ class TaskConfig:
     max_history: int = 20             # most recent history items shown (older ones dropped first anyway)
     desc_chars: int = 200             # description chars per history item (shrunk first when over budget)
     review_chars: int = 200           # review chars per history item (shrunk first when over budget)
-    details_chars: int = 0            # details chars per item (0 = omit)
-    candidate_desc_chars: int = 0     # description chars per candidate (0 = title + id only)
+    details_chars: int = 0            # details chars per item, history and candidates alike (0 = omit)
+    candidate_desc_chars: int = 0     # description chars per candidate (0 = title + id only; the authors' prompts
+                                      #   show ~300 chars of description and of details for every candidate)
     domain: str = ""                  # e.g. "Grocery_and_Gourmet_Food"; shown in the instruction
     think_tag: str = "think"
     item_tag: str = "item"
@@ -67,7 +68,7 @@ def _history_block(ds, user, history_positions: list[int], cfg: TaskConfig, desc
 def _candidates_block(ds, candidates: list[int], cfg: TaskConfig) -> str:
     return "\n\n".join(prompts.render_item(ds.items[c].title, ds.items[c].id, ds.items[c].description,
                                            ds.items[c].details, desc_chars=cfg.candidate_desc_chars,
-                                           details_chars=0) for c in candidates)
+                                           details_chars=cfg.details_chars) for c in candidates)
 
 
 def _messages(system: str, user_text: str) -> list[dict]:
@@ -163,48 +164,26 @@ def prompt_ids(tokenizer, ex: Example) -> list[int]:
     return tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True)
 
 
+
 # ---------------------------------------------------------------------------------------------------------------
-# diagnostics
+# the authors' prompts, verbatim (a dataset dir built from source "official")
 
-def _avg_ranks(x: list[float]) -> list[float]:
-    """Ranks 1..n, ties get the mean of the ranks they span (what Spearman's rho needs)."""
-    order = sorted(range(len(x)), key=lambda k: x[k])
-    r = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in order[i:j + 1]:
-            r[k] = (i + j) / 2 + 1
-        i = j + 1
-    return r
+AUTHORS_TAGS = Tags("think", "item_id")   # their answer: <think>..</think> <item_nm>title</item_nm> <item_id>ASIN</item_id>
 
 
-def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman's rank correlation (Pearson on average ranks); None when either side is constant or n < 2."""
-    if len(x) != len(y):
-        raise ValueError(f"spearman: {len(x)} vs {len(y)} values")
-    if len(x) < 2:
-        return None
-    rx, ry = _avg_ranks(x), _avg_ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return None if sxx == 0 or syy == 0 else sxy / (sxx * syy) ** 0.5
-
-
-def id_length_bias(rows: list[tuple[list[int], list[float]]]) -> dict:
-    """Exact-ranking diagnostic for results.json: does a candidate's score follow the token length of its ID?
-    rows: per user, (token length of each candidate's ID, its summed log-likelihood score), same order. A summed
-    log-likelihood falls with every extra token, so IDs of unequal length are ranked partly by length
-    (data.fixed_width_ids removes that for numeric IDs; with one width every rho is None: no length to follow).
-    -> {"spearman_pooled": rho over all (length, score) pairs, "spearman_within_mean": mean over users of the
-        within-list rho (users whose IDs all have one length are left out), "users_with_length_spread": n}."""
-    xs = [float(v) for lens, _ in rows for v in lens]
-    ys = [float(v) for _, scores in rows for v in scores]
-    within = [r for r in (spearman([float(v) for v in lens], [float(v) for v in scores]) for lens, scores in rows)
-              if r is not None]
-    return {"spearman_pooled": spearman(xs, ys),
-            "spearman_within_mean": sum(within) / len(within) if within else None,
-            "users_with_length_spread": len(within)}
+def authors_prompts(ds) -> dict[int, Example]:
+    """user idx -> the authors' released test prompt for that user, verbatim: their system prompt and user turn
+    exactly as in amazon_<D>_llm_test*.json (no re-rendering, no token budget: ~7k Gemma tokens each). Parse
+    completions with AUTHORS_TAGS. The candidates are checked against the dir's candidates_test.jsonl (the same
+    lists in the same order) so a verbatim prompt is scored against the list it shows."""
+    if ds.meta.get("source") != "official":
+        raise ValueError(f"{ds.root}: the authors' prompts exist only in a dataset dir built from source 'official'")
+    sets = {cs.user: cs for cs in ds.candidates("test")}
+    out = {}
+    for n, r in enumerate(ds.examples("test"), 1):
+        u = r.get("user")
+        if u not in sets or sets[u].candidates != r["candidates"] or sets[u].target != r["target"]:
+            raise ValueError(f"{ds.root / 'examples_test.jsonl'}:{n}: user {u} does not match candidates_test.jsonl")
+        out[u] = Example(task="reason", messages=_messages(r["system"], r["input"]), target_id=r["target_id"],
+                         candidate_ids=[ds.items[c].id for c in r["candidates"]], user=u, history=list(r["history"]))
+    return out
