@@ -13,9 +13,14 @@ from twice.tasks import TaskConfig, recommend_example
 DOMAIN = "Grocery_and_Gourmet_Food"
 
 
-@pytest.fixture
-def official(official_sample_dir, tmp_path):
-    cfg = DataConfig(source="official", raw_dir=str(official_sample_dir), domain=DOMAIN, out_dir=str(tmp_path / "off"))
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """The authors' sample imported once per module (read-only for the tests)."""
+    from conftest import OFFICIAL_SAMPLE
+    if not OFFICIAL_SAMPLE.is_dir():
+        pytest.skip("../shared/data/twice_official_sample is absent")
+    cfg = DataConfig(source="official", raw_dir=str(OFFICIAL_SAMPLE), domain=DOMAIN,
+                     out_dir=str(tmp_path_factory.mktemp("official") / "off"))
     return load_dataset(prepare(cfg))
 
 
@@ -121,6 +126,10 @@ def test_max_history_excludes_the_whole_sequence(tmp_path):
         cands = sample_candidates(ds, user, user.items[-3], 5, random.Random(user.idx))
         assert set(cands) & (set(user.items) | set(user.dropped)) == {user.items[-3]}
     assert n_checked == 2 * ds.n_users
+    from twice.data.audit import audit                           # the `python -m twice.data audit` figures
+    a = audit(ds)
+    assert a["test"]["touched_negatives"] == a["valid"]["touched_negatives"] == 0
+    assert a["test"]["format_hr1"] == pytest.approx(1 / 6)       # one ID width: a format ranker is at chance
 
 
 # -- item 4: numeric IDs at one width; the length/score diagnostic -------------------------------------------------
@@ -169,6 +178,11 @@ def test_release_test_candidates_are_not_uniform(official):
     ours = audit_candidates([(cs.target, cs.candidates, ds.history(cs.user, "valid")) for cs in ds.candidates("valid")])
     assert ours["distinct_negatives"] > 1500 and ours["users_history_in_negatives"] == 0
     assert ours["odd_one_out_hr1"] < 0.1
+    from twice.data.audit import audit
+    full = audit(ds)
+    assert (full["test"]["users_with_touched_negatives"], full["test"]["touched_negatives"]) == (23, 25)
+    assert full["negative_pool"] == ds.stats["filtered"]["negative_pool"] == 2890
+    assert ds.stats["test_candidates_audit"]["odd_one_out_hr1"] == pytest.approx(a["odd_one_out_hr1"])
 
 
 # -- item 14: the paper-fidelity configs render what the authors' instruction promises ------------------------------
