@@ -393,6 +393,6 @@ def test_movielens_100k_fetch(tmp_path, monkeypatch):
     ds = load_dataset(prepare(DataConfig(source="movielens-100k", out_dir=str(tmp_path / "ml"))))
     assert (tmp_path / "cache" / "ml-100k" / "ml-100k.inter").exists()
     assert (ds.n_users, ds.n_items, ds.stats["interactions"]) == (943, 1349, 99287)
-    assert ds.items[ds.item_by_id["1"]].title == "Toy Story (1995)"
-    assert ds.items[ds.item_by_id["1"]].description == "Animation, Children's, Comedy"
+    assert ds.items[ds.item_by_id["0001"]].title == "Toy Story (1995)"
+    assert ds.items[ds.item_by_id["0001"]].description == "Animation, Children's, Comedy"
     assert all(r in (1, 2, 3, 4, 5) for u in ds.users for r in u.ratings)
