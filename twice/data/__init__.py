@@ -20,12 +20,13 @@ train target = items[-3] (history items[:-3]); SASRec trains on prefixes of item
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 RATING_WORDS = {1: "Terrible", 2: "Bad", 3: "Okay", 4: "Good", 5: "Excellent"}
 WORD_RATINGS = {w: r for r, w in RATING_WORDS.items()}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: numeric ids zero-padded, negatives from the eligible items only, users.jsonl 'dropped'
 SPLITS = ("train", "valid", "test")
 # offset of the target from the end of the sequence, per split
 _SPLIT_BACK = {"test": 1, "valid": 2, "train": 3}
@@ -146,6 +147,11 @@ class Dataset:
                 raise FileNotFoundError(f"{self.root}: not a dataset dir (missing {name}); "
                                         f"build one with `python -m twice.data prepare cfg.yaml`")
         self.meta = json.loads((self.root / "meta.json").read_text())
+        if self.meta.get("format_version", 0) < FORMAT_VERSION:
+            print(f"[twice.data] WARNING: {self.root} was built by an older twice (format_version "
+                  f"{self.meta.get('format_version')} < {FORMAT_VERSION}: numeric ids unpadded, negatives from every "
+                  f"item, max_history cut-offs not excluded); rebuild it with `python -m twice.data prepare`",
+                  file=sys.stderr)
         stats = self.root / "stats.json"
         self.stats = json.loads(stats.read_text()) if stats.exists() else {}
         self.items: list[Item | None] = [None]
