@@ -54,6 +54,8 @@ def test_official_sft_prompt_shows_the_eval_history_block(official):
     assert n_reviews > 0.9 * sum(len(r["history"]) for t in ("recommend", "reason") for r in pools[t])
     assert ds.stats["filtered"]["task2_joined_users"] == ds.stats["filtered"]["task3_joined_users"] == 100
     assert ds.stats["filtered"]["task3_review_mismatch"] == 0    # the record's own blocks carry the same reviews
+    # the authors' training lists are near-uniform, but 5 negatives (in 5 lists) are items of the user's sequence
+    assert ds.stats["filtered"]["task2_touched_negatives"] == ds.stats["filtered"]["task3_touched_negatives"] == 5
 
 
 # -- item 2: no format shortcut in sampled negatives ---------------------------------------------------------------

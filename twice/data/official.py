@@ -241,7 +241,7 @@ def join_users(examples: dict, users: list[dict], train_blocks: dict, counts: di
     history blocks are counted (the test record's are used)."""
     by_index = {u["id"]: u for u in users}
     for task in ("task2", "task3"):
-        joined = unjoined = text_mismatch = 0
+        joined = unjoined = text_mismatch = touched = 0
         for ex in examples[task]:
             k, blocks = train_blocks[id(ex)]
             seq = ex["history"] + [ex["target"]]
@@ -257,11 +257,13 @@ def join_users(examples: dict, users: list[dict], train_blocks: dict, counts: di
                 continue
             ex["user"] = u["idx"]
             joined += 1
+            touched += len((set(ex["candidates"]) - {ex["target"]}) & set(u["items"]))   # the authors' negatives
             text_mismatch += any((b["review"] or "") != u["reviews"][p] or WORD_RATINGS.get(b["rating"] or "") !=
                                  u["ratings"][p] for p, b in enumerate(blocks))
         counts[f"{task}_joined_users"] = joined
         counts[f"{task}_unjoined"] = unjoined
         counts[f"{task}_review_mismatch"] = text_mismatch
+        counts[f"{task}_touched_negatives"] = touched    # their list's negatives the user touched (sample: 5)
         if unjoined:
             log(f"{task}: {unjoined} of {joined + unjoined} records match no test user: trained without reviews")
 
