@@ -243,3 +243,27 @@ def test_authors_verbatim_prompts(official, official_sample_dir):
         assert all(f"item_id:{i}\n" in r["input"] for i in ex.candidate_ids)
         # the authors' own answer parses with AUTHORS_TAGS to the target
         assert parse_completion(r["output"], AUTHORS_TAGS.think, AUTHORS_TAGS.item).item.strip() == ex.target_id
+
+
+def test_build_samples_negatives_only_from_target_like_items(tmp_path):
+    """build.py path: items 31-40 have no metadata (title = id, no text) and are never a target; the valid/test
+    lists must not use them as negatives (today's main drew them like any other item: ~1/4 of the negatives)."""
+    rng = random.Random(0)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(1, 41):
+        hist = rng.sample(range(1, 41), 8)
+        seq = hist + rng.sample([x for x in range(1, 31) if x not in hist], 3)   # the 3 targets have metadata
+        lines += [f"{u}\t{it}\t4\t{1000 + t}" for t, it in enumerate(seq)]
+    (raw / "toy.inter").write_text("\n".join(lines) + "\n")
+    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+    items += [f"{k}\tMovie {k}\t1995\tDrama" for k in range(1, 31)]                # 31-40: no metadata row
+    (raw / "toy.item").write_text("\n".join(items) + "\n")
+    from test_data import recbole_cfg
+    ds = load_dataset(prepare(recbole_cfg(raw, tmp_path / "ds", k_core=1, n_negatives=9)))
+    bare = {it.idx for it in ds.items[1:] if int(it.id) > 30}
+    assert len(bare) == 10 and not bare & {x for u in ds.users for x in u.items[-3:]}
+    negs = [c for split in ("valid", "test") for cs in ds.candidates(split) for c in cs.candidates if c != cs.target]
+    assert len(negs) == 2 * 40 * 9 and not set(negs) & bare
+    assert set(ds.negative_pool) == set(range(1, 41)) - bare          # the SFT/GRPO sampler reads the same pool
