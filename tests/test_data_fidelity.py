@@ -238,7 +238,8 @@ def test_authors_verbatim_prompts(official, official_sample_dir):
     assert sorted(prompts) == [cs.user for cs in ds.candidates("test")]
     for cs, r in zip(ds.candidates("test"), raw):
         ex = prompts[cs.user]
-        assert ex.messages == [{"role": "system", "content": r["system_prompt"]}, {"role": "user", "content": r["input"]}]
+        assert ex.messages == [{"role": "system", "content": r["system_prompt"]},
+                               {"role": "user", "content": r["input"]}]
         assert ex.candidate_ids == [ds.items[c].id for c in cs.candidates] and ex.target_id == ds.items[cs.target].id
         assert all(f"item_id:{i}\n" in r["input"] for i in ex.candidate_ids)
         # the authors' own answer parses with AUTHORS_TAGS to the target

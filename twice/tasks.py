@@ -85,7 +85,8 @@ def sample_candidates(ds, user, target: int, n_negatives: int, rng: random.Rando
     dataset's fixed candidate sets so every model is judged on the same lists."""
     seen = set(user.items) | set(getattr(user, "dropped", ()))
     pool = getattr(ds, "negative_pool", None) or range(1, ds.n_items + 1)
-    n_negatives = min(n_negatives, len(set(pool) - seen) if len(pool) - len(seen) < n_negatives else n_negatives)
+    if len(pool) - len(seen) < n_negatives:      # a lower bound on what is free: count exactly only when short
+        n_negatives = min(n_negatives, len(set(pool) - seen))
     negatives: set[int] = set()
     while len(negatives) < n_negatives:
         c = pool[rng.randrange(len(pool))]
@@ -168,7 +169,8 @@ def prompt_ids(tokenizer, ex: Example) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # the authors' prompts, verbatim (a dataset dir built from source "official")
 
-AUTHORS_TAGS = Tags("think", "item_id")   # their answer: <think>..</think> <item_nm>title</item_nm> <item_id>ASIN</item_id>
+# the authors' answer format: <think>..</think> <item_nm>title</item_nm> <item_id>ASIN</item_id>
+AUTHORS_TAGS = Tags("think", "item_id")
 
 
 def authors_prompts(ds) -> dict[int, Example]:

@@ -1,4 +1,4 @@
-"""Is a dataset dir's candidate lists fair? Counts a reviewer checks before trusting a number measured on them.
+"""Are a dataset dir's candidate lists fair? Counts a reviewer checks before trusting a number measured on them.
 
     python -m twice.data audit data/ml-100k [--full data/ml-100k-full]
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import Counter
 
 from twice.data import id_shape
+
+
 def audit_candidates(sets: list[tuple[int, list[int], list[int]]]) -> dict:
     """How far a collection of candidate lists is from "target + uniform negatives". sets: (target, candidates,
     history) per user. Returns counts a reviewer checks before trusting a number measured on the lists:
@@ -40,7 +42,6 @@ def audit_candidates(sets: list[tuple[int, list[int], list[int]]]) -> dict:
             "lists_target_outside_pool": sum([c for c in cands if c not in pool] == [t] for t, cands, _ in sets),
             "users_history_in_negatives": sum(bool((set(cands) - {t}) & set(h)) for t, cands, h in sets),
             "odd_one_out_hr1": hr1 / len(sets), "chance_hr1": 1 / n_cand}
-
 
 
 def format_hr1(sets: list[tuple[int, list[int]]], keep) -> float:
