@@ -12,8 +12,10 @@ Every model sees the same users, the same candidate lists (candidates_<split>.js
                candidate set dropped -> a ranked list of <= n items; the target's rank is its position in it
                (absent = never a hit). HR@1, HR@5, NDCG@5. (The authors' script passes the IDs through a Python
                set, which scrambles the order, so their HR@5/NDCG@5 depend on string hashing; we keep the order.)
-  exact        deterministic: prompt (+ the greedy rationale through </think> when the model reasons) prefilled
-               ONCE, then every candidate's `<item>ID</item>` continuation scored by its exact summed
+  exact        deterministic: each candidate's response `rationale<item>ID</item>` (the greedy rationale through
+               </think> when the model reasons, else nothing) is encoded exactly as SFT encodes a response (one
+               encode of the whole text: tokens merge across `</think><item>`); the prompt + the ids all candidates
+               share are prefilled ONCE and each candidate's remaining ids scored by their exact summed
                log-likelihood (Engine.score); rank all candidates, ties pessimistic (twice.metrics).
                HR@1/5/10, NDCG@5/10, MRR.
   greedy       one greedy completion: the item it names, hit, validity (no tag / ID not among the candidates =
@@ -57,7 +59,7 @@ from twice.fileio import write_atomic
 from twice.llm_api import ChatClient, LLMConfig, LLMError
 from twice.metrics import bootstrap_interval, wilson_interval
 from twice.rewards import normalize_item, parse_completion
-from twice.tasks import TaskConfig, prompt_ids, recommend_example
+from twice.tasks import TaskConfig, encode_response, prompt_ids, recommend_example
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,28 +204,35 @@ def judge_score(text: str) -> int | None:
 # ---------------------------------------------------------------------------------------------------------------
 # one model
 
-def rationale_prefix(tok, gen_tokens: list[int], text: str, think_tag: str, item_tag: str) -> tuple[list[int], str]:
-    """Token ids to put after the prompt before scoring `<item>ID</item>`, and their text: what the model wrote
-    before its answer. The greedy completion's own tokens through the one that completes `</think>` when they end
-    exactly there, else the text through `</think>` re-encoded. Without `</think>`: the text before `<item>` (all of
-    it when there is no `<item>`), closed with `</think>` only if the model opened `<think>` (a model that answers
-    without reasoning, e.g. one trained on T2 only, is scored right where it wrote `<item>`)."""
+def rationale_text(text: str, think_tag: str, item_tag: str) -> str:
+    """What the model wrote before its answer, as text to put in front of `<item>ID</item>`: the greedy completion
+    through `</think>`; without `</think>`, the text before `<item>` (all of it when there is no `<item>`), closed
+    with `</think>` only if the model opened `<think>` (a model that answers without reasoning, e.g. one trained on
+    T2 only, is scored right where it wrote `<item>`)."""
     close, item_open = f"</{think_tag}>", f"<{item_tag}>"
     cut = text.find(close)
     if cut >= 0:
-        upto = text[:cut + len(close)]
-        for n in range(1, len(gen_tokens) + 1):  # the generated tokens, if one ends exactly at </think>
-            d = tok.decode(gen_tokens[:n])
-            if len(d) >= len(upto):
-                if d == upto:
-                    return gen_tokens[:n], upto
-                break
-        return tok.encode(upto), upto
+        return text[:cut + len(close)]
     j = text.find(item_open)
     upto = text[:j] if j >= 0 else text
     if f"<{think_tag}>" in upto:
         upto = upto.rstrip() + close
-    return (tok.encode(upto) if upto else []), upto
+    return upto
+
+
+def candidate_continuations(tok, rationale: str, candidate_ids: list[str], tags) -> tuple[list[int], list[list[int]]]:
+    """Each candidate's response `rationale + <item>ID</item>` encoded as SFT encodes it (tasks.encode_response: ONE
+    encode of the whole text, so `</think><item>` is 'think','><','item' as in training, never a separately encoded
+    `<item>` SFT never saw), split into the ids every candidate shares (their longest common prefix, fed after the
+    prompt) and each candidate's remaining ids (scored). shared + conts[i] == the SFT response ids of candidate i."""
+    full = [encode_response(tok, rationale + tags.wrap_item(c)) for c in candidate_ids]
+    p, n = 0, min(len(f) for f in full) - 1       # keep >= 1 scored token per candidate
+    while p < n and all(f[p] == full[0][p] for f in full):
+        p += 1
+    conts = [f[p:] for f in full]
+    if len({tuple(c) for c in conts}) < len(conts):
+        raise ValueError(f"two candidates encode to the same response tokens: {candidate_ids}")
+    return full[0][:p], conts
 
 
 def _parse_dtype(name: str, device) -> torch.dtype:
@@ -264,27 +273,24 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
 
         if cfg.greedy.enabled or cfg.exact.enabled:
             g = engine.greedy(pids, max_new_tokens=cfg.greedy.max_new_tokens, stop_strings=[item_close])
-            for r, text, toks, reason in zip(recs, g.texts, g.tokens, g.stop_reasons):
+            for r, text, reason in zip(recs, g.texts, g.stop_reasons):
                 p = parse_completion(text, tags.think, tags.item)
                 item = normalize_item(p.item) if p.item is not None else None
                 r["greedy"] = {"text": text, "rationale": p.think, "item": item, "stop": reason,
                                "valid": item is not None and item in set(r["candidates"]),
                                "hit": item is not None and item == normalize_item(r["target"]),
                                "well_formed": p.well_formed if spec.reasoning else
-                               (p.n_item_open == 1 and p.n_item_close == 1 and bool(item)),
-                               "_tokens": toks}
+                               (p.n_item_open == 1 and p.n_item_close == 1 and bool(item))}
 
         if cfg.exact.enabled:
             for r, pid in zip(recs, pids):
-                prefix, rationale = [], None
-                if spec.reasoning:
-                    prefix, rationale = rationale_prefix(tok, r["greedy"]["_tokens"], r["greedy"]["text"],
-                                                         tags.think, tags.item)
-                conts = [tok.encode(tags.wrap_item(c)) for c in r["candidates"]]
-                per_tok = engine.score(pid + prefix, conts, per_token=True, batch_size=cfg.exact.score_batch_size)
+                rationale = rationale_text(r["greedy"]["text"], tags.think, tags.item) if spec.reasoning else ""
+                shared, conts = candidate_continuations(tok, rationale, r["candidates"], tags)
+                per_tok = engine.score(pid + shared, conts, per_token=True, batch_size=cfg.exact.score_batch_size)
                 scores = [float(sum(x)) for x in per_tok]
                 ti = r["candidates"].index(r["target"])
-                r["exact"] = {"rank": pessimistic_rank(scores, ti), "scores": scores, "rationale_scored": rationale}
+                r["exact"] = {"rank": pessimistic_rank(scores, ti), "scores": scores, "rationale_scored": rationale,
+                              "shared_tokens": len(shared), "scored_tokens": [len(c) for c in conts]}
                 if cfg.exact.constrained:
                     c = r["candidates"][trie_greedy(conts, per_tok)]
                     r["constrained"] = {"item": c, "hit": c == r["target"]}
@@ -305,8 +311,6 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
                                  "no_tag": sum(it is None for it in items),
                                  "hallucinated": sum(it is not None and it not in cset for it in items),
                                  "well_formed": sum(p.well_formed for p in parsed), "texts": texts}
-        for r in recs:
-            r.get("greedy", {}).pop("_tokens", None)
         records.extend(recs)
         bar.update(len(batch))
     bar.close()

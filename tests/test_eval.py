@@ -78,15 +78,57 @@ def test_pessimistic_rank_and_trie_greedy():
     assert ev.trie_greedy(seqs, lps2) == 1         # greedy picks 5 (sum of [6,3,9] = -0.6 would be higher)
 
 
-def test_rationale_prefix_rules(world):
-    tok = world["tok"]
-    gen = tok.encode("<think>likes warm things</think><item>I3</item>")
-    ids, text = ev.rationale_prefix(tok, gen, tok.decode(gen), "think", "item")
-    assert text == "<think>likes warm things</think>" and tok.decode(ids) == text
+def test_rationale_text_rules():
+    assert ev.rationale_text("<think>likes warm things</think><item>I3</item>", "think", "item") == \
+        "<think>likes warm things</think>"
     # an open rationale cut by the token budget is closed; an answer without reasoning is scored where it starts
-    assert ev.rationale_prefix(tok, [], "<think>likes warm", "think", "item")[1] == "<think>likes warm</think>"
-    assert ev.rationale_prefix(tok, [], "<item>I3</item>", "think", "item") == ([], "")
-    assert ev.rationale_prefix(tok, [], "blah <item>I3", "think", "item")[1] == "blah "
+    assert ev.rationale_text("<think>likes warm", "think", "item") == "<think>likes warm</think>"
+    assert ev.rationale_text("<item>I3</item>", "think", "item") == ""
+    assert ev.rationale_text("blah <item>I3", "think", "item") == "blah "
+
+
+REAL = Path("~/.cache/twice/gemma-3-270m").expanduser()
+
+
+@pytest.mark.parametrize("which", ["tiny", "gemma"])
+def test_exact_scores_the_sft_response_ids(world, which):
+    """Issue 11 item 5: the ids exact ranking feeds + scores for candidate c are exactly the ids SFT trains on for
+    the response naming c (tasks.encode_example), with and without a rationale, for every candidate. Gemma's
+    tokenizer merges across `</think><item>` ('think', '><', 'item'), so encoding `<item>ID</item>` on its own (the
+    old scheme) scores tokens SFT never saw."""
+    import dataclasses
+    from twice.data import load_dataset
+    from twice.tasks import TaskConfig, encode_example, recommend_example
+    if which == "gemma" and not (REAL / "tokenizer.model").exists():
+        pytest.skip(f"{REAL} is absent (python -m twice.convert gemma-3-270m)")
+    tok = world["tok"] if which == "tiny" else Tokenizer.from_pretrained(REAL)
+    ds = load_dataset(world["data"])
+    task = TaskConfig(max_history=3, desc_chars=0, review_chars=0, max_prompt_tokens=4096)
+    tags = task.tags
+    old_scheme_differs = False
+    for cs in ds.candidates("test")[:3]:
+        for rationale in (None, "likes warm things, rated the red one Good", "cozy >< small"):
+            ex = recommend_example(ds, ds.user(cs.user), "test", list(cs.candidates), task, tokenizer=tok,
+                                   reasoning=rationale is not None, rationale=rationale)
+            ids, mask = encode_example(tok, ex)
+            n_prompt = mask.index(1)
+            # what the model would have written before its answer (the rationale as SFT rendered it)
+            before = ex.response[:ex.response.index(tags.wrap_item(ex.target_id))]
+            shared, conts = ev.candidate_continuations(tok, ev.rationale_text(ex.response, "think", "item"),
+                                                       ex.candidate_ids, tags)
+            assert ev.rationale_text(ex.response, "think", "item") == before
+            for c, cont in zip(ex.candidate_ids, conts):
+                ex_c = dataclasses.replace(ex, response=before + tags.wrap_item(c))
+                ids_c, mask_c = encode_example(tok, ex_c)
+                sft_response = ids_c[n_prompt:-1]                    # without the closing <end_of_turn>
+                assert mask_c.index(1) == n_prompt and ids_c[:n_prompt] == ids[:n_prompt]
+                assert shared + cont == sft_response, (c, rationale)
+                assert len(cont) >= 1
+                old = tok.encode(before) + tok.encode(tags.wrap_item(c))
+                old_scheme_differs |= old != sft_response
+            assert len(set(map(tuple, conts))) == len(conts)
+    if which == "gemma":
+        assert old_scheme_differs     # the bug this guards against is real for Gemma's tokenizer
 
 
 def test_judge_score_parse():
@@ -209,20 +251,19 @@ def test_exact_ranking_equals_full_forward_loglik(world, tmp_path):
             ex = recommend_example(ds, ds.user(p["user"]), "test", list(c.candidates), task, tokenizer=tok,
                                    reasoning=reasoning, with_response=False)
             prefix = prompt_ids(tok, ex)
-            if reasoning:
-                # the scored prefix: the greedy tokens through </think>, or its text re-encoded
-                g = tok.encode(p["greedy"]["text"])
-                pre, _ = ev.rationale_prefix(tok, g, p["greedy"]["text"], "think", "item")
-                assert tok.decode(pre) == p["exact"]["rationale_scored"]
-                prefix = prefix + pre
+            rationale = ev.rationale_text(p["greedy"]["text"], "think", "item") if reasoning else ""
+            assert p["exact"]["rationale_scored"] == rationale
+            full = [tok.encode(f"{rationale}<item>{cid}</item>") for cid in p["candidates"]]   # as SFT encodes
+            n_shared = p["exact"]["shared_tokens"]
+            assert all(f[:n_shared] == full[0][:n_shared] for f in full)
+            assert p["exact"]["scored_tokens"] == [len(f) - n_shared for f in full]
             ref = []
-            for cid in p["candidates"]:
-                cont = tok.encode(f"<item>{cid}</item>")
-                ids = torch.tensor([prefix + cont])
+            for f in full:
+                ids = torch.tensor([prefix + f])
                 with torch.no_grad():
                     lp = torch.log_softmax(model(ids).double(), -1)[0]       # [T, V] full forward, float64 softmax
-                n = len(prefix)
-                ref.append(sum(float(lp[n - 1 + t, cont[t]]) for t in range(len(cont))))
+                n = len(prefix) + n_shared                                   # score the tokens after the shared ones
+                ref.append(sum(float(lp[n - 1 + t, f[n_shared + t]]) for t in range(len(f) - n_shared)))
             assert p["exact"]["scores"] == pytest.approx(ref, abs=2e-4)
             ref_rank = 1 + sum(1 for j, s in enumerate(ref) if j != p["candidates"].index(p["target"])
                                and s >= ref[p["candidates"].index(p["target"])])
