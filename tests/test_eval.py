@@ -64,6 +64,23 @@ def test_ranked_metrics_hand_computed():
     assert got == ranks
 
 
+def test_authors_id_set_keeps_hallucinated_id_shaped_answers():
+    """Issue 11 item 8: evaluation_vllm.py keeps every ASIN-shaped answer (candidate or not), deduplicated by a set;
+    our protocol keeps only candidates, in sample order. Per user the set protocol reports its expectation."""
+    from twice.metrics import set_expectation
+    cands = ["B000000001", "B000000002", "B000000003"]
+    items = ["B000000002", "B0HALLUC1N", None, "not an id", "B000000002", " B000000003 ", "b000000009"]
+    d = ev.authors_id_set(items, "[A-Z0-9]{10}")
+    assert d == ["B000000002", "B000000003", "B0HALLUC1N"]              # hallucinated ASIN kept, junk dropped
+    assert ev.sample_order_ranking(items, cands) == ["B000000002", "B000000003"]
+    # target B000000003: ours rank 2 (HR@1 0); theirs: in a set of 3 -> HR@1 1/3, NDCG@5 mean of 1/log2(r+1), r<=3
+    assert ev.list_rank(["B000000002", "B000000003"], "B000000003", 30) == 2
+    hr1, _ = set_expectation("B000000003" in d, len(d), 1)
+    _, nd5 = set_expectation("B000000003" in d, len(d), 5)
+    assert hr1 == pytest.approx(1 / 3) and nd5 == pytest.approx((1 + 1 / math.log2(3) + 0.5) / 3)
+    assert ev.authors_id_set(["12", "7", None], "[0-9]+") == ["12", "7"]
+
+
 def test_pessimistic_rank_and_trie_greedy():
     assert ev.pessimistic_rank([0.5, 0.1, 0.5, 0.9], 0) == 3      # one above, one tie counted above
     assert ev.pessimistic_rank([1.0, 1.0, 1.0], 1) == 3            # all tied: worst rank
@@ -216,6 +233,8 @@ def test_eval_end_to_end_files_and_consistency(world, tmp_path):
     def walk(x):
         if isinstance(x, dict):
             for k, v in x.items():
+                if k in ("length_spearman", "orderings"):
+                    continue
                 if k in ("value",):
                     assert 0.0 <= v <= 1.0
                 if k == "ci95" and v is not None and k != "mean_ci95":
@@ -223,7 +242,40 @@ def test_eval_end_to_end_files_and_consistency(world, tmp_path):
                 walk(v)
     walk({k: v for k, v in res["models"].items()})
     table = (out / "results.md").read_text()
-    assert "| SASRec |" in table and "| base |" in table and "| plain |" in table
+    assert "| SASRec (ranking) |" in table
+    assert "| base |" in table and "| plain |" in table and "| random (expectation) |" in table
+    assert "\u2020 SASRec" in table and "DEVIATION" in table
+    assert "not the sampling protocol" in res["models"]["sasrec"]["note"]
+    for ln in table.splitlines():
+        if ln.startswith("| SASRec"):
+            assert ln.split("|")[2].strip().endswith("\u2020")       # its sampling cell is marked
+    # the random row: exact expectations for C=4 candidates, 3 samples (twice.metrics closed forms)
+    rnd = res["baselines"]["random"]
+    assert rnd["exact"]["hr@1"]["value"] == pytest.approx(1 / 4)
+    assert rnd["sampling"]["hr@3"]["value"] == pytest.approx(1 - (3 / 4) ** 3)
+    assert rnd["greedy"]["hr@1"]["value"] == pytest.approx(1 / 4)
+    # the authors' reading of the same samples: set expectation per user, recomputed from the predictions
+    from twice.metrics import set_expectation
+    want = [set_expectation(p["target"] in p["sampling"]["authors"]["ids"], len(p["sampling"]["authors"]["ids"]), 1)[0]
+            for p in preds]
+    assert m["authors"]["hr@1"]["value"] == pytest.approx(sum(want) / N_USERS)
+    # paired tests, recomputed by hand from the two models' predictions
+    plain = [json.loads(x) for x in (out / "predictions_plain.jsonl").read_text().splitlines()]
+    a = [float(p["exact"]["rank"] == 1) for p in plain]
+    b = [float(p["exact"]["rank"] == 1) for p in preds]
+    c = res["paired"]["plain vs base"]["exact"]["hr@1"]
+    assert c["diff"] == pytest.approx((sum(a) - sum(b)) / N_USERS) and c["n"] == N_USERS
+    assert c["mcnemar"]["a_only"] == sum(x and not y for x, y in zip(a, b))
+    assert c["mcnemar"]["b_only"] == sum(y and not x for x, y in zip(a, b))
+    assert set(res["paired"]) == {"base vs sasrec", "plain vs base", "plain vs sasrec"}
+    assert "Paired differences" in table and "| plain vs base | exact |" in table
+    # the length diagnostic: mean within-list Spearman(#scored tokens, score) over users with unequal lengths
+    from twice.metrics import spearman
+    rhos = [spearman(p["exact"]["scored_tokens"], p["exact"]["scores"]) for p in preds]
+    rhos = [r for r in rhos if r is not None]
+    ls = m["exact"]["length_spearman"]
+    assert ls["n_users"] == len(rhos)
+    assert (ls["mean"] is None) if not rhos else ls["mean"] == pytest.approx(sum(rhos) / len(rhos))
     # SASRec row = SASRec ranks on the same candidate lists
     from twice.data import load_dataset
     from twice.sasrec import rank_candidates
@@ -392,3 +444,80 @@ def test_two_ranks_equal_one_process(world, tmp_path):
         assert r1["greedy"]["text"] == r2["greedy"]["text"] and r1["exact"]["rank"] == r2["exact"]["rank"]
         assert r1["exact"]["scores"] == pytest.approx(r2["exact"]["scores"], abs=1e-4)
     assert not list((tmp_path / "two").glob(".predictions_*"))
+
+
+# ----------------------------------------------------------------------------------------------- inputs, resume
+
+def test_bad_model_path_fails_fast_before_any_work(world, tmp_path, monkeypatch):
+    """Issue 15 item 2: a wrong path of the LAST model fails before SASRec or any model is evaluated, in one line
+    naming the field."""
+    import time
+    called = []
+    monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: called.append(a) or [])
+    t0 = time.time()
+    with pytest.raises(ev.ConfigError, match=r"models\.plain\.path=/no/such/model: no such folder"):
+        _run(world, tmp_path / "run", "models.plain.path=/no/such/model")
+    assert time.time() - t0 < 5 and not called
+    assert not (tmp_path / "run" / "results.json").exists()
+    for bad, pat in (("data_dir=/no/data", r"data_dir=/no/data: no such folder"),
+                     ("sasrec_dir=" + str(tmp_path), r"sasrec_dir=.*: no config.json / model.safetensors"),
+                     ("models.base.path=" + str(tmp_path), r"models\.base\.path=.*: no config.json / tokenizer.model")):
+        with pytest.raises(ev.ConfigError, match=pat):
+            _run(world, tmp_path / "run", bad)
+    assert not called
+    # the command line: one line on stderr, no traceback
+    import subprocess
+    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "run_dir=" + str(tmp_path / "cli"),
+                        "data_dir=" + world["data"], "models.sft.path=/no/such/sft"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "eval.py: error: models.sft.path=/no/such/sft: no such folder"]
+
+
+def test_crash_after_first_model_keeps_its_rows_and_resume_skips_it(world, tmp_path, monkeypatch):
+    """A failure in model 2 leaves model 1's rows in results.json + its predictions; the rerun skips model 1 and
+    gives the same numbers as one uninterrupted run."""
+    real = ev.evaluate_model
+    calls = []
+
+    def crash_on_plain(cfg, name, *a, **k):
+        calls.append(name)
+        if name == "plain":
+            raise RuntimeError("boom")
+        return real(cfg, name, *a, **k)
+    monkeypatch.setattr(ev, "evaluate_model", crash_on_plain)
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(world, tmp_path / "run", "sampling.enabled=false")
+    partial = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(partial["models"]) == {"sasrec", "base"} and partial["complete"] is False
+    assert (tmp_path / "run" / "predictions_base.jsonl").exists()
+    calls.clear()
+    monkeypatch.setattr(ev, "evaluate_model", lambda cfg, name, *a, **k: calls.append(name) or real(cfg, name, *a, **k))
+    res = _run(world, tmp_path / "run", "sampling.enabled=false")
+    assert calls == ["plain"] and res["complete"] is True
+    assert res["models"]["base"] == partial["models"]["base"]
+    once = _run(world, tmp_path / "once", "sampling.enabled=false", "resume=false")
+    _assert_close({k: v for k, v in res["models"].items()}, once["models"], ("models",))
+    _assert_close(res["paired"], once["paired"], ("paired",))
+    # a changed setting is a different row: not skipped
+    calls.clear()
+    _run(world, tmp_path / "run", "sampling.enabled=false", "greedy.max_new_tokens=5")
+    assert calls == ["base", "plain"]
+
+
+def test_candidate_orderings_report_spread(world, tmp_path):
+    """Issue 11 item 9: N extra seeded orderings of every user's candidates; the first value is the row itself."""
+    res = _run(world, tmp_path / "run", "sampling.enabled=false", "orderings=2", "models.plain.path=",
+               "models={base: {path: " + world["model"] + "}}", "exact.constrained=false")
+    o = res["models"]["base"]["orderings"]
+    assert o["n"] == 3
+    hr = o["exact hr@1"]
+    assert hr["values"][0] == res["models"]["base"]["exact"]["hr@1"]["value"] and len(hr["values"]) == 3
+    assert hr["min"] <= hr["mean"] <= hr["max"] and hr["sd"] >= 0
+    p0 = [json.loads(x) for x in (tmp_path / "run" / "predictions_base.jsonl").read_text().splitlines()]
+    for k in (1, 2):
+        pk = [json.loads(x) for x in (tmp_path / "run" / f"predictions_base.order{k}.jsonl").read_text().splitlines()]
+        assert [p["user"] for p in pk] == [p["user"] for p in p0]
+        assert all(sorted(a["candidates"]) == sorted(b["candidates"]) for a, b in zip(p0, pk))
+        assert any(a["candidates"] != b["candidates"] for a, b in zip(p0, pk))     # really reordered
+        assert hr["values"][k] == pytest.approx(sum(p["exact"]["rank"] == 1 for p in pk) / N_USERS)
