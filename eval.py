@@ -11,7 +11,13 @@ Every model sees the same users, the same candidate lists (candidates_<split>.js
                The item IDs are read in SAMPLE ORDER, duplicates removed keeping the first, IDs outside the
                candidate set dropped -> a ranked list of <= n items; the target's rank is its position in it
                (absent = never a hit). HR@1, HR@5, NDCG@5. (The authors' script passes the IDs through a Python
-               set, which scrambles the order, so their HR@5/NDCG@5 depend on string hashing; we keep the order.)
+               set, which scrambles their order: with <= 5 distinct IDs HR@5 does not depend on it, but HR@1 and
+               NDCG@5 do, through string hashing. We keep the sample order; `authors` below is their reading.)
+  authors      a labelled DEVIATION, for comparison with the paper: the same samples read as evaluation_vllm.py
+               does: every answer with the ID shape (sampling.authors_id_pattern; an ASIN by default) kept,
+               hallucinated ones included, deduplicated through a set D; the set's arbitrary order is replaced by
+               its expectation: HR@1 = 1[t in D]/|D|, HR@k = 1[t in D] min(k,|D|)/|D|,
+               NDCG@k = 1[t in D] mean_{r <= |D|} 1[r <= k]/log2(r+1) (twice.metrics.set_expectation).
   exact        deterministic: each candidate's response `rationale<item>ID</item>` (the greedy rationale through
                </think> when the model reasons, else nothing) is encoded exactly as SFT encodes a response (one
                encode of the whole text: tokens merge across `</think><item>`); the prompt + the ids all candidates
@@ -24,16 +30,26 @@ Every model sees the same users, the same candidate lists (candidates_<split>.js
                sequences, after the same greedy rationale. Read off the exact protocol's per-token log-probs:
                log p(token | prefix) is shared by every candidate with that prefix, so walking the trie by the
                best child is exactly constrained greedy decoding.
-SASRec is ranked on the same candidate lists (its scores give its ranked list, so it fills both columns).
-Every rate has a 95% interval (Wilson for hit rates/validity, percentile bootstrap for NDCG/MRR).
+SASRec is ranked on the same candidate lists: its own ranking (row "SASRec (ranking)"); its top-k fills the
+sampling columns, marked, because it is not the sampling protocol. A random row gives each protocol's chance level
+in closed form (twice.metrics: random ranker, uniform n-sample sampler in sample order and as a set).
+Every rate has a 95% interval (Wilson for hit rates/validity, percentile bootstrap for NDCG/MRR). Paired tests: each
+LLM row vs each of `compare_to` (base, sft, sasrec) on the same users: the mean per-user difference of HR@1/HR@5/
+NDCG@5 with a paired bootstrap interval, and McNemar's exact test for the hit rates. Diagnostic: exact.length_spearman
+= mean within-list Spearman(#scored tokens, log-likelihood) (< 0: IDs with fewer tokens are favoured).
+Optional `orderings=N`: N extra seeded shufflings of every candidate list, the spread of each headline metric.
 
 Judge (paper RQ2, optional): an OpenAI-compatible endpoint (twice.llm_api.ChatClient) scores the greedy rationale
-of N sampled users per model on the paper's 0-3 rubric (prompts.judge_prompt); distribution, mean and every
-judgment (judge_<model>.jsonl) are saved.
+of N sampled users per model on the paper's two-step 0-3 rubric: correctness in code (an item outside the item
+vocabulary scores 0 and is never sent), then the judge grades the rationale 1-3 (prompts.judge_prompt); distribution,
+mean and every judgment (judge_<model>.jsonl) are saved.
 
 Writes run_dir/: config.yaml (resolved), results.json, results.md (markdown table), predictions_<model>.jsonl (one
-line per user, with the rationale), judge_<model>.jsonl. Multi-process: users are strided over ranks, per-user
-results are summed into full-length tensors with all_reduce, rank 0 writes the files.
+line per user, with the rationale), judge_<model>.jsonl. Every input (data, SASRec, each model folder and tokenizer)
+is checked before any work; results.json is rewritten after every model ("complete": false until the end; results.md
+is written when the run completes), so a crash keeps the finished rows, and a rerun of the same config skips models
+already finished (resume=false redoes them). Multi-process: users
+are strided over ranks, per-user results are summed into full-length tensors with all_reduce, rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -41,7 +57,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -59,8 +74,8 @@ from twice.dist import all_reduce_sum, barrier, init_distributed, print0
 from twice.engine import Engine
 from twice.fileio import write_atomic
 from twice.llm_api import ChatClient, LLMConfig, LLMError
-from twice.metrics import (bootstrap_interval, mcnemar_exact, paired_bootstrap, random_ranker, set_expectation, spearman,
-                           uniform_sampler, uniform_sampler_set, wilson_interval)
+from twice.metrics import (bootstrap_interval, mcnemar_exact, paired_bootstrap, random_ranker, set_expectation,
+                           spearman, uniform_sampler, uniform_sampler_set, wilson_interval)
 from twice.rewards import normalize_item, parse_completion
 from twice.tasks import TaskConfig, encode_response, prompt_ids, recommend_example
 
@@ -213,9 +228,10 @@ def ranked_metrics(ranks: list[int], ks: list[int], mrr: bool = False) -> dict:
 
 
 def judge_score(text: str) -> int | None:
-    """The judge's `<score>N</score>` (N in 0..3), or None when absent/out of range."""
+    """The judge's `<score>N</score>`: N in 1..3 (the judge grades correct recommendations only; 0 = incorrect is
+    decided in code), else None (counted as failed)."""
     m = re.search(r"<score>\s*([0-9]+)\s*</score>", text or "")
-    if not m or not 0 <= int(m.group(1)) <= 3:
+    if not m or not 1 <= int(m.group(1)) <= 3:
         return None
     return int(m.group(1))
 
@@ -498,14 +514,16 @@ def evaluate_orderings(cfg: EvalConfig, name: str, spec: ModelSpec, ds, all_sets
     """Candidate-order robustness (issue 11 item 9): the same protocols on `cfg.orderings` extra seeded shufflings
     of every user's candidate list (prompt order changes, the set does not). Per headline metric: its value under
     each ordering (first = the dataset's order, i.e. the row itself) and their spread."""
-    heads = [(p, k) for p in ("sampling", "authors", "exact") for k in ("hr@1", "hr@5", "ndcg@5") if k in block.get(p, {})]
+    heads = [(p, k) for p in ("sampling", "authors", "exact") for k in ("hr@1", "hr@5", "ndcg@5")
+             if k in block.get(p, {})]
     values = {f"{p} {k}": [block[p][k]["value"]] for p, k in heads}
     U = len(all_sets)
     for o in range(1, cfg.orderings + 1):
         sets = shuffled_sets(all_sets, cfg.orderings_seed, o)
         records = evaluate_model(cfg, f"{name} order {o}", spec, ds, [sets[i] for i in mine], info)
         merge_predictions(out_dir, f"predictions_{name}.order{o}", mine, records, info)
-        b = summarize_model(gather_values({p: per_user_values(r) for p, r in zip(mine, records)}, U, len(PER_USER)), cfg)
+        rows = gather_values({p: per_user_values(r) for p, r in zip(mine, records)}, U, len(PER_USER))
+        b = summarize_model(rows, cfg)
         for p, k in heads:
             values[f"{p} {k}"].append(b[p][k]["value"])
     return {"n": cfg.orderings + 1, "seed": cfg.orderings_seed, **{m: spread(v) for m, v in values.items()}}
@@ -527,7 +545,9 @@ def _history_text(ds, user, split: str, n: int) -> str:
 
 
 def run_judge(cfg: EvalConfig, name: str, records: list[dict], ds, out_dir: Path) -> dict:
-    """Judge the greedy rationales of a seeded sample of users; write judge_<name>.jsonl; -> summary."""
+    """The paper's two-step rubric on the greedy rationales of a seeded sample of users: step 1 in code (an item
+    outside the item vocabulary, or no item, scores 0: Incorrect, never sent), step 2 by the judge (1-3) for the
+    rest. Writes judge_<name>.jsonl; -> summary."""
     J = cfg.judge
     rng = random.Random(J.seed)
     sample = sorted(rng.sample(range(len(records)), min(J.n_users, len(records))))
@@ -536,35 +556,38 @@ def run_judge(cfg: EvalConfig, name: str, records: list[dict], ds, out_dir: Path
         r = records[i]
         g = r["greedy"]
         idx = ds.item_by_id.get(g["item"]) if g["item"] is not None else None
-        exists = idx is not None
-        rec_block = (prompts.render_item(ds.items[idx].title, ds.items[idx].id, ds.items[idx].description)
-                     if exists else f"item_id:{prompts.clean(g['item'] or '(none)', 64)}")
+        if idx is None:
+            meta.append((r["user"], g["item"], None))
+            continue
+        rec_block = prompts.render_item(ds.items[idx].title, ds.items[idx].id, ds.items[idx].description)
         text = prompts.judge_prompt(_history_text(ds, ds.user(r["user"]), cfg.split, J.history_items), rec_block,
-                                    g["rationale"] or g["text"], exists)
+                                    g["rationale"] or g["text"])
+        meta.append((r["user"], g["item"], len(convs)))
         convs.append([{"role": "system", "content": prompts.JUDGE_SYSTEM}, {"role": "user", "content": text}])
-        meta.append((r["user"], g["item"], exists))
-    client = ChatClient(J.llm)
-    results = client.chat_many(convs)
+    results = ChatClient(J.llm).chat_many(convs) if convs else []
     dist_ = {str(k): 0 for k in range(4)}
-    scores, failed = [], 0
-    with open(out_dir / f"judge_{name}.jsonl.tmp", "w") as f:
-        for (user, item, exists), res in zip(meta, results):
-            if isinstance(res, LLMError):
-                failed += 1
-                row = {"user": user, "item": item, "item_exists": exists, "score": None, "error": str(res)}
-            else:
-                s = judge_score(res.text)
-                failed += s is None
-                if s is not None:
-                    scores.append(s)
-                    dist_[str(s)] += 1
-                row = {"user": user, "item": item, "item_exists": exists, "score": s, "judgment": res.text}
-            f.write(json.dumps(row) + "\n")
-    os.replace(out_dir / f"judge_{name}.jsonl.tmp", out_dir / f"judge_{name}.jsonl")
+    scores, failed, rows = [], 0, []
+    for user, item, j in meta:
+        row = {"user": user, "item": item, "item_exists": j is not None}
+        if j is None:
+            s, row["scored_by"] = 0, "code: not in the item vocabulary"
+        elif isinstance(results[j], LLMError):
+            s, row["error"] = None, str(results[j])
+        else:
+            s, row["judgment"] = judge_score(results[j].text), results[j].text
+        row["score"] = s
+        failed += s is None
+        if s is not None:
+            scores.append(s)
+            dist_[str(s)] += 1
+        rows.append(row)
+    write_atomic(out_dir / f"judge_{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     n = len(scores)
-    return {"n": len(sample), "scored": n, "failed": failed, "mean": sum(scores) / n if n else None,
-            "distribution": dist_, "share": {k: (v / n if n else 0.0) for k, v in dist_.items()},
-            "mean_ci95": list(bootstrap_interval(scores)) if n else None}
+    return {"n": len(sample), "scored": n, "failed": failed, "sent_to_judge": len(convs),
+            "mean": sum(scores) / n if n else None, "distribution": dist_,
+            "share": {k: (v / n if n else 0.0) for k, v in dist_.items()},
+            "mean_ci95": list(bootstrap_interval(scores)) if n else None,
+            "rubric": {str(k): v for k, v in prompts.JUDGE_RUBRIC.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -622,13 +645,14 @@ def results_table(results: dict, cfg: EvalConfig) -> str:
     if paired:
         lines += ["", "Paired differences on the same users (row minus reference; 95% paired-bootstrap interval; "
                       "McNemar exact p for HR@1):", "",
-                  "| comparison | protocol | diff HR@1 | McNemar p | diff HR@5 | diff NDCG@5 |", "|---|---|---|---|---|---|"]
+                  "| comparison | protocol | diff HR@1 | McNemar p | diff HR@5 | diff NDCG@5 |",
+                  "|---|---|---|---|---|---|"]
         for pair, block in paired.items():
             for proto, c in block.items():
                 p1 = c.get("hr@1", {}).get("mcnemar")
-                lines.append(f"| {pair} | {proto} | {_fmt_diff(c.get('hr@1'))} | "
-                             f"{p1['p']:.3g} | " if p1 else f"| {pair} | {proto} | {_fmt_diff(c.get('hr@1'))} | - | ")
-                lines[-1] += f"{_fmt_diff(c.get('hr@5'))} | {_fmt_diff(c.get('ndcg@5'))} |"
+                cells = [pair, proto, _fmt_diff(c.get("hr@1")), f"{p1['p']:.3g}" if p1 else "-",
+                         _fmt_diff(c.get("hr@5")), _fmt_diff(c.get("ndcg@5"))]
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -714,9 +738,6 @@ def load_finished(out_dir: Path, cfg: EvalConfig, all_sets: list) -> dict[str, t
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def write_results(out_dir: Path, results: dict, cfg: EvalConfig) -> None:
-    write_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out_dir / "results.md", results_table(results, cfg))
 
 
 def main(argv: list[str]) -> dict | None:
@@ -759,6 +780,8 @@ def main(argv: list[str]) -> dict | None:
                      "baselines": {"random": random_baseline([len(cs.candidates) for cs in all_sets], cfg)}}
     per_model: dict[str, tuple[str, torch.Tensor]] = {}   # per-user rows, for the paired tests
     finished = load_finished(out_dir, cfg, all_sets)
+    if info.is_main:   # results.md exists only for a COMPLETE run (the pipeline's done-check reads it)
+        (out_dir / "results.md").unlink(missing_ok=True)
 
     if cfg.sasrec_dir:
         from twice.sasrec import SASRec, rank_candidates
@@ -797,15 +820,17 @@ def main(argv: list[str]) -> dict | None:
                + (f", greedy valid {g['valid']['value']:.3f}" if g else ""))
         if info.is_main:     # a later failure keeps this model's rows (and resume skips it)
             results["paired"] = paired_comparisons(per_model, cfg)
-            write_results(out_dir, results, cfg)
+            write_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
         barrier()
 
     results["paired"] = paired_comparisons(per_model, cfg)
     results["complete"] = True
     results["wall_s"] = round(time.time() - t0, 1)
     if info.is_main:
-        write_results(out_dir, results, cfg)
-        print(results_table(results, cfg))
+        write_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        table = results_table(results, cfg)
+        write_atomic(out_dir / "results.md", table)
+        print(table)
     return results
 
 

@@ -150,9 +150,23 @@ def test_exact_scores_the_sft_response_ids(world, which):
 
 def test_judge_score_parse():
     assert ev.judge_score("<score>3</score> convincing") == 3
-    assert ev.judge_score("<score> 0 </score>") == 0
+    assert ev.judge_score("<score> 1 </score>") == 1
+    assert ev.judge_score("<score>0</score>") is None        # 0 = Incorrect is decided in code, not by the judge
     assert ev.judge_score("<score>7</score>") is None
     assert ev.judge_score("no score") is None
+
+
+def test_judge_rubric_is_the_papers():
+    """Issue 11 item 10: the rubric's words are the paper's (RQ2: "0: Incorrect, 1: Correct and Insufficient
+    Rationale, 2: Correct and Acceptable Rationale, 3: Correct and Satisfying Rationale"), and the judge is asked
+    for 1-3 only: correctness (the item exists in the vocabulary) is not its call."""
+    from twice import prompts
+    assert prompts.JUDGE_RUBRIC == {0: "Incorrect", 1: "Correct and Insufficient Rationale",
+                                    2: "Correct and Acceptable Rationale", 3: "Correct and Satisfying Rationale"}
+    text = prompts.judge_prompt("title:a\n- item_id:1", "title:b\n- item_id:2", "because")
+    for k in (1, 2, 3):
+        assert f"\n{k}: {prompts.JUDGE_RUBRIC[k]}\n" in text
+    assert "0:" not in text and "N = 1, 2 or 3" in text
 
 
 # ----------------------------------------------------------------------------------------------- a tiny world
@@ -331,7 +345,7 @@ class _FakeJudge(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         text = body["messages"][-1]["content"]
         _FakeJudge.seen.append(text)
-        score = 0 if "does NOT exist" in text else 2
+        score = 0 if "SAYZERO" in text else 2
         answer = "no idea" if "GARBLE" in text else f"<score>{score}</score> fine."
         out = {"choices": [{"message": {"role": "assistant", "content": answer}}],
                "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
@@ -359,7 +373,7 @@ def test_judge_against_fake_server(world, tmp_path):
         srv.shutdown()
     j = res["models"]["base"]["judge"]
     assert "judge" not in res["models"]["plain"]
-    assert j["n"] == 4 and j["scored"] == 4 and j["failed"] == 0 and len(_FakeJudge.seen) == 4
+    assert j["n"] == 4 and j["scored"] == 4 and j["failed"] == 0 and len(_FakeJudge.seen) == j["sent_to_judge"]
     rows = [json.loads(x) for x in (tmp_path / "run" / "judge_base.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     lines = (tmp_path / "run" / "predictions_base.jsonl").read_text().splitlines()
@@ -370,6 +384,7 @@ def test_judge_against_fake_server(world, tmp_path):
     assert [r["score"] for r in rows] == want
     assert j["distribution"] == {"0": want.count(0), "1": 0, "2": want.count(2), "3": 0}
     assert j["mean"] == pytest.approx(sum(want) / 4)
+    assert j["sent_to_judge"] == want.count(2)
 
 
 def test_run_judge_on_crafted_records(world, tmp_path):
@@ -380,7 +395,9 @@ def test_run_judge_on_crafted_records(world, tmp_path):
     ds = load_dataset(world["data"])
     recs = [{"user": 1, "greedy": {"item": "I3", "rationale": "likes warm", "text": ""}},
             {"user": 2, "greedy": {"item": "NOPE", "rationale": "made up", "text": ""}},
-            {"user": 3, "greedy": {"item": "I5", "rationale": "GARBLE", "text": ""}}]
+            {"user": 3, "greedy": {"item": "I5", "rationale": "GARBLE", "text": ""}},
+            {"user": 4, "greedy": {"item": None, "rationale": None, "text": "no answer"}},
+            {"user": 5, "greedy": {"item": "I6", "rationale": "SAYZERO", "text": ""}}]
     try:
         _FakeJudge.seen.clear()
         cfg = ev.EvalConfig(data_dir=world["data"])
@@ -389,12 +406,15 @@ def test_run_judge_on_crafted_records(world, tmp_path):
         s = ev.run_judge(cfg, "m", recs, ds, tmp_path)
     finally:
         srv.shutdown()
-    assert s["n"] == 3 and s["scored"] == 2 and s["failed"] == 1
-    assert s["distribution"] == {"0": 1, "1": 0, "2": 1, "3": 0} and s["mean"] == pytest.approx(1.0)
+    # hallucinated / missing items: 0 in code, never sent; a judge answer outside 1-3 (or none) is a failure
+    assert s["n"] == 5 and s["scored"] == 3 and s["failed"] == 2 and s["sent_to_judge"] == 3
+    assert len(_FakeJudge.seen) == 3 and not any("made up" in t for t in _FakeJudge.seen)
+    assert s["distribution"] == {"0": 2, "1": 0, "2": 1, "3": 0} and s["mean"] == pytest.approx(2 / 3)
     rows = [json.loads(x) for x in (tmp_path / "judge_m.jsonl").read_text().splitlines()]
-    assert [(r["user"], r["item_exists"], r["score"]) for r in rows] == [(1, True, 2), (2, False, 0), (3, True, None)]
+    assert [(r["user"], r["item_exists"], r["score"]) for r in rows] == [
+        (1, True, 2), (2, False, 0), (3, True, None), (4, False, 0), (5, True, None)]
     first = [t for t in _FakeJudge.seen if "likes warm" in t]
-    assert len(first) == 1 and "title:" in first[0] and "exists in the catalogue" in first[0]
+    assert len(first) == 1 and "title:" in first[0] and "exists in the item vocabulary" in first[0]
 
 
 def _assert_close(a, b, where):
@@ -491,10 +511,11 @@ def test_crash_after_first_model_keeps_its_rows_and_resume_skips_it(world, tmp_p
     partial = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(partial["models"]) == {"sasrec", "base"} and partial["complete"] is False
     assert (tmp_path / "run" / "predictions_base.jsonl").exists()
+    assert not (tmp_path / "run" / "results.md").exists()          # written only by a complete run
     calls.clear()
     monkeypatch.setattr(ev, "evaluate_model", lambda cfg, name, *a, **k: calls.append(name) or real(cfg, name, *a, **k))
     res = _run(world, tmp_path / "run", "sampling.enabled=false")
-    assert calls == ["plain"] and res["complete"] is True
+    assert calls == ["plain"] and res["complete"] is True and (tmp_path / "run" / "results.md").exists()
     assert res["models"]["base"] == partial["models"]["base"]
     once = _run(world, tmp_path / "once", "sampling.enabled=false", "resume=false")
     _assert_close({k: v for k, v in res["models"].items()}, once["models"], ("models",))
@@ -521,3 +542,22 @@ def test_candidate_orderings_report_spread(world, tmp_path):
         assert all(sorted(a["candidates"]) == sorted(b["candidates"]) for a, b in zip(p0, pk))
         assert any(a["candidates"] != b["candidates"] for a, b in zip(p0, pk))     # really reordered
         assert hr["values"][k] == pytest.approx(sum(p["exact"]["rank"] == 1 for p in pk) / N_USERS)
+
+
+def test_set_note_matches_the_math():
+    """Issue 11 item 11: through a set, <= 5 distinct IDs in arbitrary order: HR@5 cannot change with the order,
+    HR@1 and NDCG@5 can. The notes in eval.py and the Amazon README must say so (they said the opposite)."""
+    import itertools
+    ids = ["T", "A", "B", "C"]
+    hr1, hr5, nd5 = set(), set(), set()
+    for order in itertools.permutations(ids):
+        r = ev.list_rank(list(order), "T", 30)
+        hr1.add(r <= 1)
+        hr5.add(r <= 5)
+        nd5.add(round(1 / math.log2(r + 1), 9))
+    assert hr5 == {True} and len(hr1) == 2 and len(nd5) == 4
+    readme = (ROOT / "configs" / "amazon-gemma3-1b" / "README.md").read_text()
+    for text in (ev.__doc__, readme):
+        flat = " ".join(text.split())
+        assert "HR@5/NDCG@5 depend on string hashing" not in flat
+        assert "HR@5 does not depend on" in flat and "HR@1 and NDCG@5 do" in flat
