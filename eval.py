@@ -48,8 +48,8 @@ Writes run_dir/: config.yaml (resolved), results.json, results.md (markdown tabl
 line per user, with the rationale), judge_<model>.jsonl. Every input (data, SASRec, each model folder and tokenizer)
 is checked before any work; results.json is rewritten after every model ("complete": false until the end; results.md
 is written when the run completes), so a crash keeps the finished rows, and a rerun of the same config skips models
-already finished (resume=false redoes them). Multi-process: users
-are strided over ranks, per-user results are summed into full-length tensors with all_reduce, rank 0 writes the files.
+already finished (resume=false redoes them). Multi-process: users are strided over ranks, per-user results are
+summed into full-length tensors with all_reduce, rank 0 writes the files.
 """
 from __future__ import annotations
 
