@@ -609,12 +609,13 @@ def _fmt_diff(c: dict | None) -> str:
 def results_table(results: dict, cfg: EvalConfig) -> str:
     """Markdown: one row per model (+ the random row); HR@1, HR@5, NDCG@5 under sampling, authors and exact; greedy
     HR@1 and validity; then the paired comparisons."""
-    sk = [k for k in (1, 5) if k in cfg.sampling.ks]
-    ek = [k for k in (1, 5) if k in cfg.exact.ks]
+    sk = [k for k in (1, 5) if k in cfg.sampling.ks] if cfg.sampling.enabled else []
+    ek = [k for k in (1, 5) if k in cfg.exact.ks] if cfg.exact.enabled else []
     head = (["model"] + [f"sampling HR@{k}" for k in sk] + (["sampling NDCG@5"] if 5 in sk else [])
             + [f"authors HR@{k}" for k in sk] + (["authors NDCG@5"] if 5 in sk else [])
             + [f"exact HR@{k}" for k in ek] + (["exact NDCG@5"] if 5 in ek else [])
-            + ["greedy HR@1", "greedy valid", "format"] + (["constrained HR@1"] if cfg.exact.constrained else []))
+            + ["greedy HR@1", "greedy valid", "format"]
+            + (["constrained HR@1"] if cfg.exact.enabled and cfg.exact.constrained else []))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = dict(results["models"])
     if "random" in results.get("baselines", {}):
@@ -627,7 +628,7 @@ def results_table(results: dict, cfg: EvalConfig) -> str:
                + [_fmt(a.get(f"hr@{k}")) for k in sk] + ([_fmt(a.get("ndcg@5"))] if 5 in sk else [])
                + [_fmt(e.get(f"hr@{k}")) for k in ek] + ([_fmt(e.get("ndcg@5"))] if 5 in ek else [])
                + [_fmt(g.get("hr@1")), _fmt(g.get("valid")), _fmt(g.get("format"))]
-               + ([_fmt(m.get("constrained", {}).get("hr@1"))] if cfg.exact.constrained else []))
+               + ([_fmt(m.get("constrained", {}).get("hr@1"))] if cfg.exact.enabled and cfg.exact.constrained else []))
         lines.append("| " + " | ".join(row) + " |")
     n = results["n_users"]
     lines.append("")
