@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
 
-from twice.gemma3 import PRESETS, Gemma3  # noqa: E402
+from twice.gemma3 import PRESETS, Gemma3, Gemma3Config  # noqa: E402
 from twice.hf import config_from_hf  # noqa: E402
 
 LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
@@ -270,7 +270,7 @@ SPARSE_27B = {"model_type": "gemma3", "text_config": {
 
 
 def test_config_hub_1b_equals_preset():
-    c = config_from_hf(HUB_1B)
+    c = config_from_hf(HUB_1B, Gemma3Config)
     p = PRESETS["gemma-3-1b"]
     assert c.eos_token_id == [1, 106]
     c.eos_token_id = p.eos_token_id
@@ -279,7 +279,7 @@ def test_config_hub_1b_equals_preset():
 
 
 def test_config_sparse_multimodal_27b_fills_defaults():
-    c = config_from_hf(SPARSE_27B)
+    c = config_from_hf(SPARSE_27B, Gemma3Config)
     p = PRESETS["gemma-3-27b"]
     assert (c.vocab_size, c.rope_theta, c.rope_local_base_freq, c.rope_scaling_factor) == (262208, 1e6, 1e4, 8.0)
     assert (c.head_dim, c.query_pre_attn_scalar, c.layer_types) == (128, 168, p.layer_types)
@@ -288,14 +288,14 @@ def test_config_sparse_multimodal_27b_fills_defaults():
 def test_config_v5_rope_parameters_win_and_bad_variants_fail():
     v5 = dict(HUB_1B, rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
                                        "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}})
-    c = config_from_hf(v5)
+    c = config_from_hf(v5, Gemma3Config)
     assert (c.rope_theta, c.rope_local_base_freq, c.rope_scaling_factor) == (5e5, 2e4, 4.0)
     with pytest.raises(ValueError, match="rope_type 'yarn'"):
-        config_from_hf(dict(HUB_1B, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+        config_from_hf(dict(HUB_1B, rope_scaling={"rope_type": "yarn", "factor": 2.0}), Gemma3Config)
     with pytest.raises(ValueError, match="hidden_activation"):
-        config_from_hf(dict(HUB_1B, hidden_activation="relu"))
+        config_from_hf(dict(HUB_1B, hidden_activation="relu"), Gemma3Config)
     with pytest.raises(ValueError, match="layer_types has 3 entries"):
-        config_from_hf(dict(HUB_1B, layer_types=["full_attention"] * 3))
+        config_from_hf(dict(HUB_1B, layer_types=["full_attention"] * 3), Gemma3Config)
 
 
 def test_bf16_step_helper_can_fail():
@@ -325,3 +325,16 @@ def test_real_270m_parity_past_the_window(dtype):
     else:
         assert_bf16_close(a, b)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_imports_are_one_way():
+    """twice.hf never imports the model and importing the model loads no checkpoint code: no import cycle (a cycle
+    made `import twice.hf` first half-initialise twice.gemma3). Fresh interpreters, so earlier imports don't count."""
+    import subprocess
+    import sys
+    code = ("import sys, twice.hf; assert 'twice.gemma3' not in sys.modules, 'twice.hf imported twice.gemma3'; "
+            "import twice.gemma3; assert 'kernels' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import sys, twice.gemma3; bad = [m for m in ('twice.hf', 'safetensors') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

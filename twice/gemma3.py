@@ -9,7 +9,8 @@ Every rule below comes from ../shared/reference/gemma3.md (§2-§5), checked aga
   - Scores scaled by query_pre_attn_scalar**-0.5 (not head_dim**-0.5), GQA, masks use finfo.min (never -inf).
   - GeGLU with tanh-GELU; embeddings scaled by sqrt(hidden) cast to the weight dtype; LM head tied to embeddings.
 Checkpoint I/O lives in twice/hf.py (`Gemma3.from_pretrained`, `model.save_pretrained` are thin wrappers).
-This file imports torch (and, lazily, `kernels` for the fused log-prob path) only: no distributed code.
+Imports are one-way: this file imports torch at import time; `kernels` (fused log-probs) and twice.hf (checkpoint
+files) are imported only when used, and neither imports this module back. No distributed code.
 """
 from __future__ import annotations
 
@@ -224,6 +225,8 @@ class Block(nn.Module):
 
 
 class Gemma3(nn.Module):
+    config_class = Gemma3Config  # what twice.hf builds from config.json (it never imports this module)
+
     def __init__(self, config: Gemma3Config):
         super().__init__()
         self.config = config
@@ -253,8 +256,8 @@ class Gemma3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        from twice.hf import from_pretrained  # lazy: twice.hf imports this module
-        return from_pretrained(path, dtype=dtype, device=device)
+        from twice.hf import from_pretrained  # lazy: importing the model needs no safetensors
+        return from_pretrained(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path, **kwargs):
         from twice.hf import save_pretrained
