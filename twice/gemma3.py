@@ -18,7 +18,7 @@ files) are imported only when used, and neither imports this module back. No dis
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -443,7 +443,6 @@ class SharedPrefixLayout:
     Tc: int
     prefix_mask: dict          # sliding (bool) -> [1, 1, P, P] additive (causal + window) or CAUSAL: prompt part
     completion_mask: dict      # sliding (bool) -> [G, 1, 1, 1, Tc, P + Tc] additive: [prompt keys ; own keys]
-    _rows: dict = field(default_factory=dict)  # sliding -> completion_mask expanded per row (SDPA), see row_mask
 
     @staticmethod
     def build(plen, K: int, P: int, Tc: int, window: int, dtype, device) -> "SharedPrefixLayout":
@@ -466,23 +465,14 @@ class SharedPrefixLayout:
             pm[sliding] = build_mask(None, 1, P, window, dtype, device) if sliding else CAUSAL  # [1, 1, P, P]
         return SharedPrefixLayout(G, K, P, Tc, pm, cm)
 
-    def row_mask(self, sliding: bool):
-        """completion_mask per completion row, [G*K, 1, Tc, P + Tc]: built once per forward, shared by all layers."""
-        if sliding not in self._rows:
-            m = self.completion_mask[sliding]  # [G, 1, 1, 1, Tc, P + Tc]
-            self._rows[sliding] = m[:, :, 0].expand(self.G, self.K, 1, self.Tc, self.P + self.Tc).reshape(
-                self.G * self.K, 1, self.Tc, self.P + self.Tc)
-        return self._rows[sliding]
-
 
 def attend_shared_prefix(q, k, v, layout: SharedPrefixLayout, sliding: bool, scale: float, sdpa: bool = True):
     """q [1, H, N, hd], k/v [1, KV, N, hd] of the packed stream (N = G*P + G*K*Tc) -> [1, N, H*hd].
 
     Same math as `attend` on the K-times layout. sdpa: each completion row attends over [its prompt's keys ; its
-    own keys] in one fused call; the prompt keys are copied to the K rows of the group as one [G*K, KV, P+Tc,
-    hd] tensor (the size of the K-times layout's keys, bf16) instead of fp32 scores [G, KV, n, K, Tc, P+Tc]
-    (at P = 6144, Tc = 512, G = K = 8, n = 4, KV = 1, hd = 256: 3.5 GB of scores per layer vs 0.44 GB of keys +
-    values per layer, plus one 0.44 GB bf16 mask per layer kind for the whole forward).
+    own keys] in one fused call per group; the prompt keys are copied to the group's K rows as one [K, KV, P+Tc,
+    hd] tensor (the K-times layout's keys, model dtype) instead of fp32 scores [G, KV, n, K, Tc, P+Tc] (at P = 6144,
+    Tc = 512, G = K = 8, n = 4, KV = 1, hd = 256, bf16: 3.5 GB of scores per layer vs 0.44 GB of keys + values).
     eager: the materialised path (scores in the model dtype, + mask, fp32 softmax, cast), bit-exact reference."""
     if not sdpa:
         return _attend_shared_prefix_eager(q, k, v, layout, sliding, scale)
@@ -495,16 +485,21 @@ def attend_shared_prefix(q, k, v, layout: SharedPrefixLayout, sliding: bool, sca
     kp = k[0, :, :S].reshape(KV, G, P, hd).transpose(0, 1)  # [G, KV, P, hd]
     vp = v[0, :, :S].reshape(KV, G, P, hd).transpose(0, 1)
     out_p = attend(qp, kp, vp, layout.prefix_mask[sliding], scale).reshape(1, S, H * hd)
-    # completions: row r = (g, k) sees [prompt g ; completion r] (4-D: torch's CPU flash kernel takes no 5-D batch)
+    # completions: row (g, k) sees [prompt g ; completion (g, k)]; one call per group, its K rows as the batch, so
+    # the group's [Tc, P + Tc] mask broadcasts over K (a 5-D batch would drop torch's CPU flash kernel for math)
     R = G * K
     qc = q[0, :, S:].reshape(H, R, Tc, hd).transpose(0, 1)  # [R, H, Tc, hd]
     kc = k[0, :, S:].reshape(KV, R, Tc, hd).transpose(0, 1)  # [R, KV, Tc, hd]
     vc = v[0, :, S:].reshape(KV, R, Tc, hd).transpose(0, 1)
-    ka = torch.cat([kp.repeat_interleave(K, 0), kc], dim=2)  # [R, KV, P + Tc, hd]
-    va = torch.cat([vp.repeat_interleave(K, 0), vc], dim=2)
-    o = F.scaled_dot_product_attention(qc, ka, va, attn_mask=layout.row_mask(sliding), scale=scale,
-                                       enable_gqa=H != KV)  # [R, H, Tc, hd]
-    out_c = o.transpose(1, 2).reshape(1, R * Tc, H * hd)
+    cm = layout.completion_mask[sliding]  # [G, 1, 1, 1, Tc, P + Tc]
+    outs = []
+    for g in range(G):
+        rows = slice(g * K, (g + 1) * K)
+        ka = torch.cat([kp[g:g + 1].expand(K, KV, P, hd), kc[rows]], dim=2)  # [K, KV, P + Tc, hd]
+        va = torch.cat([vp[g:g + 1].expand(K, KV, P, hd), vc[rows]], dim=2)
+        outs.append(F.scaled_dot_product_attention(qc[rows], ka, va, attn_mask=cm[g, :, 0], scale=scale,
+                                                   enable_gqa=H != KV))  # [K, H, Tc, hd]
+    out_c = torch.cat(outs).transpose(1, 2).reshape(1, R * Tc, H * hd)
     return torch.cat([out_p, out_c], dim=1)  # [1, N, H*hd]
 
 
