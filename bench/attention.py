@@ -81,7 +81,8 @@ def main():
           f"{args.threads} thread(s)")
     print(f"{'workload':<44} {'impl':<6} {'time':>8} {'peak +MiB':>10}")
     for work, label in (("prefill", f"prefill, {args.prompt} tokens"),
-                        ("shared", f"shared prefix fwd+bwd, G={args.G} K={args.K} P={args.prefix} Tc={args.completion}")):
+                        ("shared", f"shared prefix fwd+bwd, G={args.G} K={args.K} P={args.prefix} "
+                                   f"Tc={args.completion}")):
         res = {}
         for impl in ("eager", "sdpa"):
             r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(dict(base, work=work, impl=impl))],
@@ -91,7 +92,8 @@ def main():
             res[impl] = json.loads(r.stdout.strip().splitlines()[-1])
             print(f"{label:<44} {impl:<6} {res[impl]['s']:>7.2f}s {res[impl]['peak_mib']:>10.0f}", flush=True)
         e, s = res["eager"], res["sdpa"]
-        print(f"{'':<44} sdpa/eager: time {s['s'] / e['s']:.2f}x, peak memory {s['peak_mib'] / max(e['peak_mib'], 1):.2f}x")
+        ratio = s["peak_mib"] / max(e["peak_mib"], 1)
+        print(f"{'':<44} sdpa/eager: time {s['s'] / e['s']:.2f}x, peak memory {ratio:.2f}x")
 
 
 if __name__ == "__main__":

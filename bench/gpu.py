@@ -16,6 +16,8 @@ is 1 if any section failed, after the table is printed):
   3. decode      twice.engine.Engine.generate at the Gemma-3-1B shape (random bf16 weights), K = 16 samples of one
                  1,000-token prompt, 300 new tokens (no stop ids): generated tokens/s, eager, and compiled when the
                  engine offers a `compile` option (otherwise the row says so).
+  3b. attention  which SDPA kernel each attention call lands on (causal prefill, left padding + sliding window,
+                 shared-prefix forward + backward), 6 layers of the 1B shape: a math fallback is an error.
   4. sft         one SFT step (forward with fused log-probs + backward + AdamW) at the Gemma-3-1B shape on one
                  4,096-token sequence, bf16 weights, activation checkpointing: tokens/s and MFU = (6 x params x
                  tokens + 6 x L x T^2 x H x hd causal attention) / time / the measured bf16 GEMM rate (and / the
@@ -187,7 +189,9 @@ def bench_kernel(args, dev, peak):
 @section("correctness")
 def bench_correctness(args, dev):
     N, D, V = args.check_shape
-    cases = [(torch.bfloat16, None), (torch.float32, None)] + ([(torch.float32, "triton")] if dev.type == "cuda" else [])
+    cases = [(torch.bfloat16, None), (torch.float32, None)]
+    if dev.type == "cuda":
+        cases.append((torch.float32, "triton"))  # forced: tf32x3 dots
     for dt, impl in cases:
         g = torch.Generator(device=dev).manual_seed(1)
         h64 = torch.randn(N, D, device=dev, generator=g, dtype=torch.float64)
@@ -258,6 +262,43 @@ def bench_decode(args, dev):
             + ("; target >= 5k compiled on an H100" if mode == "compiled" else ""))
     if not has_compile:
         row("decode", "compiled tokens/s", "not run", "twice.engine.Engine has no `compile` option yet: eager only")
+    del model
+
+
+@section("attention")
+def bench_attention(args, dev):
+    """Which SDPA kernels the model's attention lands on: a math fallback would materialise the scores again."""
+    from torch.profiler import profile
+
+    from twice.gemma3 import SharedPrefix
+    cfg = model_config(args)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = Gemma3.from_config(dataclasses.replace(cfg, num_hidden_layers=min(cfg.num_hidden_layers, 6)),
+                               dtype=dt, device=dev).train()
+    T = args.prompt_len
+    ids = torch.randint(3, cfg.vocab_size, (2, T), device=dev)
+    am = torch.ones_like(ids)
+    am[1, : T // 4] = 0  # left padding: masks on every layer
+    P, K, Tc = T // 2, 4, max(T // 8, 2)
+    sp = SharedPrefix(ids[:, :P], torch.tensor([P, P - 3], device=dev), K)
+    comp = torch.randint(3, cfg.vocab_size, (2 * K, Tc), device=dev)
+    for name, run in (("causal, no padding", lambda: model(ids, return_hidden=True)),
+                      ("left padding + window", lambda: model(ids, attention_mask=am, return_hidden=True)),
+                      ("shared prefix fwd+bwd", lambda: model(comp, shared_prefix=sp).float().sum().backward())):
+        with profile() as prof:
+            run()
+            sync(dev)
+        kernels = {}
+        for e in prof.events():
+            if e.name.startswith("aten::_scaled_dot_product") or e.name.startswith("aten::_efficient_attention") \
+                    or e.name.startswith("aten::_flash_attention"):
+                kernels[e.name.removeprefix("aten::")] = kernels.get(e.name.removeprefix("aten::"), 0) + 1
+        math_calls = sum(n for k, n in kernels.items() if "math" in k)
+        row("attention", name, "no math fallback" if math_calls == 0 else f"{math_calls} MATH calls",
+            ", ".join(f"{k} x{n}" for k, n in sorted(kernels.items())))
+        if math_calls:
+            raise RuntimeError(f"{name}: SDPA fell back to the math kernel {math_calls} times")
     del model
 
 
@@ -366,16 +407,19 @@ def main(argv=None):
         args.device_name = torch.cuda.get_device_name(dev)
     t0 = time.perf_counter()
     print(f"bench/gpu.py on {args.device_name} (torch {torch.__version__})", flush=True)
-    peak = gemm_tflops(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, 8192 if dev.type == "cuda" else 256)
+    cuda = dev.type == "cuda"
+    peak = gemm_tflops(dev, torch.bfloat16 if cuda else torch.float32, 8192 if cuda else 256)
     row("device", "bf16 GEMM rate" if dev.type == "cuda" else "fp32 GEMM rate", rate(peak),
         "measured here (n^3 matmul); the FLOP bounds below use it")
-    only = set(args.only or ["kernel", "correctness", "decode", "sft", "grpo"])
+    only = set(args.only or ["kernel", "correctness", "decode", "attention", "sft", "grpo"])
     if "kernel" in only:
         bench_kernel(args, dev, peak)
     if "correctness" in only:
         bench_correctness(args, dev)
     if "decode" in only:
         bench_decode(args, dev)
+    if "attention" in only:
+        bench_attention(args, dev)
     if "sft" in only:
         bench_sft(args, dev, peak)
     if "grpo" in only:

@@ -15,7 +15,7 @@ def test_gpu_bench_dry_run_prints_every_section():
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = r.stdout.split("-- bench/gpu.py --dry-run", 1)[1]
-    for section in ("device", "kernel", "correctness", "decode", "sft", "grpo"):
+    for section in ("device", "kernel", "correctness", "decode", "attention", "sft", "grpo"):
         assert f"\n{section} " in table, section
     assert "ERROR" not in table and "OVER" not in table
 

@@ -359,3 +359,16 @@ def test_chunked_prefill_equals_one_pass(chunk):
     g1 = Engine(m).generate(prompts, max_new_tokens=6, temperature=0, stop_ids=[])
     g2 = Engine(m, prefill_chunk=chunk).generate(prompts, max_new_tokens=6, temperature=0, stop_ids=[])
     assert g1.tokens == g2.tokens
+
+
+def test_sdpa_gqa_expanded_kv_matches_native_gqa():
+    """The CUDA route (K/V heads expanded to the query heads, no enable_gqa) computes the same attention as native
+    GQA: head h reads kv head h // (H / KV), HF's repeat_kv order. Checked on CPU by forcing the expansion."""
+    from twice.gemma3 import repeat_kv, sdpa_gqa
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 5, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    mask = torch.zeros(3, 1, 5, 7).masked_fill(torch.rand(3, 1, 5, 7) < 0.3, torch.finfo(torch.float32).min)
+    native = sdpa_gqa(q, k, v, mask, 0.3)  # CPU: enable_gqa
+    expanded = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(native, expanded, atol=1e-6, rtol=1e-6)
+    assert torch.equal(repeat_kv(k, 2), k.repeat_interleave(2, dim=1))

@@ -142,12 +142,29 @@ def attend(q, k, v, mask, scale: float, sdpa: bool = True):
     score tensor to save, and it is the shape the KV-cache decode loop is tuned for)."""
     if sdpa and q.shape[2] > 1:
         causal = isinstance(mask, str)  # CAUSAL
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])  # [B, H, T, hd]
+        o = sdpa_gqa(q, k, v, None if causal else mask, scale, causal)  # [B, H, T, hd]
         return o.transpose(1, 2).flatten(2)
     if isinstance(mask, str):
         mask = build_mask(None, 1, q.shape[2], None, q.dtype, q.device)
     return attend_eager(q, k, v, mask, scale)
+
+
+def sdpa_gqa(q, k, v, mask, scale: float, causal: bool = False):
+    """F.scaled_dot_product_attention with GQA (q [.., H, T, hd], k/v [.., KV, S, hd]) on a fused kernel.
+
+    CPU: the flash kernel takes GQA and a mask natively. CUDA: flash takes GQA but no mask and only bf16/fp16, the
+    memory-efficient kernel takes a mask but not GQA, and anything else silently falls back to the math kernel
+    (materialised scores). So with a mask or fp32 on CUDA the K/V heads are expanded first (HF's repeat_kv order)."""
+    H, KV = q.shape[-3], k.shape[-3]
+    gqa = H != KV
+    if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):
+        k, v, gqa = repeat_kv(k, H // KV), repeat_kv(v, H // KV), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+def repeat_kv(x, n: int):
+    """[.., KV, S, hd] -> [.., KV*n, S, hd]: kv head j serves query heads j*n .. j*n+n-1 (HF repeat_kv)."""
+    return x.unsqueeze(-3).expand(*x.shape[:-2], n, *x.shape[-2:]).flatten(-4, -3)
 
 
 def attend_eager(q, k, v, mask, scale: float):
@@ -497,8 +514,7 @@ def attend_shared_prefix(q, k, v, layout: SharedPrefixLayout, sliding: bool, sca
         rows = slice(g * K, (g + 1) * K)
         ka = torch.cat([kp[g:g + 1].expand(K, KV, P, hd), kc[rows]], dim=2)  # [K, KV, P + Tc, hd]
         va = torch.cat([vp[g:g + 1].expand(K, KV, P, hd), vc[rows]], dim=2)
-        outs.append(F.scaled_dot_product_attention(qc[rows], ka, va, attn_mask=cm[g, :, 0], scale=scale,
-                                                   enable_gqa=H != KV))  # [K, H, Tc, hd]
+        outs.append(sdpa_gqa(qc[rows], ka, va, cm[g, :, 0], scale))  # [K, H, Tc, hd]
     out_c = torch.cat(outs).transpose(1, 2).reshape(1, R * Tc, H * hd)
     return torch.cat([out_p, out_c], dim=1)  # [1, N, H*hd]
 
