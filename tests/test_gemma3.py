@@ -372,3 +372,5 @@ def test_sdpa_gqa_expanded_kv_matches_native_gqa():
     expanded = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask, scale=0.3)
     torch.testing.assert_close(native, expanded, atol=1e-6, rtol=1e-6)
     assert torch.equal(repeat_kv(k, 2), k.repeat_interleave(2, dim=1))
+    mqa = torch.randn(3, 1, 7, 8)
+    assert repeat_kv(mqa, 4).data_ptr() == mqa.data_ptr() and repeat_kv(mqa, 4).stride(1) == 0  # KV = 1: no copy

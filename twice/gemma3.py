@@ -137,8 +137,8 @@ CAUSAL = "causal"  # mask-slot value: plain causal attention over T == S keys (S
 def attend(q, k, v, mask, scale: float, sdpa: bool = True):
     """q [B, H, T, hd], k/v [B, KV, S, hd], mask [B|1, 1, T, S] additive (or CAUSAL) -> [B, T, H*hd].
 
-    sdpa: torch's fused attention (flash on CPU and CUDA, memory-efficient with a mask on CUDA), GQA without
-    copying K/V; scores never exist as a tensor. Single-token decode keeps the grouped matmul below (one query: no
+    sdpa: torch's fused attention (flash on CPU and CUDA, memory-efficient with a mask on CUDA; GQA as in
+    sdpa_gqa); scores never exist as a tensor. Single-token decode keeps the grouped matmul below (one query: no
     score tensor to save, and it is the shape the KV-cache decode loop is tuned for)."""
     if sdpa and q.shape[2] > 1:
         causal = isinstance(mask, str)  # CAUSAL
@@ -154,7 +154,9 @@ def sdpa_gqa(q, k, v, mask, scale: float, causal: bool = False):
 
     CPU: the flash kernel takes GQA and a mask natively. CUDA: flash takes GQA but no mask and only bf16/fp16, the
     memory-efficient kernel takes a mask but not GQA, and anything else silently falls back to the math kernel
-    (materialised scores). So with a mask or fp32 on CUDA the K/V heads are expanded first (HF's repeat_kv order)."""
+    (materialised scores). So with a mask or fp32 on CUDA the K/V heads are expanded first (HF's repeat_kv order):
+    a zero-stride view when KV = 1 (270m, 1B), a copy otherwise (4B+). bench/gpu.py reports the kernel each call
+    lands on."""
     H, KV = q.shape[-3], k.shape[-3]
     gqa = H != KV
     if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):
@@ -163,7 +165,8 @@ def sdpa_gqa(q, k, v, mask, scale: float, causal: bool = False):
 
 
 def repeat_kv(x, n: int):
-    """[.., KV, S, hd] -> [.., KV*n, S, hd]: kv head j serves query heads j*n .. j*n+n-1 (HF repeat_kv)."""
+    """[.., KV, S, hd] -> [.., KV*n, S, hd]: kv head j serves query heads j*n .. j*n+n-1 (HF repeat_kv); a view
+    (stride 0 over the heads) when KV = 1."""
     return x.unsqueeze(-3).expand(*x.shape[:-2], n, *x.shape[-2:]).flatten(-4, -3)
 
 
