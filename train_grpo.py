@@ -43,8 +43,9 @@ from twice.gemma3 import Gemma3, SharedPrefix
 from twice.grpo import ObjectiveConfig, group_advantages, policy_loss
 from twice.lora import TARGETS, apply_lora, lora_disabled
 from twice.optim import build_adamw, clip_grad_norm_, lr_at, set_lr
-from twice.rewards import RewardConfig, RewardContext, check_weights, compute_rewards, normalize_item
-from twice.sasrec import SASRec, left_pad
+from twice.rewards import (RewardConfig, RewardContext, check_weights, compute_rewards, normalize_item,
+                           outside_candidates)
+from twice.sasrec import SASRec, check_dataset, left_pad
 from twice.tasks import TaskConfig, prompt_ids, recommend_example, sample_candidates
 from twice.tokenizer import Tokenizer
 
@@ -140,6 +141,10 @@ def check_config(cfg: GRPORunConfig) -> None:
         if not ok:
             raise ConfigError(f"config: {name} is required / violated")
     check_weights(c.rewards.weights)
+    if c.lora.enabled and c.lora.dropout != 0:
+        # the sampler runs without dropout: with it the trainer's first-update ratio pi_theta/pi_old would not be 1
+        raise ConfigError(f"config: lora.dropout must be 0 in GRPO (got {c.lora.dropout}): the sampler runs without "
+                          f"dropout, so dropout in the trainer makes pi_old != pi_theta at the first update")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,7 +173,9 @@ class Group:                  # one prompt and what we need to reward its K comp
     prompt: list[int]         # token ids (BOS + chat template)
     target_id: str
     candidate_ids: list[str]
-    history: list[int]        # the user's full history for this split (SASRec input)
+    history: list[int]        # what SASRec reads for rho_cf (rewards.cf_history): the items the prompt shows, or
+                              #   the split's full history
+    candidates: list[int]     # candidate item idxs (target included), for the rho_cf probes in the log
 
 
 def build_group(ds, tok, cfg: GRPORunConfig, users: list[int], i: int) -> Group:
@@ -180,7 +187,8 @@ def build_group(ds, tok, cfg: GRPORunConfig, users: list[int], i: int) -> Group:
     cands = sample_candidates(ds, ds.user(u), target, cfg.task.n_negatives, random.Random(f"grpo-cands/{cfg.seed}/{i}"))
     ex = recommend_example(ds, ds.user(u), split, cands, cfg.task, tokenizer=tok, reasoning=cfg.rollout.reasoning,
                            with_response=False)
-    return Group(i, u, prompt_ids(tok, ex), ex.target_id, ex.candidate_ids, ds.history(u, split))
+    history = ex.history if cfg.rewards.cf_history == "prompt" else ds.history(u, split)
+    return Group(i, u, prompt_ids(tok, ex), ex.target_id, ex.candidate_ids, history, cands)
 
 
 @torch.no_grad()
@@ -203,6 +211,21 @@ def cf_logits(sasrec, ds, groups: list[Group], texts: list[list[str]], item_tag:
         for (j, _, _), zj in zip(rows, z):
             out[j] = zj
     return out
+
+
+@torch.no_grad()
+def cf_probe(sasrec, groups: list[Group], ds) -> tuple[list[float], list[float]]:
+    """rho_cf of each group's target and of its other (randomly drawn, unseen) candidates, on the history the reward
+    reads: the calibration the log shows next to the policy's answers ([n_groups], [sum of negatives])."""
+    dev = next(sasrec.parameters()).device
+    target, others = [], []
+    for g in groups:  # a few groups per step: one tiny SASRec call each (candidate counts may differ)
+        hist = left_pad([g.history], sasrec.cfg.maxlen).to(dev)
+        p = torch.sigmoid(sasrec.score(hist, torch.tensor([g.candidates], device=dev)).float())[0].cpu().tolist()
+        t = ds.item_by_id[g.target_id]
+        target += [x for c, x in zip(g.candidates, p) if c == t]
+        others += [x for c, x in zip(g.candidates, p) if c != t]
+    return target, others
 
 
 def micro_batches(n_groups: int, K: int, mbs: int) -> list[tuple[list[int], int, int]]:
@@ -318,6 +341,7 @@ def main(argv: list[str]) -> dict:
     tok = Tokenizer.from_pretrained(cfg.model.path)
     ds = load_dataset(cfg.data_dir)
     sasrec = SASRec.load(cfg.sasrec_dir, device=dev)
+    check_dataset(sasrec, ds, cfg.sasrec_dir)  # one line, before any rollout: another catalogue's scores are wrong
     back = {"train": 4, "valid": 3}[cfg.rollout.split]  # need a non-empty history before the target
     users = [u.idx for u in ds.users if len(u.items) >= back]
     if not users:
@@ -377,14 +401,20 @@ def main(argv: list[str]) -> dict:
         rc = cfg.rewards
         logits = cf_logits(sasrec, ds, groups, texts, rc.item_tag, rc.think_tag)
         ctxs = [RewardContext(texts[g][k], grp.target_id, frozenset(grp.candidate_ids), logits[g * K + k], rc.lam,
-                              rc.tau, rc.think_tag, rc.item_tag) for g, grp in enumerate(groups) for k in range(K)]
+                              rc.tau, rc.think_tag, rc.item_tag, rc.cf_outside_candidates)
+                for g, grp in enumerate(groups) for k in range(K)]
         rewards, parts = compute_rewards(ctxs, rc.weights) if ctxs else ([], {})
-        gathered = [(R, rewards, parts)]
+        # calibration probes for the log: rho_cf of the target and of the random candidates (same history as the
+        # reward), of the answers that name a catalogue item, and how often an answer leaves the candidate list
+        cf_target, cf_random = cf_probe(sasrec, groups, ds)
+        diag = {"cf_target": cf_target, "cf_random": cf_random, "outside": [float(outside_candidates(c)) for c in ctxs],
+                "cf_named": [parts["cf"][r] for r, c in enumerate(ctxs) if c.cf_logit is not None]}
+        gathered = [(R, rewards, parts, diag)]
         if dist.is_distributed() and W > 1:
             gathered = [None] * W
-            torch.distributed.all_gather_object(gathered, (R, rewards, parts))
-        all_rewards = [x for _, r, _ in gathered for x in r]
-        mine = sum(len(r) for rr, r, _ in gathered if rr < R)  # offset of this rank's rows in the global list
+            torch.distributed.all_gather_object(gathered, (R, rewards, parts, diag))
+        all_rewards = [x for _, r, _, _ in gathered for x in r]
+        mine = sum(len(r) for rr, r, _, _ in gathered if rr < R)  # offset of this rank's rows in the global list
         if all_rewards:
             adv_all, adv_stats = group_advantages(torch.tensor(all_rewards, dtype=torch.float64), K,
                                                   obj.scale_rewards, obj.adv_eps, obj.std_floor)
@@ -440,7 +470,10 @@ def main(argv: list[str]) -> dict:
         # ---- 6. mu policy updates, each one optimizer step over all passes (gradient accumulation)
         t0 = now()
         sums = torch.zeros(8, dtype=torch.float64)  # token-weighted sums, all-reduced for logging
-        gap_sum = torch.zeros(2, dtype=torch.float64)  # sum |sampler full_logprob - trainer logp|, tokens
+        gap_sum = torch.zeros(3, dtype=torch.float64)  # sum |sampler full / truncated logprob - trainer logp|, tokens
+        seq_is = []  # per sequence: pi_theta(o) / pi_sampler(o), the truncated sampler's (first update)
+        ratio_ext = torch.tensor([float("inf"), float("-inf")], dtype=torch.float64)  # first update: min/max token ratio
+        gnorms = []
         for it in range(mu):
             opt_step = step * mu + it
             for j in range(n_pass):
@@ -455,6 +488,9 @@ def main(argv: list[str]) -> dict:
                                         loss_norm=obj.loss_norm, max_len=max_len, global_tokens=global_tokens,
                                         global_seqs=global_seqs, ref_logp=ref_lp.get(j), beta=obj.beta)
                 (loss * (loss_scale * w)).backward()
+                if w > 0 and first and j in old_lp:
+                    ratio_ext[0] = min(float(ratio_ext[0]), float(met["ratio_min"]))
+                    ratio_ext[1] = max(float(ratio_ext[1]), float(met["ratio_max"]))
                 if w > 0:
                     ntok = float(m.sum())
                     sums += torch.tensor([float(met["clip_frac_low"]) * ntok, float(met["clip_frac_high"]) * ntok,
@@ -463,12 +499,16 @@ def main(argv: list[str]) -> dict:
                                           float((ent.detach() * m_dev).sum()) if ent is not None else 0.0, ntok],
                                          dtype=torch.float64)
                     if first and res is not None:
-                        sampler = res.full_logprobs_padded[rows, :m.shape[1]].to(dev)
-                        gap_sum += torch.tensor([float(((sampler - logp.detach()).abs() * m_dev).sum()), ntok],
-                                                dtype=torch.float64)
+                        full = res.full_logprobs_padded[rows, :m.shape[1]].to(dev)
+                        trunc = res.logprobs_padded[rows, :m.shape[1]].to(dev)  # top-k/top-p renormalised
+                        lp = logp.detach().float()
+                        gap_sum += torch.tensor([float(((full - lp).abs() * m_dev).sum()),
+                                                 float(((trunc - lp).abs() * m_dev).sum()), ntok], dtype=torch.float64)
+                        seq_is += torch.exp(((lp - trunc) * m_dev).sum(1)).double().cpu().tolist()
             if cfg.dump_grads and it == 0:
                 dump_grads(model, run_dir / "grads" / f"step_{step + 1:06d}.safetensors", info.is_main)
             gnorm = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
+            gnorms.append(float(gnorm))
             lr = lr_at(opt_step, total_opt_steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
             set_lr(opt, lr)
             opt.step()
@@ -478,9 +518,15 @@ def main(argv: list[str]) -> dict:
         # ---- 7. log: global means (sums all-reduced), reward components from the gathered rows
         dist.all_reduce_sum(sums)
         dist.all_reduce_sum(gap_sum)
+        is_t = torch.tensor([float(sum(seq_is)), float(len(seq_is)), -min(seq_is, default=float("inf")),
+                             -float(ratio_ext[0]), float(ratio_ext[1])], dtype=torch.float64)
+        ext = is_t[2:].clone()
+        dist.all_reduce_max(ext)  # max of negated = min over ranks
+        dist.all_reduce_sum(is_t)
         ntok = max(float(sums[7]), 1.0)
-        comp_names = sorted({n for _, _, p in gathered for n in p})
-        comp_vals = {n: [x for _, _, p in gathered for x in p.get(n, [])] for n in comp_names}
+        comp_names = sorted({n for _, _, p, _ in gathered for n in p})
+        comp_vals = {n: [x for _, _, p, _ in gathered for x in p.get(n, [])] for n in comp_names}
+        dg = {n: [x for _, _, _, d in gathered for x in d[n]] for n in diag}
         mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0
         lens = [int(x) for x in mask_all.sum(1).tolist()]
         len_max = int(dist.all_reduce_max(torch.tensor([max(lens, default=0)], dtype=torch.long)))
@@ -490,16 +536,28 @@ def main(argv: list[str]) -> dict:
         dist.all_reduce_sum(lens_t)
         dt_step = now() - t_step
         rec = {
-            "step": step + 1, "lr": lr, "grad_norm": float(gnorm),
+            "step": step + 1, "lr": lr,
+            "grad_norm": mean(gnorms), "grad_norm_max": max(gnorms),  # over all mu optimizer steps of the rollout
             "reward": mean(all_rewards), **{f"reward/{n}": mean(v) for n, v in comp_vals.items()},
             "match_rate": mean(comp_vals.get("match", [])), "cf_mean": mean(comp_vals.get("cf", [])),
+            # rho_cf calibration (is tau meaningful?): target, random candidates, the answers naming a catalogue item
+            "cf/target": mean(dg["cf_target"]), "cf/random_candidate": mean(dg["cf_random"]),
+            "cf/answer": mean(dg["cf_named"]), "cf/answer_ge_tau": mean([float(x >= rc.tau) for x in comp_vals.get("cf", [])]),
+            "cf/target_ge_tau": mean([float(x >= rc.tau) for x in dg["cf_target"]]),
+            "cf/random_candidate_ge_tau": mean([float(x >= rc.tau) for x in dg["cf_random"]]),
+            "outside_candidates_rate": mean(dg["outside"]),
             "format_rate": mean(comp_vals.get("struct", [])),
             "zero_std_groups": adv_stats["zero_std_groups"], "groups": adv_stats["n_groups"],
             "adv_abs_mean": float(adv_all.abs().mean()) if adv_all.numel() else 0.0,
             "clip_frac_low": float(sums[0]) / ntok, "clip_frac_high": float(sums[1]) / ntok,
-            "kl": float(sums[2]) / ntok, "approx_kl_old": float(sums[3]) / ntok,
+            **({"kl": float(sums[2]) / ntok} if obj.beta > 0 else {}),  # no reference pass at beta = 0: nothing to log
+            "approx_kl_old": float(sums[3]) / ntok,
             "loss": float(sums[4]) / mu, "pg_loss": float(sums[5]) / mu, "entropy": float(sums[6]) / ntok * mu,
-            "logp_gap": float(gap_sum[0]) / max(float(gap_sum[1]), 1.0),
+            # trainer vs sampler, first update: mean |logp diff| to the untruncated distribution (numerics only) and to
+            # the truncated one the tokens were drawn from (top-k/top-p mismatch), and pi_theta(o)/pi_sampler(o)
+            "logp_gap": float(gap_sum[0]) / max(float(gap_sum[2]), 1.0),
+            "logp_gap_sampler": float(gap_sum[1]) / max(float(gap_sum[2]), 1.0),
+            "is_ratio_seq_mean": float(is_t[0]) / max(float(is_t[1]), 1.0), "is_ratio_seq_min": -float(ext[0]),
             "completion_len_mean": float(lens_t[0]) / max(float(lens_t[1]), 1.0),
             "completion_len_max": len_max, "truncated_frac": float(lens_t[5]) / max(float(lens_t[4]), 1.0),
             "skipped_prompts": int(lens_t[3]),
@@ -507,6 +565,8 @@ def main(argv: list[str]) -> dict:
             "time/step": dt_step, "tokens_per_s/sample": float(lens_t[0]) / max(t_sample, 1e-9),
             "tokens_per_s/step": float(lens_t[0]) / max(dt_step, 1e-9),
         }
+        if mu > 1:  # pi_old is recomputed: at the first update pi_theta == pi_old, every token ratio exactly 1
+            rec["ratio_first_update_min"], rec["ratio_first_update_max"] = -float(ext[1]), float(ext[2])
         # entropy was summed once (first update) but ntok counts mu passes: the "* mu" above undoes that
         metrics_f.write(rec)
         for r in range(min(cfg.rollout.log_completions, n_rows)):
@@ -516,9 +576,13 @@ def main(argv: list[str]) -> dict:
                           **{n: parts[n][r] for n in ("match", "cf", "cg", "format")}, "text": res.texts[r]})
         if (step + 1) % cfg.log_every == 0 or step == start:
             log(f"step {step + 1:5d}/{cfg.steps} | reward {rec['reward']:.3f} match {rec['match_rate']:.3f} "
-                f"cf {rec['cf_mean']:.3f} fmt {rec['format_rate']:.2f} | zero-std {rec['zero_std_groups']}/"
+                f"cf {rec['cf_mean']:.3f} (target {rec['cf/target']:.2f} random {rec['cf/random_candidate']:.2f} "
+                f">=tau {rec['cf/answer_ge_tau']:.2f}) outside {rec['outside_candidates_rate']:.2f} "
+                f"fmt {rec['format_rate']:.2f} trunc {rec['truncated_frac']:.2f} | zero-std {rec['zero_std_groups']}/"
                 f"{rec['groups']} |adv| {rec['adv_abs_mean']:.3f} clip {rec['clip_frac_low']:.3f}/"
-                f"{rec['clip_frac_high']:.3f} kl {rec['kl']:.4f} ent {rec['entropy']:.3f} gap {rec['logp_gap']:.2e} "
+                f"{rec['clip_frac_high']:.3f}" + (f" kl {rec['kl']:.4f}" if "kl" in rec else "") +
+                f" ent {rec['entropy']:.3f} gap {rec['logp_gap']:.2e}/{rec['logp_gap_sampler']:.2e} "
+                f"is_min {rec['is_ratio_seq_min']:.3f} "
                 f"| len {rec['completion_len_mean']:.0f} | lr {lr:.2e} gnorm {rec['grad_norm']:.3f} | "
                 f"t sample {t_sample:.1f}s reward {t_reward:.1f}s logp {t_logprobs:.1f}s update {t_update:.1f}s "
                 f"| {rec['tokens_per_s/step']:.0f} tok/s")

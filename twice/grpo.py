@@ -137,6 +137,7 @@ def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], advantages
             "clip_frac_low": mt(((ratio < 1 - eps_low) & (A < 0)).float()),  # clipped: no gradient from these
             "clip_frac_high": mt(((ratio > 1 + eps_high) & (A > 0)).float()),
             "ratio_mean": mt(ratio),
+            "ratio_min": ratio.masked_fill(m == 0, float("inf")).min(), "ratio_max": ratio.masked_fill(m == 0, float("-inf")).max(),
             "approx_kl": mt(ratio - 1 - log_ratio),  # k3 estimate of KL(pi_old || pi_theta)
             "kl": mt(kl) if kl is not None else logp.new_zeros(()),
             "adv_abs_mean": A.abs().mean(), "tokens": m.sum(),

@@ -276,13 +276,15 @@ def item_ids_sha(ds) -> str:
 
 def check_dataset(model: SASRec, ds, where: str) -> None:
     """Refuse, in one line, a SASRec trained on another catalogue: a different item count or id map would make every
-    rho_cf (and the SASRec eval row) the score of some other item."""
+    rho_cf (and the SASRec eval row) the score of some other item. A ConfigError (a ValueError): the scripts print
+    it as one line."""
+    from twice.config import ConfigError
     c = model.cfg
     if c.n_items != ds.n_items:
-        raise ValueError(f"{where}: SASRec has {c.n_items} items but dataset {ds.root} has {ds.n_items}; "
+        raise ConfigError(f"{where}: SASRec has {c.n_items} items but dataset {ds.root} has {ds.n_items}; "
                          f"train SASRec on this dataset (python train_sasrec.py ... train.data_dir={ds.root})")
     if c.item_ids_sha and c.item_ids_sha != item_ids_sha(ds):
-        raise ValueError(f"{where}: SASRec's item id map (sha {c.item_ids_sha}) differs from dataset {ds.root}'s "
+        raise ConfigError(f"{where}: SASRec's item id map (sha {c.item_ids_sha}) differs from dataset {ds.root}'s "
                          f"({item_ids_sha(ds)}); train SASRec on this dataset")
 
 
