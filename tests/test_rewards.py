@@ -186,3 +186,20 @@ def test_real_completions_from_the_authors_sample(official_sample_dir):
         assert REWARDS["match"](c) == 1.0 and REWARDS["cg"](c) == 1 + 3 * 0.5
     recs = json.loads((official_sample_dir / "amazon_Grocery_and_Gourmet_Food_llm_test_sample.json").read_text())
     assert {format_reward(r["output"], "think", "item_id") for r in recs} == {0.5}
+
+
+# ---------------------------------------------------------------- rho_cf of an answer outside the candidate list
+def test_cf_outside_candidates_score_or_zero():
+    """An ID that is not among the prompt's candidates never matches; its rho_cf is SASRec's sigmoid ("score",
+    the authors') or 0 ("zero"). Candidates themselves are scored either way."""
+    logit = math.log(3.0)  # sigmoid 0.75 >= tau
+    out = "<think>r</think><item>B99</item>"
+    inside = "<think>r</think><item>B02</item>"
+    cands = frozenset({"B01", "B02"})
+    score = RewardContext(out, "B01", cands, logit)
+    zero = RewardContext(out, "B01", cands, logit, cf_outside_candidates="zero")
+    assert REWARDS["match"](score) == 0.0 and REWARDS["cf"](score) == pytest.approx(0.75)
+    assert REWARDS["cg"](score) == pytest.approx(0.75)  # no match, rho_cf >= tau: rho_cf
+    assert REWARDS["cf"](zero) == 0.0 and REWARDS["cg"](zero) == 0.0
+    assert REWARDS["cf"](RewardContext(inside, "B01", cands, logit, cf_outside_candidates="zero")) == pytest.approx(0.75)
+    assert RewardConfig().cf_outside_candidates == "score" and RewardConfig().cf_history == "prompt"
