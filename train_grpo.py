@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -80,6 +81,7 @@ class RolloutConfig:
 class OptimConfig:
     lr: float = 2e-5                    # peak learning rate (the authors: 2e-5)
     warmup_steps: int = 0               # linear warmup, in optimizer steps
+    warmup_ratio: float = 0.0           # > 0: warmup = ceil(ratio * total optimizer steps) instead (TRL's warmup_ratio)
     min_lr_ratio: float = 0.1           # cosine decays to lr * this at the last optimizer step
     max_grad_norm: float = 1.0          # global gradient-norm clip (<= 0: only measured)
     weight_decay: float = 0.0           # AdamW decoupled decay on matrices (LoRA A/B under LoRA)
@@ -120,6 +122,8 @@ class GRPORunConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     shared_prefix: bool = True          # run each group's prompt once in training (False: the K-times layout)
     steps: int = 100                    # rollouts (each gives optim.mu optimizer steps)
+    epochs: float = 0.0                 # > 0: steps = ceil(epochs * eligible users / rollout.prompts_per_step)
+                                        #   instead (the authors train 2 epochs over the training users)
     log_every: int = 1                  # console line every N steps (metrics.jsonl gets every step)
     checkpoint_every: int = 50          # steps between checkpoints (0 = only the final one)
     keep_checkpoints: int = 3
@@ -137,7 +141,8 @@ def check_config(cfg: GRPORunConfig) -> None:
                      ("optim.micro_batch_size >= 1", c.optim.micro_batch_size >= 1), ("optim.mu >= 1", c.optim.mu >= 1),
                      ("model.dtype in float32|bfloat16", c.model.dtype in ("float32", "bfloat16")),
                      ("rollout.split in train|valid", c.rollout.split in ("train", "valid")),
-                     ("steps >= 1", c.steps >= 1)]:
+                     ("steps >= 1", c.steps >= 1), ("epochs >= 0", c.epochs >= 0),
+                     ("0 <= optim.warmup_ratio < 1", 0 <= c.optim.warmup_ratio < 1)]:
         if not ok:
             raise ConfigError(f"config: {name} is required / violated")
     check_weights(c.rewards.weights)
@@ -347,7 +352,10 @@ def main(argv: list[str]) -> dict:
     if not users:
         raise ValueError(f"{cfg.data_dir}: no user has >= {back} items (needed for a {cfg.rollout.split} prompt)")
     K, P_step, mu = cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.optim.mu
+    if cfg.epochs > 0:  # one epoch = every eligible user prompted once (user_at walks a fresh permutation per epoch)
+        cfg.steps = math.ceil(cfg.epochs * len(users) / P_step)
     total_opt_steps = cfg.steps * mu
+    warmup = math.ceil(cfg.optim.warmup_ratio * total_opt_steps) if cfg.optim.warmup_ratio > 0 else cfg.optim.warmup_steps
     loss_scale = W if dist.is_fsdp(model) else 1  # FSDP averages grads over ranks; our loss uses global totals
     obj = cfg.objective
     max_len = obj.max_len or cfg.rollout.max_new_tokens
@@ -367,7 +375,7 @@ def main(argv: list[str]) -> dict:
         dist.seed_everything(cfg.seed + 1000 * R)
     metrics_f = JsonlWriter(run_dir / "metrics.jsonl", info.is_main)
     comp_f = JsonlWriter(run_dir / "completions.jsonl", info.is_main)
-    log(f"GRPO: {len(users)} users, K={K}, {P_step} prompts/step over {W} rank(s), {cfg.steps} steps, "
+    log(f"GRPO: {len(users)} users, K={K}, {P_step} prompts/step over {W} rank(s), {cfg.steps} steps (warmup {warmup}), "
         f"lora={cfg.lora.enabled}, shared_prefix={cfg.shared_prefix}, mu={mu}, beta={obj.beta}")
 
     last = {}
@@ -509,7 +517,7 @@ def main(argv: list[str]) -> dict:
                 dump_grads(model, run_dir / "grads" / f"step_{step + 1:06d}.safetensors", info.is_main)
             gnorm = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
             gnorms.append(float(gnorm))
-            lr = lr_at(opt_step, total_opt_steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
+            lr = lr_at(opt_step, total_opt_steps, warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
             set_lr(opt, lr)
             opt.step()
             opt.zero_grad(set_to_none=True)

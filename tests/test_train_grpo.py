@@ -292,3 +292,16 @@ def test_sasrec_of_another_catalogue_is_refused_in_one_line(world, tmp_path):
         train_grpo.main(overrides(world, tmp_path / "r", sasrec_dir=str(tmp_path / "other")))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "r" / "metrics.jsonl").exists()  # refused before any rollout
+
+
+def test_epochs_and_warmup_ratio_set_steps_and_schedule(world, tmp_path):
+    """epochs = 1 over the fixture's 8 users at 2 prompts/step -> 4 steps; warmup_ratio 0.3 -> ceil(1.2) = 2
+    warmup steps: lr/2, lr, then the cosine from lr to lr * min_lr_ratio. authors.yaml (which uses both) loads and
+    passes the config checks."""
+    m = run(world, tmp_path / "ep", **{"epochs": 1, "optim.warmup_ratio": 0.3, "optim.min_lr_ratio": 0.1,
+                                       "rollout.max_new_tokens": 4})
+    assert [r["step"] for r in m] == [1, 2, 3, 4]
+    assert [r["lr"] for r in m] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-4])
+    cfg = load_config(train_grpo.GRPORunConfig, ROOT / "configs" / "ablations" / "authors.yaml")
+    train_grpo.check_config(cfg)
+    assert cfg.epochs == 2 and cfg.optim.warmup_ratio == 0.05 and cfg.objective.beta == 0.04

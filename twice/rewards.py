@@ -31,6 +31,11 @@ Decisions the paper leaves open (documented here, tested in tests/test_rewards.p
   * WHICH HISTORY SASRec READS for rho_cf is the caller's (train_grpo.py, `cf_history`): "prompt" (default, the
     authors': the items the prompt shows) or "full" (the split's whole history, SASRec's last maxlen items).
 
+The authors' effective format terms (their TRL reward functions, configs/ablations/authors.yaml; our tag names):
+    tag_presence   1 if BOTH pairs `<think>...</think>` and `<item>...</item>` occur, in either order, else 0
+    tag            0.25 per expected tag that occurs exactly once (= Eq. 4 as we read it; their tag count)
+    only_tags      1 if no tag other than the four expected ones occurs (`<b>`, `</answer>`, ... -> 0), else 0
+
 Registry: every reward has the signature `fn(ctx: RewardContext) -> float`; `compute_rewards(ctxs, weights)`
 sums the weighted components (YAML `rewards: {cg: 1.0, format: 1.0}`) and returns every component for logging,
 weighted or not.
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Literal, NamedTuple, Optional
 
@@ -141,6 +147,23 @@ def format_reward(text: str, think_tag: str = "think", item_tag: str = "item") -
     return struct_reward(text, think_tag, item_tag) + tag_reward(text, think_tag, item_tag)
 
 
+def tag_presence_reward(text: str, think_tag: str = "think", item_tag: str = "item") -> float:
+    """1.0 iff an open...close pair of each expected tag occurs (order between the pairs free, repeats allowed)."""
+    ok = all(_between(text, f"<{t}>", f"</{t}>")[0] is not None for t in (think_tag, item_tag))
+    return 1.0 if ok else 0.0
+
+
+_ANY_TAG = re.compile(r"</?([A-Za-z_][\w.-]*)\s*/?>")
+
+
+def only_tags_reward(text: str, think_tag: str = "think", item_tag: str = "item") -> float:
+    """1.0 iff every tag-shaped token (`<name>`, `</name>`, `<name/>`) is one of the expected four."""
+    for m in _ANY_TAG.finditer(text):
+        if m.group(1) not in (think_tag, item_tag) or m.group(0).endswith("/>") or " " in m.group(0):
+            return 0.0
+    return 1.0
+
+
 # ---------------------------------------------------------------- registry: fn(ctx) -> float, switchable from YAML
 
 
@@ -195,6 +218,8 @@ REWARDS: dict[str, Callable[[RewardContext], float]] = {
     "format": lambda ctx: format_reward(ctx.completion, ctx.think_tag, ctx.item_tag),
     "struct": lambda ctx: struct_reward(ctx.completion, ctx.think_tag, ctx.item_tag),
     "tag": lambda ctx: tag_reward(ctx.completion, ctx.think_tag, ctx.item_tag),
+    "tag_presence": lambda ctx: tag_presence_reward(ctx.completion, ctx.think_tag, ctx.item_tag),
+    "only_tags": lambda ctx: only_tags_reward(ctx.completion, ctx.think_tag, ctx.item_tag),
 }
 
 
