@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -66,7 +66,11 @@ class ModelConfig:
 class RolloutConfig:
     group_size: int = 16                # K completions per prompt (the paper: 16)
     prompts_per_step: int = 8           # prompts per rollout, GLOBAL (split over ranks, strided)
-    max_new_tokens: int = 300           # completion budget (the paper: 300)
+    max_new_tokens: Union[int, Literal["auto"]] = 300  # completion budget (the paper: 300); "auto" = the
+                                        #   budget_quantile of the SFT T3 responses' token lengths in budget_from
+                                        #   (rationale + tags + ID + end of turn): reasoning fits, few truncations
+    budget_from: str = ""               # stage 1's rationales.jsonl (what SFT's T3 trained on), for "auto"
+    budget_quantile: float = 0.95       # "auto": this quantile (nearest rank) of those lengths
     temperature: float = 1.0            # sampling temperature; the trainer's log-probs use the same temperature
     top_k: Optional[int] = None         # None = off. top-k/top-p make the sampler's policy differ from the trained
     top_p: float = 1.0                  #   one (grpo.md 9.6): the canary metric logp_gap shows by how much
@@ -141,11 +145,18 @@ def check_config(cfg: GRPORunConfig) -> None:
                      ("optim.micro_batch_size >= 1", c.optim.micro_batch_size >= 1), ("optim.mu >= 1", c.optim.mu >= 1),
                      ("model.dtype in float32|bfloat16", c.model.dtype in ("float32", "bfloat16")),
                      ("rollout.split in train|valid", c.rollout.split in ("train", "valid")),
-                     ("steps >= 1", c.steps >= 1), ("epochs >= 0", c.epochs >= 0),
+                     ("steps >= 1", c.steps >= 1),
+                     ("rollout.max_new_tokens >= 1", c.rollout.max_new_tokens == "auto" or c.rollout.max_new_tokens >= 1),
+                     ("rollout.max_new_tokens: auto needs rollout.budget_from (stage 1's rationales.jsonl)",
+                      c.rollout.max_new_tokens != "auto" or bool(c.rollout.budget_from)),
+                     ("0 < rollout.budget_quantile <= 1", 0 < c.rollout.budget_quantile <= 1), ("epochs >= 0", c.epochs >= 0),
                      ("0 <= optim.warmup_ratio < 1", 0 <= c.optim.warmup_ratio < 1)]:
         if not ok:
             raise ConfigError(f"config: {name} is required / violated")
     check_weights(c.rewards.weights)
+    if c.rollout.max_new_tokens == "auto" and not Path(c.rollout.budget_from).expanduser().is_file():
+        raise ConfigError(f"config: rollout.budget_from: {c.rollout.budget_from} does not exist (stage 1's "
+                          f"rationales.jsonl, needed by rollout.max_new_tokens: auto)")
     if c.lora.enabled and c.lora.dropout != 0:
         # the sampler runs without dropout: with it the trainer's first-update ratio pi_theta/pi_old would not be 1
         raise ConfigError(f"config: lora.dropout must be 0 in GRPO (got {c.lora.dropout}): the sampler runs without "
@@ -231,6 +242,36 @@ def cf_probe(sasrec, groups: list[Group], ds) -> tuple[list[float], list[float]]
         target += [x for c, x in zip(g.candidates, p) if c == t]
         others += [x for c, x in zip(g.candidates, p) if c != t]
     return target, others
+
+
+def response_lengths(path: Path, ds, tok, tags) -> tuple[list[int], int]:
+    """Token lengths of the T3 responses SFT trains on (twice.tasks.recommend_example: <think>clean(rationale)</think>
+    <item>ID</item>, + the closing end-of-turn the sampler stops on) for every usable record of a stage-1
+    rationales.jsonl. Bad lines (no JSON, no rationale, target out of range) are counted, not fatal. -> (lengths, skipped)"""
+    from twice.prompts import clean
+    out, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                rat, tgt = str(r.get("rationale") or "").strip(), int(r["target"])
+                if not rat or not 1 <= tgt <= ds.n_items:
+                    raise ValueError
+            except (ValueError, KeyError, TypeError):
+                skipped += 1
+                continue
+            out.append(len(tok.encode(tags.wrap_think(clean(rat)) + tags.wrap_item(ds.items[tgt].id))) + 1)
+    return out, skipped
+
+
+def completion_budget(lengths: list[int], q: float) -> int:
+    """The q-quantile of the lengths, nearest rank (the smallest length with at least a q share at or below it)."""
+    if not lengths:
+        raise ValueError("no usable T3 response to size the completion budget from")
+    xs = sorted(lengths)
+    return xs[max(0, math.ceil(q * len(xs)) - 1)]
 
 
 def micro_batches(n_groups: int, K: int, mbs: int) -> list[tuple[list[int], int, int]]:
@@ -352,6 +393,12 @@ def main(argv: list[str]) -> dict:
     if not users:
         raise ValueError(f"{cfg.data_dir}: no user has >= {back} items (needed for a {cfg.rollout.split} prompt)")
     K, P_step, mu = cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.optim.mu
+    if cfg.rollout.max_new_tokens == "auto":  # sized from the data SFT trained on, not a guess
+        path = Path(cfg.rollout.budget_from).expanduser()
+        lens, bad = response_lengths(path, ds, tok, cfg.task.tags)
+        cfg.rollout.max_new_tokens = completion_budget(lens, cfg.rollout.budget_quantile)
+        log(f"rollout.max_new_tokens auto = {cfg.rollout.max_new_tokens}: q{cfg.rollout.budget_quantile:g} of "
+            f"{len(lens)} SFT T3 response lengths in {path} (min {min(lens)}, max {max(lens)}; {bad} lines skipped)")
     if cfg.epochs > 0:  # one epoch = every eligible user prompted once (user_at walks a fresh permutation per epoch)
         cfg.steps = math.ceil(cfg.epochs * len(users) / P_step)
     total_opt_steps = cfg.steps * mu

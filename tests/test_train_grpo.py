@@ -305,3 +305,33 @@ def test_epochs_and_warmup_ratio_set_steps_and_schedule(world, tmp_path):
     cfg = load_config(train_grpo.GRPORunConfig, ROOT / "configs" / "ablations" / "authors.yaml")
     train_grpo.check_config(cfg)
     assert cfg.epochs == 2 and cfg.optim.warmup_ratio == 0.05 and cfg.objective.beta == 0.04
+
+
+def test_completion_budget_auto_from_the_sft_responses(world, tmp_path):
+    """rollout.max_new_tokens: auto = the 95% quantile (nearest rank) of the T3 responses SFT trains on, each the
+    exact response recommend_example renders (+1 for the end of turn); bad lines are counted; the run logs the
+    budget, samples under it and logs its truncation rate."""
+    from twice.data import load_dataset
+    from twice.tasks import TaskConfig, recommend_example
+    from twice.tokenizer import Tokenizer
+    assert train_grpo.completion_budget([5, 1, 3, 2, 4], 0.95) == 5
+    assert train_grpo.completion_budget([5, 1, 3, 2, 4], 0.5) == 3
+    ds, tok = load_dataset(world["data"]), Tokenizer.from_pretrained(world["warm"])
+    task = TaskConfig()
+    recs, want = [], []
+    for k, u in enumerate(ds.users[:6]):
+        rat = "likes it " * (k + 1) + "<b>&</b>"  # markup is cleaned exactly as SFT cleans it
+        hist, tgt = ds.history(u.idx, "train"), ds.target(u.idx, "train")
+        recs.append({"user": u.idx, "history": hist, "target": tgt, "rationale": rat})
+        ex = recommend_example(ds, u, "train", [tgt], task, rationale=rat, reasoning=True)
+        want.append(len(tok.encode(ex.response)) + 1)
+    path = tmp_path / "rationales.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\nnot json\n" + json.dumps({"target": 1}) + "\n")
+    lens, bad = train_grpo.response_lengths(path, ds, tok, task.tags)
+    assert lens == want and bad == 2
+    budget = train_grpo.completion_budget(want, 0.95)
+    m = run(world, tmp_path / "auto", **{"rollout.max_new_tokens": "auto", "rollout.budget_from": str(path)})[0]
+    assert f"rollout.max_new_tokens auto = {budget}:" in (tmp_path / "auto" / "log.txt").read_text()
+    assert m["completion_len_max"] <= budget and 0.0 <= m["truncated_frac"] <= 1.0
+    with pytest.raises(train_grpo.ConfigError, match="budget_from"):
+        train_grpo.main(overrides(world, tmp_path / "none", **{"rollout.max_new_tokens": "auto"}))
