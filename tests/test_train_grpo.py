@@ -335,3 +335,14 @@ def test_completion_budget_auto_from_the_sft_responses(world, tmp_path):
     assert m["completion_len_max"] <= budget and 0.0 <= m["truncated_frac"] <= 1.0
     with pytest.raises(train_grpo.ConfigError, match="budget_from"):
         train_grpo.main(overrides(world, tmp_path / "none", **{"rollout.max_new_tokens": "auto"}))
+
+
+def test_progress_bar_with_live_reward_and_the_log_lines_stay(world, tmp_path, capsys):
+    """Rank 0 shows a tqdm bar over the steps (count, ETA, live reward); log.txt keeps one full line per step."""
+    run(world, tmp_path / "bar", steps=2, **{"rollout.max_new_tokens": 4})
+    err = capsys.readouterr().err
+    assert "GRPO" in err and "2/2" in err and "reward=" in err
+    log = (tmp_path / "bar" / "log.txt").read_text()
+    assert "step     1/2 | reward" in log and "step     2/2 | reward" in log
+    run(world, tmp_path / "nobar", steps=1, progress=False, **{"rollout.max_new_tokens": 4})
+    assert "reward=" not in capsys.readouterr().err
