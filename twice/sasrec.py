@@ -46,7 +46,8 @@ class SASRecConfig:
     inner: int = 256  # feed-forward width (RecBole: inner_size 256; original SASRec: = hidden)
     maxlen: int = 50  # longest history the model reads; longer histories keep the most recent maxlen items
     dropout: float = 0.2  # dropout on embeddings, attention probabilities, and residual branches
-    norm: str = "pre"  # "pre" (LN before each sublayer + final LN; stabler) or "post" (original Transformer/SASRec)
+    norm: str = "pre"  # "pre": x + Dropout(g(LN(x))) + final LN (the SASRec paper's block and its code) | "post":
+    #                    LN(x + Dropout(g(x))) (the original Transformer's; RecBole's SASRec)
     loss: str = "ce"  # "ce" (full softmax) | "bce" (1 sampled negative per position) | "sampled_softmax"
     neg_sampling: str = "uniform"  # loss=bce: "unseen" = the negative is never in the user's training sequence
     #                                (the original) | "uniform" = any item but the positive
