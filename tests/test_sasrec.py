@@ -375,3 +375,14 @@ def test_train_sasrec_under_torchrun_ddp(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["test"]["full"]["hr@1"] == 1.0
+
+
+def test_eval_refuses_a_sasrec_of_another_catalogue(tmp_path):
+    """eval.py's SASRec row goes through the same check: one ConfigError line, before any ranking."""
+    import eval as eval_script
+    from twice.config import ConfigError
+    data = write_dataset(tmp_path / "data")
+    SASRec(SASRecConfig(n_items=N_ITEMS + 5, hidden=8, heads=1)).save(tmp_path / "wrong")
+    with pytest.raises(ConfigError, match=r"SASRec has 29 items but dataset .* has 24"):
+        eval_script.main([f"data_dir={data}", f"sasrec_dir={tmp_path / 'wrong'}", "models={}",
+                          f"run_dir={tmp_path / 'ev'}", "split=test"])
