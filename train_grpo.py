@@ -415,6 +415,9 @@ def load_inputs(cfg: GRPORunConfig, info, run_dir: Path, log) -> Ctx:
     if cfg.rollout.max_new_tokens == "auto":  # sized from the data SFT trained on, not a guess
         path = Path(cfg.rollout.budget_from).expanduser()
         lens, bad = response_lengths(path, ds, tok, cfg.task.tags)
+        if not lens:
+            raise ConfigError(f"rollout.max_new_tokens: auto: {path} has no usable T3 response ({bad} bad lines); "
+                              f"give rollout.max_new_tokens a number")
         cfg.rollout.max_new_tokens = completion_budget(lens, cfg.rollout.budget_quantile)
         log(f"rollout.max_new_tokens auto = {cfg.rollout.max_new_tokens}: q{cfg.rollout.budget_quantile:g} of "
             f"{len(lens)} SFT T3 response lengths in {path} (min {min(lens)}, max {max(lens)}; {bad} lines skipped)")

@@ -335,6 +335,10 @@ def test_completion_budget_auto_from_the_sft_responses(world, tmp_path):
     assert m["completion_len_max"] <= budget and 0.0 <= m["truncated_frac"] <= 1.0
     with pytest.raises(train_grpo.ConfigError, match="budget_from"):
         train_grpo.main(overrides(world, tmp_path / "none", **{"rollout.max_new_tokens": "auto"}))
+    (tmp_path / "empty.jsonl").write_text("not json\n")
+    with pytest.raises(train_grpo.ConfigError, match="no usable T3 response"):
+        train_grpo.main(overrides(world, tmp_path / "empty", **{"rollout.max_new_tokens": "auto",
+                                                                "rollout.budget_from": str(tmp_path / "empty.jsonl")}))
 
 
 def test_progress_bar_with_live_reward_and_the_log_lines_stay(world, tmp_path, capsys):
