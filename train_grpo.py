@@ -14,7 +14,10 @@ twice/grpo.py (pure functions) and twice/rewards.py; this file is the one visibl
 
     sample (engine, weights gathered once) -> reward -> advantages (global) -> [old / ref log-probs]
     -> mu x (micro-batches: log-probs of completion tokens (shared prompt pass) -> loss -> backward; clip; step)
-    -> log (console + metrics.jsonl + completions.jsonl) -> checkpoint
+    -> log (tqdm bar + log.txt + metrics.jsonl + completions.jsonl) -> checkpoint
+
+Each arrow is a named function below (build_prompts, sample, score, plan_passes, old_and_ref_logprobs, update,
+step_record); main() calls them in order, so its loop reads as this table of contents.
 
 Run dir: config.yaml, metrics.jsonl, completions.jsonl, log.txt, checkpoints/step_XXXXXX (exact resume: weights,
 AdamW, RNG streams, data cursor; rollout seeds are a pure function of (seed, step, prompt index, k)), final/ (HF
@@ -74,7 +77,7 @@ class RolloutConfig:
     budget_quantile: float = 0.95       # "auto": this quantile (nearest rank) of those lengths
     temperature: float = 1.0            # sampling temperature; the trainer's log-probs use the same temperature
     top_k: Optional[int] = None         # None = off. top-k/top-p make the sampler's policy differ from the trained
-    top_p: float = 1.0                  #   one (grpo.md 9.6): the canary metric logp_gap shows by how much
+    top_p: float = 1.0                  #   one (grpo.md 9.6): logp_gap_sampler and is_ratio_seq_min show by how much
     stop_strings: list[str] = field(default_factory=lambda: ["</item>"])  # stop once the answer is closed
     reasoning: bool = True              # T3 prompts (<think> then <item>); False: T2 item-only prompts (RQ6 (C);
                                         #   then drop the think-tag format terms, e.g. rewards.weights={cg: 1.0})
