@@ -83,6 +83,8 @@ class RolloutConfig:
                                         #   then drop the think-tag format terms, e.g. rewards.weights={cg: 1.0})
     split: str = "train"                # which leave-one-out target the prompts ask for (train = items[-3])
     log_completions: int = 4            # completions per step dumped to completions.jsonl (rank 0's first rows)
+    prefill_chunk: Optional[int] = None  # prefill prompts in chunks of this many tokens (bounds attention memory
+                                        #   of long prompts, e.g. 2048 for 6k-token prompts); None = one pass
 
 
 @dataclass
@@ -147,6 +149,7 @@ def check_config(cfg: GRPORunConfig) -> None:
     for name, ok in [("model.path", bool(c.model.path)), ("data_dir", bool(c.data_dir)), ("sasrec_dir", bool(c.sasrec_dir)),
                      ("rollout.group_size >= 1", c.rollout.group_size >= 1),
                      ("rollout.prompts_per_step >= 1", c.rollout.prompts_per_step >= 1),
+                     ("rollout.prefill_chunk >= 1 or null", c.rollout.prefill_chunk is None or c.rollout.prefill_chunk >= 1),
                      ("optim.micro_batch_size >= 1", c.optim.micro_batch_size >= 1), ("optim.mu >= 1", c.optim.mu >= 1),
                      ("model.dtype in float32|bfloat16", c.model.dtype in ("float32", "bfloat16")),
                      ("rollout.split in train|valid", c.rollout.split in ("train", "valid")),
@@ -470,7 +473,7 @@ def sample(c: Ctx, model, groups: list[Group], step: int):
         res = None
         if groups:
             seeds = [row_seed(c.cfg.seed, step, g.prompt_idx, k) for g in groups for k in range(K)]
-            res = Engine(model, c.tok).generate(
+            res = Engine(model, c.tok, prefill_chunk=ro.prefill_chunk).generate(
                 [g.prompt for g in groups], num_samples=K, max_new_tokens=ro.max_new_tokens,
                 temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p, stop_strings=ro.stop_strings, seeds=seeds)
     model.train()
