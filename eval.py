@@ -785,8 +785,9 @@ def main(argv: list[str]) -> dict | None:
         (out_dir / "results.md").unlink(missing_ok=True)
 
     if cfg.sasrec_dir:
-        from twice.sasrec import SASRec, rank_candidates
+        from twice.sasrec import SASRec, check_dataset, rank_candidates
         sas = SASRec.load(cfg.sasrec_dir)
+        check_dataset(sas, ds, cfg.sasrec_dir)  # one line: a SASRec of another catalogue would rank other items
         hist = [ds.history(all_sets[i].user, cfg.split) for i in mine]
         ranks = rank_candidates(sas, hist, [list(all_sets[i].candidates) for i in mine],
                                 [all_sets[i].target for i in mine]).tolist() if mine else []
