@@ -77,7 +77,7 @@ from twice.llm_api import ChatClient, LLMConfig, LLMError
 from twice.metrics import (bootstrap_interval, mcnemar_exact, paired_bootstrap, random_ranker, set_expectation,
                            spearman, uniform_sampler, uniform_sampler_set, wilson_interval)
 from twice.rewards import normalize_item, parse_completion
-from twice.tasks import TaskConfig, encode_response, prompt_ids, recommend_example
+from twice.tasks import AUTHORS_TAGS, TaskConfig, authors_prompts, encode_response, prompt_ids, recommend_example
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,6 +138,9 @@ class EvalConfig:
     models: dict[str, ModelSpec] = field(default_factory=dict)   # name -> model; order = table order
     sasrec_dir: str = ""              # SASRec.load folder ("" = no SASRec row)
     task: TaskConfig = field(default_factory=TaskConfig)   # prompt builder: the same as SFT/GRPO
+    # "ours": prompts rendered by twice.tasks (what SFT/GRPO trained on); "authors": the authors' released test prompts
+    # verbatim (a dataset dir built from source "official", split test; answers parsed with <think>/<item_id>)
+    prompts: str = "ours"
     dtype: str = "auto"               # model dtype: auto = bfloat16 on GPU, float32 on CPU
     batch_size: int = 8               # prompts per generate() call
     threads: int = 0                  # torch CPU threads (0 = torch default)
@@ -290,7 +293,8 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
     tok = Tokenizer.from_pretrained(path, tags=(cfg.task.think_tag, cfg.task.item_tag))
     model = Gemma3.from_pretrained(path, dtype=_parse_dtype(cfg.dtype, info.device), device=info.device).eval()
     engine = Engine(model, tok)
-    tags = cfg.task.tags
+    authors = authors_prompts(ds) if cfg.prompts == "authors" else None   # user -> the released prompt, verbatim
+    tags = AUTHORS_TAGS if authors else cfg.task.tags
     item_close = f"</{tags.item}>"
     S = cfg.sampling
     records = []
@@ -299,8 +303,9 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
         batch = users[b0:b0 + cfg.batch_size]
         exs, pids = [], []
         for cs in batch:
-            ex = recommend_example(ds, ds.user(cs.user), cfg.split, list(cs.candidates), cfg.task, tokenizer=tok,
-                                   reasoning=spec.reasoning, with_response=False)
+            ex = authors[cs.user] if authors else recommend_example(
+                ds, ds.user(cs.user), cfg.split, list(cs.candidates), cfg.task, tokenizer=tok,
+                reasoning=spec.reasoning, with_response=False)
             exs.append(ex)
             pids.append(prompt_ids(tok, ex))
         recs = [{"user": cs.user, "target": ex.target_id, "candidates": ex.candidate_ids,
@@ -709,6 +714,7 @@ def model_fingerprint(cfg: EvalConfig, name: str, spec: ModelSpec) -> str:
     judged = cfg.judge.enabled and (not cfg.judge.models or name in cfg.judge.models)
     keys = {"spec": to_dict(spec), "path": str(Path(spec.path).expanduser().resolve()), "data": cfg.data_dir,
             "split": cfg.split, "max_users": cfg.max_users, "task": to_dict(cfg.task), "dtype": cfg.dtype,
+            "prompts": cfg.prompts,
             "sampling": to_dict(cfg.sampling), "exact": to_dict(cfg.exact), "greedy": to_dict(cfg.greedy),
             "orderings": [cfg.orderings, cfg.orderings_seed], "judge": to_dict(cfg.judge) if judged else None}
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
@@ -745,6 +751,10 @@ def main(argv: list[str]) -> dict | None:
     cfg = parse_args(EvalConfig, argv)
     if cfg.split not in ("valid", "test"):
         raise ConfigError(f"split must be 'valid' or 'test', got {cfg.split!r}")
+    if cfg.prompts not in ("ours", "authors"):
+        raise ConfigError(f"prompts must be 'ours' or 'authors', got {cfg.prompts!r}")
+    if cfg.prompts == "authors" and cfg.split != "test":
+        raise ConfigError("prompts=authors: the authors released test prompts only (set split=test)")
     if not cfg.models and not cfg.sasrec_dir:
         raise ConfigError("nothing to evaluate: set `models` and/or `sasrec_dir`")
     if cfg.judge.enabled and not (cfg.greedy.enabled or cfg.exact.enabled):
@@ -785,8 +795,9 @@ def main(argv: list[str]) -> dict | None:
         (out_dir / "results.md").unlink(missing_ok=True)
 
     if cfg.sasrec_dir:
-        from twice.sasrec import SASRec, rank_candidates
+        from twice.sasrec import SASRec, check_dataset, rank_candidates
         sas = SASRec.load(cfg.sasrec_dir)
+        check_dataset(sas, ds, cfg.sasrec_dir)  # one line: a SASRec of another catalogue would rank other items
         hist = [ds.history(all_sets[i].user, cfg.split) for i in mine]
         ranks = rank_candidates(sas, hist, [list(all_sets[i].candidates) for i in mine],
                                 [all_sets[i].target for i in mine]).tolist() if mine else []

@@ -48,6 +48,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert state["tiny"] is True and list(state["stages"]) == list(STAGES)
     assert all(s["rc"] == 0 and s["wall_s"] >= 0 for s in state["stages"].values())
     for f in ("data/candidates_test.jsonl", "model/config.json", "model/tokenizer.model", "sasrec/best/config.json",
+              "sasrec-reward/best/config.json",
               "rationales/stats.json", "sft/final/config.json", "grpo_D/final/config.json",
               "grpo_E/final/config.json", "eval/results.json", "eval/results.md", "results.md"):
         assert (out / f).exists(), f
@@ -110,7 +111,7 @@ def test_stage_commands_chain_paths(tmp_path):
     assert f"mix.t3_source={out / 'rationales' / 'rationales.jsonl'}" in sft and "mix.reason=0" not in sft
     for v in VARIANTS:
         g = " ".join(stage_command(v, out, model, tiny=False))
-        assert f"model.path={out / 'sft' / 'final'}" in g and f"sasrec_dir={out / 'sasrec' / 'best'}" in g
+        assert f"model.path={out / 'sft' / 'final'}" in g and f"sasrec_dir={out / 'sasrec-reward' / 'best'}" in g
     ev = " ".join(stage_command("eval", out, model, tiny=False))
     for v in ("sft", "grpo_D", "grpo_E"):
         assert f"models.{v}.path={out / v / 'final'}" in ev

@@ -18,8 +18,9 @@ Q = ROOT / "configs" / "quickstart"
 
 
 def test_quickstart_sasrec_is_capped_by_epochs_not_time():
-    train = yaml.safe_load((Q / "sasrec.yaml").read_text())["train"]
-    assert not train.get("max_train_cpu_s") and not train.get("max_train_s") and train["epochs"] <= 20
+    for f in ("sasrec.yaml", "sasrec-reward.yaml"):    # eval's SASRec row and GRPO's reward model
+        train = yaml.safe_load((Q / f).read_text())["train"]
+        assert not train.get("max_train_cpu_s") and not train.get("max_train_s") and train["epochs"] <= 20, f
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -41,6 +41,8 @@ def readme_chain() -> list[list[str]]:
 
 def stage_of(argv: list[str]) -> str:
     key = argv[2] if argv[1] == "-m" else argv[1]
+    if key == "train_sasrec.py" and argv[2].endswith("sasrec-reward.yaml"):
+        return "sasrec_reward"      # GRPO's reward model (BCE); sasrec.yaml is eval's SASRec row
     return SCRIPT_STAGE[key]
 
 
@@ -117,7 +119,8 @@ def test_readme_chain_runs_as_written(tmp_path):
         if st == "serve":   # a server blocks (tests/test_serve.py serves); here: its inputs are what the chain wrote
             serve = argv
             continue
-        extra = list(TINY.get(st, [])) + (TASK_TINY if st in ("sft", "grpo", "eval") else [])
+        extra = list(TINY.get("sasrec" if st == "sasrec_reward" else st, [])) + (
+            TASK_TINY if st in ("sft", "grpo", "eval") else [])
         if st == "sft" and not (work / "runs/quickstart/rationales/rationales.jsonl").read_text().strip():
             extra.append("mix.reason=0")   # what the README says to do when stage 1 kept nothing
         t0 = time.time()
@@ -129,7 +132,7 @@ def test_readme_chain_runs_as_written(tmp_path):
         if st == "data":
             from twice.pipeline import build_tiny_model
             build_tiny_model(work / "runs/quickstart/data", home / ".cache/twice/gemma-3-270m")
-    assert ran == ["data", "sasrec", "rationales", "sft", "grpo", "grpo", "eval"]
+    assert ran == ["data", "sasrec", "sasrec_reward", "rationales", "sft", "grpo", "grpo", "eval"]
 
     q = work / "runs" / "quickstart"
     res = json.loads((q / "eval" / "results.json").read_text())
@@ -141,7 +144,8 @@ def test_readme_chain_runs_as_written(tmp_path):
     assert tasks[0]["max_history"] == 3 and tasks[0]["n_negatives"] == 9   # task.yaml + the tiny override
     # each stage read the previous stage's output
     g = yaml.safe_load((q / "grpo_D" / "config.yaml").read_text())
-    assert g["model"]["path"] == "runs/quickstart/sft/final" and g["sasrec_dir"] == "runs/quickstart/sasrec/best"
+    assert g["model"]["path"] == "runs/quickstart/sft/final" and g["sasrec_dir"] == "runs/quickstart/sasrec-reward/best"
+    assert yaml.safe_load((q / "sasrec-reward" / "config.yaml").read_text())["sasrec"]["loss"] == "bce"
     assert g["rewards"]["weights"] == {"match": 1.0, "format": 1.0}
     assert yaml.safe_load((q / "grpo_E" / "config.yaml").read_text())["rewards"]["weights"] == {"cg": 1.0,
                                                                                                  "format": 1.0}

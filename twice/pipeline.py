@@ -6,12 +6,13 @@
     python -m twice.pipeline --threads 1            # OMP/torch threads per stage (0 = torch's default)
 
 Stages, each a subprocess running the README's stage-by-stage command (configs/quickstart/<stage>.yaml, whose paths
-already chain: runs/quickstart/{data,sasrec,rationales,sft,grpo_D,grpo_E,eval}) plus overrides that relocate those
+already chain: runs/quickstart/{data,sasrec,sasrec-reward,rationales,sft,grpo_D,grpo_E,eval}) plus overrides that relocate those
 paths under --out (identical to the YAMLs' own for the default out) and, under --tiny, shrink the sizes:
     data       python -m twice.data prepare            -> OUT/data
     model      python -m twice.convert gemma-3-270m   (--tiny: a random tiny Gemma-3 + a SentencePiece model trained
                                                         on the dataset's text, saved as an HF folder: OUT/model)
-    sasrec     python train_sasrec.py                  -> OUT/sasrec/best
+    sasrec     python train_sasrec.py                  -> OUT/sasrec/best          (eval's SASRec row: CE)
+    sasrec_reward  python train_sasrec.py              -> OUT/sasrec-reward/best   (GRPO's reward model: BCE, calibrated)
     rationales python build_rationales.py              -> OUT/rationales/rationales.jsonl (local teacher = the model)
     sft        python train_sft.py                     -> OUT/sft/final          (LoRA, T1 + T2 + T3)
     grpo_D     python train_grpo.py                    -> OUT/grpo_D/final       (rewards: item match + format)
@@ -39,7 +40,7 @@ from twice.fileio import write_atomic, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "quickstart"
-STAGES = ("data", "model", "sasrec", "rationales", "sft", "grpo_D", "grpo_E", "eval")
+STAGES = ("data", "model", "sasrec", "sasrec_reward", "rationales", "sft", "grpo_D", "grpo_E", "eval")
 # GRPO variants of the paper's RQ3 that the quickstart trains (reward weights, twice/rewards.py registry names)
 VARIANTS = {"grpo_D": "{match: 1.0, format: 1.0}", "grpo_E": "{cg: 1.0, format: 1.0}"}
 ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_D", "+SFT+GRPO (D)"),
@@ -50,10 +51,11 @@ ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_D", "+SF
 # users, SFT takes 12 LoRA steps, each GRPO variant 4 steps (2 prompts x 4 samples x 64 tokens), eval 8 test users.
 # Wall seconds each stage took in the README's main-job run (2 shared CPU cores), for the overall ETA; "model" is the
 # one-time conversion (about 2 min when ~/.cache/twice/gemma-3-270m is not there yet).
-BUDGET_S = {"data": 1, "model": 100, "sasrec": 110, "rationales": 70, "sft": 80, "grpo_D": 85, "grpo_E": 85,
-            "eval": 290}
-BUDGET_TINY_S = {"data": 1, "model": 5, "sasrec": 8, "rationales": 10, "sft": 10, "grpo_D": 10, "grpo_E": 10,
-                 "eval": 15}
+# sasrec_reward (added after that run) is budgeted like sasrec: same size, same 10 epochs.
+BUDGET_S = {"data": 1, "model": 100, "sasrec": 110, "sasrec_reward": 110, "rationales": 70, "sft": 80, "grpo_D": 85,
+            "grpo_E": 85, "eval": 290}
+BUDGET_TINY_S = {"data": 1, "model": 5, "sasrec": 8, "sasrec_reward": 8, "rationales": 10, "sft": 10, "grpo_D": 10,
+                 "grpo_E": 10, "eval": 15}
 
 # --tiny: step counts and sizes small enough for CI (a few minutes on 2 shared cores), every stage still real
 TINY = {
@@ -128,6 +130,9 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
     if stage == "sasrec":
         return [py, str(ROOT / "train_sasrec.py"), str(configs / "sasrec.yaml"), f"train.data_dir={data}",
                 f"train.out_dir={sas}"] + t("sasrec")
+    if stage == "sasrec_reward":
+        return [py, str(ROOT / "train_sasrec.py"), str(configs / "sasrec-reward.yaml"), f"train.data_dir={data}",
+                f"train.out_dir={out / 'sasrec-reward'}"] + t("sasrec")
     if stage == "rationales":
         return [py, str(ROOT / "build_rationales.py"), str(configs / "rationales.yaml"), f"data_dir={data}",
                 f"run_dir={out / 'rationales'}", f"teacher.model_path={model_dir}",
@@ -142,7 +147,9 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
                 f"model.path={model_dir}", f"data_dir={data}"] + mix + task + t("sft")
     if stage in VARIANTS:
         return [py, str(ROOT / "train_grpo.py"), str(configs / "grpo.yaml"), f"run_dir={out / stage}",
-                f"model.path={out / 'sft' / 'final'}", f"data_dir={data}", f"sasrec_dir={sas / 'best'}",
+                f"model.path={out / 'sft' / 'final'}", f"data_dir={data}",
+                f"sasrec_dir={out / 'sasrec-reward' / 'best'}",
+                f"rollout.budget_from={out / 'rationales' / 'rationales.jsonl'}",
                 f"rewards.weights={VARIANTS[stage]}"] + task + t("grpo")
     if stage == "eval":
         return [py, str(ROOT / "eval.py"), str(configs / "eval.yaml"), f"run_dir={out / 'eval'}", f"data_dir={data}",
@@ -158,6 +165,7 @@ def stage_outputs(stage: str, out: Path, model_dir: Path) -> list[Path]:
         "model": [model_dir / "config.json", model_dir / "tokenizer.model"],
         "data": [out / "data" / "users.jsonl", out / "data" / "candidates_test.jsonl"],
         "sasrec": [out / "sasrec" / "best" / "model.safetensors", out / "sasrec" / "results.json"],
+        "sasrec_reward": [out / "sasrec-reward" / "best" / "model.safetensors", out / "sasrec-reward" / "results.json"],
         "rationales": [out / "rationales" / "stats.json"],
         "sft": [out / "sft" / "final" / "config.json"],
         "grpo_D": [out / "grpo_D" / "final" / "config.json"],
@@ -228,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the stage commands, run nothing")
     args = ap.parse_args(argv)
     configs = Path(args.configs).expanduser().resolve()
-    missing = [f"{n}.yaml" for n in ("data", "sasrec", "rationales", "sft", "grpo", "eval") if not (configs / f"{n}.yaml").is_file()]
+    missing = [f"{n}.yaml" for n in ("data", "sasrec", "sasrec-reward", "rationales", "sft", "grpo", "eval")
+               if not (configs / f"{n}.yaml").is_file()]
     if missing:
         sys.exit(f"pipeline: error: --configs {configs}: no {', '.join(missing)} there")
     out = Path(args.out or ("runs/quickstart-tiny" if args.tiny else "runs/quickstart")).expanduser().resolve()
