@@ -55,7 +55,7 @@ CASES = {
     "train_sft truncated weights": (["train_sft.py", Q + "sft.yaml", "model.path=TRUNC", "data_dir=DATA"], "model.path: TRUNC/model.safetensors is truncated: "),
     "train_sft empty T3 pool": (["train_sft.py", Q + "sft.yaml", "model.path=MODEL", "data_dir=DATA", "mix.t3_source=EMPTY"], "mix.t3_source: EMPTY has no records"),
     "train_grpo misspelled key": (["train_grpo.py", Q + "grpo.yaml", "rollout.group=2"], "rollout.group_size"),
-    "train_grpo missing sasrec": (["train_grpo.py", Q + "grpo.yaml", "model.path=MODEL", "data_dir=DATA", "sasrec_dir=NOPE"], "sasrec_dir: NOPE does not exist"),
+    "train_grpo missing sasrec": (["train_grpo.py", Q + "grpo.yaml", "model.path=MODEL", "data_dir=DATA", "sasrec_dir=NOPE", "rollout.max_new_tokens=8"], "sasrec_dir: NOPE does not exist"),
     "eval misspelled key": (["eval.py", Q + "eval.yaml", "max_user=3"], "max_users"),
     "eval missing model": (["eval.py", Q + "eval.yaml", "data_dir=DATA", "sasrec_dir=SASREC", "models.base.path=MODEL", "models.sft.path=NOPE", "models.grpo_D.path=MODEL", "models.grpo_E.path=MODEL"], "models.sft.path=NOPE: no such folder"),  # eval.py's own check_inputs (evalfix)
     "twice.data misspelled key": (["-m", "twice.data", "prepare", Q + "data.yaml", "k_cor=3"], "k_core"),
