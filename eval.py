@@ -115,7 +115,8 @@ class EvalConfig:
     models: dict[str, ModelSpec] = field(default_factory=dict)   # name -> model; order = table order
     sasrec_dir: str = ""              # SASRec.load folder ("" = no SASRec row)
     task: TaskConfig = field(default_factory=TaskConfig)   # prompt builder: the same as SFT/GRPO
-    dtype: str = "auto"               # model dtype: auto = bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"               # compute dtype (twice/precision.py): auto = bf16 on GPUs and AMX/AVX512-BF16
+                                      #   CPUs, else fp32; float32 | bfloat16 | float16 force one
     batch_size: int = 8               # prompts per generate() call
     threads: int = 0                  # torch CPU threads (0 = torch default)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -227,11 +228,8 @@ def rationale_prefix(tok, gen_tokens: list[int], text: str, think_tag: str, item
 
 
 def _parse_dtype(name: str, device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype: expected auto/float32/bfloat16/float16, got {name!r}")
-    return getattr(torch, name)
+    from twice.precision import resolve_dtype
+    return resolve_dtype(name, device, "dtype", choices=("auto", "float32", "bfloat16", "float16"))
 
 
 def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list, info) -> list[dict]:
@@ -491,7 +489,8 @@ def main(argv: list[str]) -> dict | None:
     mine = list(range(info.rank, U, info.world_size))  # users strided over ranks
     t0 = time.time()
     results: dict = {"split": cfg.split, "n_users": U, "n_candidates": len(all_sets[0].candidates),
-                     "data_dir": cfg.data_dir, "models": {}}
+                     "data_dir": cfg.data_dir, "models": {},
+                     "compute_dtype": str(_parse_dtype(cfg.dtype, info.device)).removeprefix("torch.")}
 
     if cfg.sasrec_dir:
         from twice.sasrec import SASRec, rank_candidates

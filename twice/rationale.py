@@ -243,7 +243,7 @@ class TeacherConfig:
     max_retries: int = 4          # api: retries on 429 / 5xx / timeouts (exponential backoff with jitter)
     backoff_s: float = 1.0        # api: first retry waits ~backoff_s, doubling
     model_path: str = ""          # local: HF-format folder (python -m twice.convert ..., an SFT final/, ...)
-    dtype: str = "float32"        # local: float32 | bfloat16
+    dtype: str = "auto"           # local: auto (bf16 on AMX/AVX512-BF16 CPUs, twice/precision.py) | float32 | bfloat16
     batch_size: int = 8           # local: prompts per Engine.generate call
 
 
