@@ -58,7 +58,7 @@ class ModelConfig:
     dtype: str = "auto"                 # compute dtype (twice/precision.py): auto = bf16 on GPUs and AMX/AVX512-BF16
                                         #   CPUs, else fp32; float32 forces fp32 everywhere. Trainable weights and
                                         #   AdamW state stay fp32 either way (LoRA A/B; FSDP2 / MasterAdamW masters)
-    gradient_checkpointing: bool = False  # recompute each block in backward (activation memory ~ one block)
+    gradient_checkpointing: bool = True   # recompute each block in backward (activation memory ~ one block)
 
 
 @dataclass

@@ -276,6 +276,8 @@ class LocalTeacher:
                 raise ValueError("teacher.backend=local needs teacher.model_path (an HF-format folder)")
             backend = load_backend(cfg.model_path, cfg.dtype)
         self.backend, self.cfg = backend, cfg
+        engine_dtype = getattr(getattr(backend, "engine", None), "dtype", None)  # recorded in metrics.jsonl
+        self.compute_dtype = str(engine_dtype).removeprefix("torch.") if engine_dtype is not None else None
         self.name = f"local:{os.path.basename(os.path.normpath(cfg.model_path)) or backend.name}"
 
     def preflight(self):
