@@ -26,7 +26,8 @@ token ids, so tokenisation cannot differ; its reward decodes them with our token
 completion length N, full fine-tuning, beta 0, one optimizer step per rollout, temperature 1, no top-k/top-p,
 1 thread per process. Dtypes (--dtypes): ours runs its `model.dtype` policy (twice/precision.py: bf16 = bf16 weights
 and compute, fp32 master weights + AdamW state in MasterAdamW); TRL in bf16 (--trl-dtype) = transformers' Trainer
-with bf16=True (CPU autocast over fp32 weights: its mixed precision), or fp32. Timings on a shared machine are noisy: run it when `uptime` is low, compare ratios.
+with bf16=True (CPU autocast over fp32 weights: its mixed precision), or fp32.
+Timings on a shared machine are noisy: run it when `uptime` is low, compare ratios.
 """
 from __future__ import annotations
 

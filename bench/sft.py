@@ -116,8 +116,9 @@ def child(args) -> dict:
             cpu.append(time.process_time() - c0)  # CPU seconds: less sensitive to a shared box than wall time
         losses.append(float(loss.detach()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": args.variant, "dtype": args.dtype, "real_model": real, "tokens_per_s": B * T / statistics.median(times),
-            "step_s": statistics.median(times), "step_cpu_s": statistics.median(cpu), "peak_rss_mb": peak, "rss_after_load_mb": rss_loaded,
+    return {"variant": args.variant, "dtype": args.dtype, "real_model": real,
+            "tokens_per_s": B * T / statistics.median(times), "step_s": statistics.median(times),
+            "step_cpu_s": statistics.median(cpu), "peak_rss_mb": peak, "rss_after_load_mb": rss_loaded,
             "train_peak_over_load_mb": peak - rss_loaded, "losses": losses}
 
 
@@ -172,7 +173,8 @@ def main() -> None:
                 ra, rb = by_dtype[(v, a)], by_dtype[(v, b)]
                 print(f"    {v:11s} {ra['tokens_per_s'] / rb['tokens_per_s']:5.2f}x tokens/s "
                       f"({rb['step_cpu_s'] / ra['step_cpu_s']:.2f}x in CPU seconds), peak RSS "
-                      f"{ra['peak_rss_mb']:.0f} vs {rb['peak_rss_mb']:.0f} MB ({ra['peak_rss_mb'] / rb['peak_rss_mb']:.2f}x), "
+                      f"{ra['peak_rss_mb']:.0f} vs {rb['peak_rss_mb']:.0f} MB "
+                      f"({ra['peak_rss_mb'] / rb['peak_rss_mb']:.2f}x), "
                       f"step-0 loss {ra['losses'][0]:.4f} vs {rb['losses'][0]:.4f}")
     if "naive" in res:
         base = res["naive"]
