@@ -280,3 +280,21 @@ def test_train_sft_dtype_config_is_what_runs(sft_world, tmp_path, monkeypatch, d
     assert [r["compute_dtype"] for r in rec] == [want]
     activations = {a for a, _ in seen}
     assert activations == {getattr(torch, want)}, seen
+
+
+def test_loading_fp32_weights_as_bf16_warns_when_values_change(tmp_path, capsys):
+    """A merged fine-tune exported in fp32 loses its sub-resolution updates when a stage loads it in bf16: say so
+    (with the fraction); a checkpoint whose fp32 values are all bf16-exact (the base model upcast) loads silently."""
+    torch.manual_seed(0)
+    m = Gemma3.from_config(PRESETS["tiny"])
+    exact = copy.deepcopy(m).to(torch.bfloat16).to(torch.float32)
+    exact.save_pretrained(tmp_path / "exact")
+    m.save_pretrained(tmp_path / "fp32")
+    capsys.readouterr()
+    Gemma3.from_pretrained(tmp_path / "exact", dtype=torch.bfloat16)
+    assert "WARNING" not in capsys.readouterr().err
+    Gemma3.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "float32 weights change when loaded as bfloat16" in err
+    Gemma3.from_pretrained(tmp_path / "fp32", dtype=torch.float32)
+    assert "WARNING" not in capsys.readouterr().err
