@@ -145,8 +145,11 @@ def _run(world, out, *extra):
     argv = ["run_dir=" + str(out), "data_dir=" + world["data"], "sasrec_dir=" + world["sasrec"],
             "models.base.path=" + world["model"], "models.plain.path=" + world["model"],
             "models.plain.reasoning=false", "greedy.max_new_tokens=6", "sampling.max_new_tokens=5",
-            "sampling.num_samples=3", "sampling.ks=[1,3]", "exact.constrained=true", "batch_size=4", *TASK, *extra]
-    return ev.main(argv)
+            "sampling.num_samples=3", "sampling.ks=[1,3]", "exact.constrained=true", "batch_size=4",
+            "dtype=float32", *TASK, *extra]  # fp32: scores are compared with fp32 full forwards
+    res = ev.main(argv)
+    assert res["compute_dtype"] == "float32"  # results.json says which dtype computed the numbers
+    return res
 
 
 def test_eval_end_to_end_files_and_consistency(world, tmp_path):
