@@ -225,7 +225,10 @@ def from_pretrained(path, dtype=torch.float32, device="cpu") -> Gemma3:
                                      f"{tuple(expected_shapes[ours])} from config.json")
                 state[ours] = t.to(device=device, dtype=dtype)
                 if t.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16):
-                    rounded[0] += int((state[ours].to(device="cpu", dtype=torch.float32) != t).sum())
+                    low, flat = state[ours].reshape(-1), t.reshape(-1)
+                    for i in range(0, flat.numel(), 1 << 22):  # in chunks: no second full-size fp32 copy at load
+                        rounded[0] += int((low[i:i + (1 << 22)].to("cpu", torch.float32)
+                                           != flat[i:i + (1 << 22)]).sum())
                     rounded[1] += t.numel()
     if rounded[0]:  # e.g. a merged fine-tune exported in fp32: updates below bf16's resolution are rounded away
         print(f"WARNING: {path}: {rounded[0] / rounded[1]:.0%} of its float32 weights change when loaded as "
