@@ -55,8 +55,8 @@ def test_resolve_dtype_auto_follows_the_cpu_and_logs_once(monkeypatch, capsys):
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda *a: ["avx512_bf16"])
     assert precision.resolve_dtype("auto", "cpu") == torch.bfloat16
     assert precision.resolve_dtype("auto", "cpu") == torch.bfloat16
-    err = capsys.readouterr().err
-    assert err.count("precision:") == 1 and "bfloat16" in err and "avx512_bf16" in err
+    out = capsys.readouterr().out
+    assert out.count("precision:") == 1 and "bfloat16" in out and "avx512_bf16" in out
     monkeypatch.setattr(precision, "_logged", set())
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda *a: [])
     assert precision.resolve_dtype("auto", "cpu") == torch.float32

@@ -23,7 +23,6 @@ What stays fp32 whatever the compute dtype (so numerics only change where bf16 i
 """
 from __future__ import annotations
 
-import sys
 from itertools import chain
 
 import torch
@@ -74,8 +73,9 @@ def resolve_dtype(name: str, device="cpu", where: str = "dtype", choices=CHOICES
     key = (name, str(torch.device(device)))
     if key not in _logged:
         _logged.add(key)
+        # stdout, like the stages' other progress lines (stderr is kept for errors: a bad config is ONE line there)
         print(f"precision: {where}={name} on {torch.device(device)} -> compute in {dtype_name(dt)} ({why})",
-              file=sys.stderr, flush=True)
+              flush=True)
     return dt
 
 
