@@ -41,12 +41,13 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        dev, dt = base.weight.device, base.weight.dtype
-        # A from a dedicated generator (CPU, then moved) so every rank builds the SAME adapter before FSDP2 shards it
+        dev = base.weight.device
+        # A from a dedicated generator (CPU, then moved) so every rank builds the SAME adapter before FSDP2 shards it.
+        # Adapters are fp32 whatever the base dtype (twice/precision.py): they are the trainable master weights
         bound = 1.0 / math.sqrt(self.in_features)
         a = torch.empty(r, self.in_features, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-        self.lora_A = nn.Parameter(a.to(device=dev, dtype=dt))                                  # [r, in]
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))    # [out, r]
+        self.lora_A = nn.Parameter(a.to(device=dev))                                                  # [r, in]
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))  # [out, r]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_enabled = True  # flipped by lora_disabled()
 
@@ -54,7 +55,10 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if not self.lora_enabled:
             return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        A, B = self.lora_A, self.lora_B
+        if A.dtype != x.dtype:  # fp32 adapters on a bf16 base: compute in bf16, autograd hands back fp32 grads
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        return y + F.linear(F.linear(self.dropout(x), A), B) * self.scale
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
