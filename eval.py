@@ -274,9 +274,10 @@ def candidate_continuations(tok, rationale: str, candidate_ids: list[str], tags)
     return full[0][:p], conts
 
 
-def _parse_dtype(name: str, device) -> torch.dtype:
+def _parse_dtype(name: str, device, checkpoint=None) -> torch.dtype:
     from twice.precision import resolve_dtype
-    return resolve_dtype(name, device, "dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    return resolve_dtype(name, device, "dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                         checkpoint=checkpoint)
 
 
 def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list, info) -> list[dict]:
@@ -289,7 +290,7 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
         raise FileNotFoundError(f"models.{name}.path={spec.path}: no tokenizer.model there (an HF folder from "
                                 f"`python -m twice.convert` or a run's final/ is expected)")
     tok = Tokenizer.from_pretrained(path, tags=(cfg.task.think_tag, cfg.task.item_tag))
-    model = Gemma3.from_pretrained(path, dtype=_parse_dtype(cfg.dtype, info.device), device=info.device).eval()
+    model = Gemma3.from_pretrained(path, dtype=_parse_dtype(cfg.dtype, info.device, path), device=info.device).eval()
     engine = Engine(model, tok)
     authors = authors_prompts(ds) if cfg.prompts == "authors" else None   # user -> the released prompt, verbatim
     tags = AUTHORS_TAGS if authors else cfg.task.tags
@@ -787,7 +788,8 @@ def main(argv: list[str]) -> dict | None:
     results: dict = {"split": cfg.split, "n_users": U, "n_candidates": len(all_sets[0].candidates),
                      "data_dir": cfg.data_dir, "complete": False, "models": {},
                      "baselines": {"random": random_baseline([len(cs.candidates) for cs in all_sets], cfg)},
-                     "compute_dtype": str(_parse_dtype(cfg.dtype, info.device)).removeprefix("torch.")}
+                     "compute_dtype": {n: str(_parse_dtype(cfg.dtype, info.device, s.path)).removeprefix("torch.")
+                                       for n, s in cfg.models.items()}}
     per_model: dict[str, tuple[str, torch.Tensor]] = {}   # per-user rows, for the paired tests
     finished = load_finished(out_dir, cfg, all_sets)
     if info.is_main:   # results.md exists only for a COMPLETE run (the pipeline's done-check reads it)

@@ -391,7 +391,7 @@ def open_run(cfg: GRPORunConfig, info):
 def build_policy(cfg: GRPORunConfig, dev):
     """Model (+ LoRA, + FSDP2), reference, optimizer: same seed on every rank before wrapping."""
     dist.seed_everything(cfg.seed)
-    compute = precision.resolve_dtype(cfg.model.dtype, dev, "model.dtype")
+    compute = precision.resolve_dtype(cfg.model.dtype, dev, "model.dtype", checkpoint=cfg.model.path)
     dtype = precision.param_dtype(compute, dist.is_distributed())
     model = Gemma3.from_pretrained(cfg.model.path, dtype=dtype, device=dev)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
@@ -688,7 +688,8 @@ def step_record(c: Ctx, step: int, sc: Scored, ps: Passes, res, skipped: int, up
         **{f"time/{k}": v for k, v in times.items()},
         "tokens_per_s/sample": float(lens_t[0]) / max(times["sample"], 1e-9),
         "tokens_per_s/step": float(lens_t[0]) / max(times["step"], 1e-9),
-        "compute_dtype": precision.dtype_name(precision.resolve_dtype(c.cfg.model.dtype, c.info.device)),
+        "compute_dtype": precision.dtype_name(precision.resolve_dtype(c.cfg.model.dtype, c.info.device,
+                                                                      checkpoint=c.cfg.model.path)),
     }
 
 

@@ -429,7 +429,7 @@ def main(argv: list[str]) -> dict:
 
     # ---- model (+ LoRA, + FSDP2): the SAME seed on every rank before wrapping (FSDP2 never syncs initial weights)
     dist.seed_everything(cfg.seed)
-    compute = precision.resolve_dtype(cfg.model.dtype, dev, "model.dtype")
+    compute = precision.resolve_dtype(cfg.model.dtype, dev, "model.dtype", checkpoint=cfg.model.path)
     model = Gemma3.from_pretrained(cfg.model.path, dtype=precision.param_dtype(compute, dist.is_distributed()),
                                    device=dev)  # also the frozen base for resume
     model.gradient_checkpointing = cfg.model.gradient_checkpointing

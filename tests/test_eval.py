@@ -221,7 +221,7 @@ def _run(world, out, *extra):
             "sampling.num_samples=3", "sampling.ks=[1,3]", "exact.constrained=true", "batch_size=4",
             "dtype=float32", *TASK, *extra]  # fp32: scores are compared with fp32 full forwards
     res = ev.main(argv)
-    assert res["compute_dtype"] == "float32"  # results.json says which dtype computed the numbers
+    assert set(res["compute_dtype"].values()) == {"float32"}  # results.json: the dtype that computed each row
     return res
 
 

@@ -272,10 +272,14 @@ def test_train_sft_dtype_config_is_what_runs(sft_world, tmp_path, monkeypatch, d
     import sft_worker
     import train_sft
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda *a: flags)
+    # the base model stored bf16, as Google ships it (an fp32-stored folder keeps fp32 under auto: see below)
+    bf16_model = tmp_path / "model_bf16"
+    Gemma3.from_pretrained(sft_world["model"], dtype=torch.bfloat16).save_pretrained(
+        bf16_model, tokenizer_path=Path(sft_world["model"]) / "tokenizer.model")
     seen = _spy_matmul_dtypes(monkeypatch)
     run = tmp_path / "run"
     train_sft.main(sft_worker.overrides(sft_world, run, **{"model.dtype": dtype, "steps": 1, "checkpoint_every": 0,
-                                                            "eval.hr_users": 1}))
+                                                            "eval.hr_users": 1, "model.path": str(bf16_model)}))
     rec = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["compute_dtype"] for r in rec] == [want]
     activations = {a for a, _ in seen}
@@ -298,3 +302,18 @@ def test_loading_fp32_weights_as_bf16_warns_when_values_change(tmp_path, capsys)
     assert "WARNING" in err and "float32 weights change when loaded as bfloat16" in err
     Gemma3.from_pretrained(tmp_path / "fp32", dtype=torch.float32)
     assert "WARNING" not in capsys.readouterr().err
+
+
+def test_auto_never_rounds_stored_float32_weights(tmp_path, monkeypatch, capsys):
+    """`auto` on a bf16 CPU computes a bf16-stored folder (the base model) in bf16, but a folder that stores float32
+    tensors (a merged fine-tune, twice.lora.cast_if_exact) in float32: bf16 would round the update away."""
+    monkeypatch.setattr(precision, "_logged", set())
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda *a: ["avx512_bf16"])
+    torch.manual_seed(0)
+    m = Gemma3.from_config(PRESETS["tiny"])
+    m.save_pretrained(tmp_path / "tuned")                      # float32 tensors
+    m.to(torch.bfloat16).save_pretrained(tmp_path / "base")    # (Module.to is in place)
+    assert precision.resolve_dtype("auto", "cpu", checkpoint=tmp_path / "base") == torch.bfloat16
+    assert precision.resolve_dtype("auto", "cpu", checkpoint=tmp_path / "tuned") == torch.float32
+    assert "bf16 would round them" in capsys.readouterr().out
+    assert precision.resolve_dtype("bfloat16", "cpu", checkpoint=tmp_path / "tuned") == torch.bfloat16  # forced

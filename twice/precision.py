@@ -12,6 +12,8 @@ The rule (`dtype: auto`, the default of every stage):
   - bf16 compute where it is fast: a CUDA GPU with bf16 support, or a CPU whose flags (/proc/cpuinfo) show
     `amx_bf16` or `avx512_bf16` (oneDNN then runs bf16 matmuls 3-7x faster than fp32: AMX on Xeon Sapphire
     Rapids+, AVX512-BF16 on Zen 4+/Cooper Lake); fp32 elsewhere. The choice is logged once per process.
+  - `auto` never rounds stored weights: a checkpoint that stores float32 tensors (our exports keep a fine-tune's
+    changed weights in float32, twice/checkpoint.py) is computed in fp32, logged with the reason.
   - `dtype: float32` forces fp32 everywhere (parameters, activations, KV cache); `dtype: bfloat16` forces bf16.
 What stays fp32 whatever the compute dtype (so numerics only change where bf16 is harmless):
   - trainable parameters and their AdamW state: LoRA A/B are created fp32 and cast to the activations' dtype inside
@@ -61,16 +63,24 @@ def auto_dtype(device) -> tuple[torch.dtype, str]:
     return torch.float32, f"no bf16 policy for device type {device.type!r}"
 
 
-def resolve_dtype(name: str, device="cpu", where: str = "dtype", choices=CHOICES) -> torch.dtype:
-    """Config value -> torch dtype. "auto" follows the rule in the module docstring; the choice is logged once."""
+def resolve_dtype(name: str, device="cpu", where: str = "dtype", choices=CHOICES, checkpoint=None) -> torch.dtype:
+    """Config value -> torch dtype. "auto" follows the rule in the module docstring; the choice is logged once.
+    checkpoint: the HF folder about to be loaded. `auto` never rounds stored weights: a folder that stores float32
+    tensors (a merged fine-tune: its update is often below bf16's resolution, 2^-8 relative) computes in float32."""
     if name not in choices:
         from twice.config import ConfigError
         raise ConfigError(f"{where}: expected one of {list(choices)}, got {name!r}")
     if name == "auto":
         dt, why = auto_dtype(device)
+        if dt != torch.float32 and checkpoint:
+            from twice.hf import stored_float32
+            n = stored_float32(checkpoint)
+            if n:
+                dt, why = torch.float32, (f"{checkpoint} stores {n} float32 tensors (a fine-tune's weights): "
+                                          f"bf16 would round them")
     else:
         dt, why = NAMES[name], "forced by the config"
-    key = (name, str(torch.device(device)))
+    key = (name, str(torch.device(device)), str(checkpoint or ""))
     if key not in _logged:
         _logged.add(key)
         # stdout, like the stages' other progress lines (stderr is kept for errors: a bad config is ONE line there)

@@ -507,7 +507,7 @@ def load_backend(model_dir: str, dtype: str = "auto", name: str | None = None) -
     from twice.gemma3 import Gemma3
     from twice.precision import resolve_dtype
     from twice.tokenizer import Tokenizer
-    dt = resolve_dtype(dtype, "cpu", "dtype")  # auto: bf16 on AMX/AVX512-BF16 CPUs (twice/precision.py)
+    dt = resolve_dtype(dtype, "cpu", "dtype", checkpoint=os.path.expanduser(model_dir))  # twice/precision.py
     model = Gemma3.from_pretrained(os.path.expanduser(model_dir), dtype=dt).eval()
     return EngineBackend(model, Tokenizer.from_pretrained(os.path.expanduser(model_dir)),
                          name=name or os.path.basename(os.path.normpath(model_dir)))
