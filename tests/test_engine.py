@@ -8,9 +8,11 @@ is always the model's own cache-less forward (masks built by gemma3.build_mask, 
 tests/test_gemma3.py).
 """
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from twice.engine import Engine, KVCache, sample_tokens
 from twice.gemma3 import Gemma3, PRESETS
@@ -317,3 +319,77 @@ def test_compaction_changes_nothing(engine, monkeypatch):
     assert len({len(t) for t in a.tokens}) > 2  # rows really finished at different steps
     for x, y in zip(a.logprobs, b.logprobs):
         assert x == pytest.approx(y, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scripted streams: a fake model whose next token is a fixed function of the current one
+
+class ScriptedModel(torch.nn.Module):
+    """Deterministic "model": the logits after token i are 50 at succ[i] and 0 elsewhere (a one-hot hidden state
+    through an identity tied head), so greedy and T=1 sampling both follow the script exactly (the other tokens
+    carry e^-50 of mass). It speaks the cache protocol (one full-attention layer, 1 head of dim 1) like Gemma3."""
+
+    def __init__(self, succ: dict[int, int], vocab: int):
+        super().__init__()
+        self.config = SimpleNamespace(layer_types=["full_attention"], sliding_window=4, num_key_value_heads=1,
+                                      head_dim=1, vocab_size=vocab, pad_token_id=0, final_logit_softcapping=None)
+        self.embed_tokens = torch.nn.Embedding(vocab, vocab)
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(torch.eye(vocab))
+        nxt = torch.arange(vocab)
+        for a, b in succ.items():
+            nxt[a] = b
+        self.register_buffer("nxt", nxt)
+
+    def forward(self, ids, position_ids=None, kv_cache=None, return_hidden=True):
+        B, T = ids.shape
+        z = torch.zeros(B, 1, T, 1)
+        kv_cache.update(0, z, z)  # advances the slot counter like a real one-layer model
+        return F.one_hot(self.nxt[ids], self.config.vocab_size).float() * 50.0  # [B, T, V]
+
+
+class ScriptTokenizer:
+    """Decodes each scripted id to its text piece; 1 and 106 are stop ids (special: decode to nothing)."""
+    stop_ids = [1, 106]
+
+    def __init__(self, pieces: dict[int, str]):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special=True):
+        return "".join(self.pieces.get(i, "") for i in ids)
+
+
+def stop_scripts():
+    """One script per (gap g in 1..3, lead o in 0..15, split of "</item>" into 1..3 tokens): o filler tokens, the
+    stop string (the last split's completing token also carries a newline, which the text must drop), g tokens of extra text ("<item>" pieces), then <end_of_turn> (106). Every id is unique, so the
+    successor map encodes the whole stream; script s starts after its prompt token."""
+    succ, pieces, scripts = {}, {}, []
+    nid = 200
+    splits = [["</item>"], ["</it", "em>"], ["<", "/ite", "m>"], ["</item", ">\n"]]  # last: text after it in-token
+    for g in (1, 2, 3):
+        for o in range(16):
+            for parts in splits:
+                text = ["x"] * o + parts + ["<item>"] * g
+                ids = list(range(nid, nid + len(text)))
+                nid += len(text)
+                pieces.update(zip(ids, text))
+                start = nid
+                nid += 1
+                chain = [start] + ids + [106]
+                succ.update(zip(chain[:-1], chain[1:]))
+                scripts.append((start, o + len(parts)))  # prompt token, tokens kept (through the stop string)
+    return succ, pieces, scripts, nid
+
+
+@pytest.mark.parametrize("check_every", list(range(1, 17)))
+def test_stop_string_beats_later_stop_id(check_every):
+    """A stop id 1-3 tokens after `</item>` never keeps the text between them, whatever the check cadence and
+    the row's position relative to the scans: the earliest of (stop string, stop id, length) wins."""
+    succ, pieces, scripts, V = stop_scripts()
+    eng = Engine(ScriptedModel(succ, V), ScriptTokenizer(pieces))
+    prompts = [[2, s] for s, _ in scripts]
+    for T in (0.0, 1.0):
+        res = eng.generate(prompts, max_new_tokens=30, temperature=T, stop_strings=["</item>"], seeds=0,
+                           check_every=check_every)
+        for (s, n), toks, text, why in zip(scripts, res.tokens, res.texts, res.stop_reasons):
+            assert len(toks) == n and text.endswith("</item>") and why == "stop_string", (s, toks, text)

@@ -217,6 +217,12 @@ def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float
     return tok, logp, full
 
 
+def _cut_after_stop(text: str, stop_strings) -> str:
+    """text up to the end of its earliest-ending stop string (unchanged if none occurs)."""
+    ends = [text.find(s) + len(s) for s in stop_strings if s in text]
+    return text[:min(ends)] if ends else text
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Results
 
@@ -371,35 +377,39 @@ class Engine:
             logits = self._logits(h[:, -1])
         if stop_strings:  # rows can still complete a stop string in the steps since the last check
             self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
-        return self._collect(out_tok, out_lp, out_full, length, reason_id, str_reason, steps)
+        return self._collect(out_tok, out_lp, out_full, length, reason_id, str_reason, steps, stop_strings)
 
     def _scan_stop_strings(self, out_tok, steps, done, length, stop_strings, str_reason, checked):
-        """Host-side: find the first token at which a stop string appears in each live row's decoded text.
+        """Host-side: find the first token at which a stop string appears in each row's decoded text.
 
+        Scans every row with tokens not yet scanned: live rows up to `steps`, and rows that ended on a stop id
+        since the last scan up to their stop token -- a stop string written before that stop id must win (the
+        earliest of stop string, stop id and length ends the row), else the text between them would be kept.
         Only a tail is decoded: a new occurrence ends after checked[r] and spans at most 4 tokens per character
         (byte-fallback pieces), plus one token of slack because decoding drops a slice's leading space."""
-        live = (~done).nonzero()[:, 0].tolist()
-        if not live:
+        end = length.clamp_max(steps).tolist()  # live rows: steps; rows ended on a stop id: their stop token
+        rows_ = [r for r in range(len(end)) if str_reason[r] is None and checked[r] < end[r]]
+        if not rows_:
             return
         span = 4 * max(len(s) for s in stop_strings) + 1
-        lo = max(0, min(checked[r] for r in live) - span)
-        rows = out_tok[live, lo:steps].tolist()
+        lo = max(0, min(checked[r] for r in rows_) - span)
+        toks = out_tok[rows_, lo:steps].tolist()
         dec = self.tokenizer.decode
-        for r, row in zip(live, rows):
-            a = max(0, checked[r] - span)  # absolute index where this row's tail starts
-            tail = row[a - lo:]
+        for r, row in zip(rows_, toks):
+            c0, checked[r] = checked[r], end[r]
+            a = max(0, c0 - span)  # absolute index where this row's tail starts
+            tail = row[a - lo:end[r] - lo]
             if not any(s in dec(tail) for s in stop_strings):
-                checked[r] = steps
                 continue
-            # smallest n whose prefix holds a stop string; prefixes up to checked[r] were already clean
-            for n in range(max(checked[r], a + 1), steps + 1):
+            # smallest n whose prefix holds a stop string; prefixes up to c0 were already clean
+            for n in range(max(c0, a + 1), end[r] + 1):
                 if any(s in dec(tail[:n - a]) for s in stop_strings):
                     break
             str_reason[r] = n
             length[r] = n
             done[r] = True
 
-    def _collect(self, out_tok, out_lp, out_full, length, reason_id, str_reason, steps):
+    def _collect(self, out_tok, out_lp, out_full, length, reason_id, str_reason, steps, stop_strings=()):
         N = out_tok.shape[1]
         length = length.clamp_max(steps).cpu()
         mask = torch.arange(N)[None, :] < length[:, None]  # [rows, N]
@@ -412,6 +422,9 @@ class Engine:
                    for r in range(len(lens))]
         tokens = [tok[r, :n].tolist() for r, n in enumerate(lens)]
         texts = [self.tokenizer.decode(t) for t in tokens] if self.tokenizer is not None else None
+        for r in range(len(lens)):  # the token completing a stop string may carry more text ("m>\n"): cut it
+            if str_reason[r] is not None:
+                texts[r] = _cut_after_stop(texts[r], stop_strings)
         return GenerationResult(
             tokens=tokens, logprobs=[lp[r, :n].tolist() for r, n in enumerate(lens)],
             full_logprobs=[full[r, :n].tolist() for r, n in enumerate(lens)], stop_reasons=reasons, texts=texts,
