@@ -361,24 +361,27 @@ class ScriptTokenizer:
 
 def stop_scripts():
     """One script per (gap g in 1..3, lead o in 0..15, split of "</item>" into 1..3 tokens): o filler tokens, the
-    stop string (the last split's completing token also carries a newline, which the text must drop), g tokens of extra text ("<item>" pieces), then <end_of_turn> (106). Every id is unique, so the
-    successor map encodes the whole stream; script s starts after its prompt token."""
+    stop string (the last split's completing token also carries a newline, which the text must drop), g tokens of
+    extra text ("<item>" pieces), then <end_of_turn> (106). Chains share their tails (the successor map is all
+    the "model" knows), which keeps the vocabulary, and so the one-hot head, small. Script s starts after its
+    prompt token."""
     succ, pieces, scripts = {}, {}, []
-    nid = 200
+    nid = iter(range(200, 10 ** 6))
+    item = [next(nid) for _ in range(3)]  # item[k] = "<item>" with k more to go before the stop id
+    for k, i in enumerate(item):
+        pieces[i], succ[i] = "<item>", (item[k - 1] if k else 106)
     splits = [["</item>"], ["</it", "em>"], ["<", "/ite", "m>"], ["</item", ">\n"]]  # last: text after it in-token
     for g in (1, 2, 3):
-        for o in range(16):
-            for parts in splits:
-                text = ["x"] * o + parts + ["<item>"] * g
-                ids = list(range(nid, nid + len(text)))
-                nid += len(text)
-                pieces.update(zip(ids, text))
-                start = nid
-                nid += 1
-                chain = [start] + ids + [106]
-                succ.update(zip(chain[:-1], chain[1:]))
+        for parts in splits:
+            chain = [next(nid) for _ in range(15)] + [next(nid) for _ in parts] + [item[g - 1]]  # 15 fillers first
+            pieces.update(zip(chain[:15], ["x"] * 15))
+            pieces.update(zip(chain[15:-1], parts))
+            succ.update(zip(chain[:-1], chain[1:]))
+            for o in range(16):
+                start = next(nid)
+                succ[start] = chain[15 - o]
                 scripts.append((start, o + len(parts)))  # prompt token, tokens kept (through the stop string)
-    return succ, pieces, scripts, nid
+    return succ, pieces, scripts, next(nid)
 
 
 @pytest.mark.parametrize("check_every", list(range(1, 17)))
@@ -393,3 +396,97 @@ def test_stop_string_beats_later_stop_id(check_every):
                            check_every=check_every)
         for (s, n), toks, text, why in zip(scripts, res.tokens, res.texts, res.stop_reasons):
             assert len(toks) == n and text.endswith("</item>") and why == "stop_string", (s, toks, text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The draw itself (issue 10 items 2-4)
+
+def test_former_zero_width_bin_is_drawable():
+    """On a 262,144-token vocabulary a token of probability 1.7e-10 sitting after half the mass had a zero-width
+    bin under the fp32 cumsum (no uniform could reach it); the float64 two-level search hits it with the uniform
+    that falls in its bin, and still never returns a zero-probability (banned) token."""
+    V, j = 262144, 200_000
+    logits = torch.zeros(1, V)
+    logits[0, j] = -10.0  # p_j = e^-10 / V ~ 1.7e-10, far below half an fp32 step (3e-8) of the running sum
+    logits[0, j + 1] = float("-inf")  # a banned neighbour: must never absorb the bin
+    p = torch.softmax(logits.double(), -1)[0]
+    c = torch.cumsum(p, 0)
+    u = ((c[j - 1] + p[j] / 2) / c[-1]).reshape(1)  # the middle of token j's bin
+    tok, logp, full = sample_tokens(logits, u, temperature=1.0, top_k=None, top_p=1.0)
+    assert tok.item() == j
+    assert logp.item() == pytest.approx(math.log(p[j].item()), abs=1e-4)
+    cdf32 = torch.cumsum(torch.softmax(logits, -1), -1)[0]  # what the fp32 draw saw: no room for j at all
+    assert cdf32[j] == cdf32[j - 1]
+    # neighbours of the bin, and the two ends of [0, 1), land on real tokens
+    for uu in (c[j - 1] / c[-1] - 1e-12, (c[j] + p[j + 2] / 2) / c[-1], 0.0, 1 - 2 ** -53):
+        t = sample_tokens(logits, torch.tensor([uu], dtype=torch.float64), 1.0, None, 1.0)[0].item()
+        assert t != j + 1 and p[t] > 0
+
+
+@pytest.mark.parametrize("V,block", [(40, 8), (45, 8), (40, 1024)])  # two-level (padded), single level
+def test_draw_frequencies_chi_square(V, block):
+    """Seeded per-row generators, as generate() draws them: token counts match the distribution (Pearson
+    chi-square below its 99.9% quantile), through both the two-level search and the single-level one."""
+    from twice.engine import _inverse_cdf
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(V, generator=g) * 1.5, -1)
+    n = 40000
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    tok = _inverse_cdf(p.expand(n, V).contiguous(), u, block=block)[:, 0]
+    counts = torch.bincount(tok, minlength=V).double()
+    expected = p.double() * n
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    crit = {39: 72.05, 44: 78.75}[V - 1]  # scipy.stats.chi2.ppf(0.999, V - 1)
+    assert chi2 < crit, chi2
+    assert len(counts) == V  # padding never drawn
+
+
+def test_head_accumulates_fp32_with_bf16_weights(monkeypatch):
+    """bf16 weights: the sampler's logits are the fp32-accumulated head (error ~1e-6 against float64), and its
+    log-probs equal the trainer's fused kernel (kernels.token_logprobs) on the same hidden states. A bf16 head
+    rounds each logit to 8 bits (errors ~3e-2 at these magnitudes)."""
+    from kernels import token_logprobs
+    import twice.engine as E
+    monkeypatch.setattr(E, "HEAD_CHUNK", 100)  # 512 rows in chunks of 100: the last one partial
+    torch.manual_seed(0)
+    m = Gemma3.from_config(PRESETS["tiny"], dtype=torch.bfloat16, std=1.0).eval()
+    eng = Engine(m)
+    h = torch.randn(6, m.config.hidden_size).to(torch.bfloat16)
+    W = m.embed_tokens.weight
+    ref = h.double() @ W.double().T  # [6, V]: bf16 products are exact, the sum is what fp32 must keep
+    got = eng._logits(h)
+    assert got.dtype == torch.float32
+    assert (got.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert (F.linear(h, W).double() - ref).abs().max() > 1e-2  # the old bf16 head really was off
+    y = torch.randint(0, W.shape[0], (6,))
+    lp = torch.log_softmax(got, -1).gather(1, y[:, None])[:, 0]
+    torch.testing.assert_close(lp, token_logprobs(h, W, y).float(), atol=2e-5, rtol=0)
+
+
+def test_never_samples_outside_tokenizer_or_placeholders(tmp_path):
+    """A model with 64 more embedding rows than its tokenizer (like Gemma-3 4B's image rows) and ~100 placeholder
+    pieces: ids the tokenizer cannot decode, <unusedN>, <mask>, [multimodal], <pad>, <bos>, <unk> are never
+    drawn, greedy or sampled (without the ban a random model draws them often and decode raises), while <eos>
+    and <end_of_turn> stay drawable."""
+    from twice.engine import never_sample_mask
+    from twice.gemma3 import Gemma3Config
+    from twice.tokenizer import Tokenizer
+    tok = Tokenizer.train_tiny(tmp_path, ["a tiny corpus of words for a tiny tokenizer, twice"] * 20, vocab_size=400)
+    V = tok.vocab_size + 64
+    cfg = Gemma3Config(**{**PRESETS["tiny"].__dict__, "vocab_size": V})
+    torch.manual_seed(0)
+    m = Gemma3.from_config(cfg, std=0.02).eval()  # near-uniform logits: every id is likely somewhere
+    never = never_sample_mask(tok, V)
+    banned = set(never.nonzero()[:, 0].tolist())
+    assert set(range(tok.vocab_size, V)) <= banned and {0, 2, 3, 4, 5} <= banned  # <mask>=4, [multimodal]=5
+    assert {1, 105, 106}.isdisjoint(banned) and len(banned) >= 64 + 100
+    eng = Engine(m, tok)
+    res = eng.generate([[2, 10, 11]], num_samples=8, max_new_tokens=24, temperature=1.0, stop_ids=[], seeds=0)
+    drawn = {t for row in res.tokens for t in row}
+    assert drawn.isdisjoint(banned) and len(res.texts) == 8
+    assert all(a >= b for row_a, row_b in zip(res.logprobs, res.full_logprobs) for a, b in zip(row_a, row_b))
+    m.embed_tokens.weight.data[V - 1] *= 100  # make an undecodable id the clear argmax: greedy must skip it
+    g = eng.greedy([[2, 10, 11]], max_new_tokens=6, stop_ids=[])
+    assert set(g.tokens[0]).isdisjoint(banned)
+    free = Engine(m).generate([[2, 10, 11]], num_samples=8, max_new_tokens=24, temperature=1.0, stop_ids=[], seeds=0)
+    assert any(t in banned for row in free.tokens for t in row)  # the same draw without a tokenizer hits them

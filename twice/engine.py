@@ -40,6 +40,7 @@ Conventions (documented once, here):
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -180,21 +181,28 @@ class KVCache:
 # Sampling: one vectorised step
 
 def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float, banned=None):
-    """logits [B, V] (any float dtype), u [B] uniforms in [0, 1) -> (tokens [B], logprobs [B], full_logprobs [B]).
-    banned: optional token ids [n] removed from the processed distribution (min_new_tokens bans the stop ids);
-    full_logprobs still use the untouched distribution, which is what the trainer sees.
+    """logits [B, V] (any float dtype), u [B] uniforms in [0, 1) (float64 for full resolution) -> (tokens [B],
+    logprobs [B], full_logprobs [B]). banned: token ids [n] (long) or a mask [V] (bool, True = banned) removed
+    from the processed distribution (ids outside the tokenizer, image/placeholder ids, and the stop ids before
+    min_new_tokens); full_logprobs still use the untouched distribution, which is what the trainer sees.
 
-    Order as in HF: temperature, then top-k, then top-p (keep the smallest prefix of the sorted distribution whose
-    mass reaches top_p; the top token always stays). Sampling is by inverse CDF over the kept tokens with the row's
-    own uniform, so no RNG state is shared between rows. See the module docstring for the two log-probs."""
+    Order as in HF: temperature, then top-k (one partial selection, no full-vocabulary sort), then top-p on the k
+    kept (keep the smallest prefix of the sorted distribution whose mass reaches top_p; the top token always
+    stays); a full sort happens only for top-p without top-k. Sampling is by inverse CDF over the kept tokens with
+    the row's own uniform, in float64 (see _inverse_cdf), so no RNG state is shared between rows and every token
+    of non-negligible probability can be drawn. See the module docstring for the two log-probs."""
     x = logits.float()
+    if banned is not None:
+        banned = banned[None] if banned.dtype == torch.bool else banned
+        ban = (lambda t: t.masked_fill(banned, float("-inf"))) if banned.dtype == torch.bool else \
+            (lambda t: t.index_fill(1, banned, float("-inf")))
     if temperature == 0:  # greedy: point mass
-        tok = (x if banned is None else x.index_fill(1, banned, float("-inf"))).argmax(-1)
+        tok = (x if banned is None else ban(x)).argmax(-1)
         full = x.gather(1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
         return tok, torch.zeros_like(full), full
     x = x / temperature  # [B, V]
     full_lse = torch.logsumexp(x, -1)  # [B]
-    xs = x if banned is None else x.index_fill(1, banned, float("-inf"))
+    xs = x if banned is None else ban(x)
     idx = None
     if top_k is not None and 0 < top_k < x.shape[-1]:
         vals, idx = torch.topk(xs, top_k, dim=-1)  # [B, k], sorted descending
@@ -208,13 +216,45 @@ def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float
         drop = (torch.cumsum(probs, -1) - probs) >= top_p
         vals = vals.masked_fill(drop, float("-inf"))
     lse = torch.logsumexp(vals, -1, keepdim=True)  # [B, 1]
-    cdf = torch.cumsum(torch.exp(vals - lse), -1)  # [B, n]
-    # first j with cdf[j] > u * total: a zero-probability token is never chosen (its cdf equals its left neighbour's)
-    j = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).clamp_max(cdf.shape[-1] - 1)
+    j = _inverse_cdf(torch.exp(vals - lse), u)  # [B, 1]
     logp = (vals.gather(1, j) - lse)[:, 0]
     tok = (idx.gather(1, j) if idx is not None else j)[:, 0]
     full = x.gather(1, tok[:, None])[:, 0] - full_lse
     return tok, logp, full
+
+
+def _search(cdf, target):
+    """cdf [B, n] float64 non-decreasing, target [B] -> first j [B, 1] with cdf[j] > target. The target is clamped
+    into [0, cdf[-1]) first, so a zero-probability bin (cdf[j] == cdf[j-1]) can never be returned, whatever the
+    rounding of the running sums."""
+    top = cdf[:, -1]
+    t = torch.minimum(target.clamp_min(0), top * (1 - 2.0 ** -50))
+    return torch.searchsorted(cdf, t[:, None], right=True)
+
+
+def _inverse_cdf(p, u, block: int = 1024):
+    """p [B, n] fp32 probabilities (any positive scale), u [B] uniforms -> j [B, 1], drawn with P(j) = p_j / sum p.
+
+    Why float64 and two levels: an fp32 running sum over 262,144 tokens gives every token below half an fp32 step
+    of the sum (~3e-8 near 1) a zero-width bin -- on Gemma-3 at T = 1 most of the vocabulary could never be drawn.
+    Here the search runs in float64 over the sums of `block`-token blocks, then over the running sum of the chosen
+    block alone, so a token's bin is lost only below 2^-53 of its own block's mass (and the block's below 2^-53 of
+    the total): nothing with a probability that could ever matter. Cost: one fp64 reduction over [B, n] plus a
+    cumsum over [B, n / block] and [B, block], instead of a full-width cumsum."""
+    B, n = p.shape
+    u = u.to(torch.float64)
+    if n <= block:
+        cdf = p.double().cumsum(-1)
+        return _search(cdf, u * cdf[:, -1])
+    nb = -(-n // block)
+    pb = (p if nb * block == n else F.pad(p, (0, nb * block - n))).view(B, nb, block)  # pads: probability 0
+    bsum = pb.sum(-1, dtype=torch.float64)  # [B, nb]
+    bcdf = bsum.cumsum(-1)
+    target = u * bcdf[:, -1]
+    bi = _search(bcdf, target)  # [B, 1] block index
+    rem = target - (bcdf.gather(1, bi) - bsum.gather(1, bi))[:, 0]  # mass left to walk inside the block
+    inner = pb[torch.arange(B, device=p.device), bi[:, 0]].double().cumsum(-1)  # [B, block]
+    return bi * block + _search(inner, rem)
 
 
 def _cut_after_stop(text: str, stop_strings) -> str:
@@ -248,6 +288,28 @@ class GenerationResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Engine
 
+HEAD_CHUNK = 2048  # vocabulary rows of the head upcast per matmul for non-fp32 weights (5 MB fp32 at D = 640)
+# Gemma-3 pieces a text policy must never emit: image markers and reserved placeholders (decodable, but never text)
+_NEVER_PIECE = re.compile(r"<pad>|<bos>|<unk>|<mask>|\[multimodal\]|<unused\d+>|<start_of_image>|<end_of_image>"
+                          r"|<image_soft_token>")
+
+
+def never_sample_mask(tokenizer, n_rows: int, device="cpu"):
+    """[n_rows] bool, True for ids the sampler must never draw, or None when nothing is banned (no tokenizer).
+    Ids >= tokenizer.vocab_size: the embedding can be larger than the tokenizer (Gemma-3 4B: 262,208 rows vs
+    262,144 pieces; the extra rows are image soft tokens) and such an id cannot even be decoded. Special ids whose
+    piece is an image marker or a placeholder (<unusedN>, <mask>, [multimodal], <pad>, <bos>, <unk>) are banned
+    too; <eos>, <start_of_turn> and <end_of_turn> stay drawable."""
+    V = getattr(tokenizer, "vocab_size", None)
+    if V is None:
+        return None
+    mask = torch.zeros(n_rows, dtype=torch.bool)
+    mask[min(V, n_rows):] = True
+    specials = getattr(tokenizer, "special_ids", ())
+    bad = [i for i in specials if i < n_rows and _NEVER_PIECE.fullmatch(tokenizer.id_to_piece(i))]
+    mask[bad] = True
+    return mask.to(device) if bool(mask.any()) else None
+
 class Engine:
     def __init__(self, model, tokenizer=None, prefill_chunk: int | None = None):
         """prefill_chunk: run prompt prefills in chunks of this many slots (bounds the [P, H, T, T] attention
@@ -258,12 +320,33 @@ class Engine:
         w = model.embed_tokens.weight
         self.dtype, self.device = w.dtype, w.device
         self.pad_id = getattr(self.config, "pad_token_id", 0) or 0
+        self.never = never_sample_mask(tokenizer, w.shape[0], self.device)  # [V] bool or None
+        self._wbuf = None  # fp32 staging buffer of the head (non-fp32 weights), allocated on first use
 
     # ---- small helpers -----------------------------------------------------------------------------------
     def _logits(self, h):
-        """h [..., D] final normed hidden -> fp32 logits [..., V] (tied head). Computing the head ourselves lets the
-        prefill skip the [B, T, V] logits of every prompt position."""
-        logits = F.linear(h, self.model.embed_tokens.weight).float()
+        """h [B, D] final normed hidden -> fp32 logits [B, V] (tied head). Computing the head ourselves lets the
+        prefill skip the [B, T, V] logits of every prompt position.
+
+        Accumulated and returned in fp32 whatever the weight dtype, like the trainer's kernel (kernels/logprobs.py
+        upcasts W chunk by chunk): a bf16 output would round each logit to 8 bits (+-0.06 at |z| = 30), a gap to
+        the trainer's log-probs that is rounding, not policy mismatch. Without a bf16 x bf16 -> fp32 matmul on
+        CPU, W is upcast HEAD_CHUNK rows at a time into one reused buffer (it stays in cache), so the step reads
+        W once, in its own dtype, as a bf16 matmul would."""
+        W = self.model.embed_tokens.weight.detach()  # [V, D]; the sampler never needs a graph
+        if W.dtype == torch.float32:
+            logits = F.linear(h.float(), W)
+        else:
+            V, D = W.shape
+            C = min(HEAD_CHUNK, V)
+            if self._wbuf is None or self._wbuf.shape != (C, D) or self._wbuf.device != W.device:
+                self._wbuf = torch.empty(C, D, dtype=torch.float32, device=W.device)
+            h32 = h.float()
+            logits = torch.empty(h.shape[0], V, dtype=torch.float32, device=W.device)
+            for v0 in range(0, V, C):
+                wc = self._wbuf[:min(C, V - v0)]
+                wc.copy_(W[v0:v0 + C])
+                torch.mm(h32, wc.t(), out=logits[:, v0:v0 + C])
         c = getattr(self.config, "final_logit_softcapping", None)
         return torch.tanh(logits / c) * c if c else logits
 
@@ -322,10 +405,10 @@ class Engine:
         dev = self.device
 
         # all uniforms up front, one generator per row: row r's sample never depends on the batch it sits in
-        u = torch.empty(rows, max(N, 1), device=dev)
+        u = torch.empty(rows, max(N, 1), dtype=torch.float64, device=dev)  # float64: see _inverse_cdf
         for r, s in enumerate(seeds):
             g = torch.Generator(device=dev).manual_seed(int(s))
-            u[r] = torch.rand(max(N, 1), generator=g, device=dev)
+            u[r] = torch.rand(max(N, 1), generator=g, device=dev, dtype=torch.float64)
 
         L = max(len(p) for p in prompts)
         if K == 1:  # nothing to share: prefill straight into a cache with room for the new tokens
@@ -343,13 +426,18 @@ class Engine:
         done = torch.zeros(rows, dtype=torch.bool, device=dev)
         reason_id = torch.zeros(rows, dtype=torch.bool, device=dev)  # ended on a stop id
         stop_t = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+        ban = self.never  # [V] bool or None: ids the tokenizer cannot decode, image/placeholder ids
+        ban_early = ban  # before min_new_tokens the stop ids are banned too; both masks built once per call
+        if min_new_tokens > 0 and len(stop_ids):
+            ban_early = torch.zeros(logits.shape[-1], dtype=torch.bool, device=dev) if ban is None else ban.clone()
+            ban_early[stop_t] = True
         str_reason = [None] * rows  # host-side stop-string results: row -> kept length
         checked = [0] * rows  # tokens of each row already scanned for stop strings
         act = torch.arange(rows, device=dev)  # output rows still in the decode batch (all, until compaction)
         steps = 0
         for t in range(N):
-            banned = stop_t if t < min_new_tokens and len(stop_ids) else None
-            tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p, banned)  # [n] each
+            tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p,
+                                          ban_early if t < min_new_tokens else ban)  # [n] each
             live = ~done[act]
             out_tok[act, t] = torch.where(live, tok, self.pad_id)
             out_lp[act, t] = torch.where(live, lp, 0.0)
