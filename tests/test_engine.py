@@ -490,3 +490,18 @@ def test_never_samples_outside_tokenizer_or_placeholders(tmp_path):
     assert set(g.tokens[0]).isdisjoint(banned)
     free = Engine(m).generate([[2, 10, 11]], num_samples=8, max_new_tokens=24, temperature=1.0, stop_ids=[], seeds=0)
     assert any(t in banned for row in free.tokens for t in row)  # the same draw without a tokenizer hits them
+
+
+def test_decode_masks_equal_built_masks(model):
+    """The decode fast path (prefix view of the pad bias, shared all-zero ring mask) equals the mask built from
+    slots at every step, before and after the ring fills, with left pads longer than the window, and after a
+    compaction."""
+    cache = KVCache(model.config, 3, 24, start=torch.tensor([0, 2, 7]))
+    with torch.no_grad():
+        model(torch.randint(3, 512, (3, 8)), position_ids=cache.position_ids(8), kv_cache=cache)
+        for step in range(14):
+            if step == 6:
+                cache.select(torch.tensor([2, 0]))
+            for kind in ("full_attention", "sliding_attention"):
+                torch.testing.assert_close(cache._decode_mask(kind), cache._build_mask(kind, 1), atol=0, rtol=0)
+            model(torch.randint(3, 512, (cache.batch_size, 1)), position_ids=cache.position_ids(1), kv_cache=cache)

@@ -22,9 +22,13 @@ Conventions (documented once, here):
     overwritten slot s-W is out of the window anyway). A multi-token step (prefill, or a teacher-forced
     continuation) attends over [ring ; the T new keys] under the window mask and only then writes the last
     min(T, R) new keys into the ring: dropping keys before attention corrupts early queries (gemma3.md §5, mlxcel#405).
-  - Reproducibility: output row r draws its uniforms from its own torch.Generator seeded with seeds[r]
-    (prompt-major rows: r = prompt_i * K + k), all up front, and samples by inverse CDF. So a row's tokens do not
-    depend on which other rows share the batch (up to float reassociation in batched matmuls).
+  - Reproducibility: output row r draws its float64 uniforms from its own torch.Generator seeded with seeds[r]
+    (prompt-major rows: r = prompt_i * K + k), all up front, and samples by a float64 inverse CDF (_inverse_cdf:
+    every token of non-negligible probability has a bin). So a row's tokens do not depend on which other rows
+    share the batch (up to float reassociation in batched matmuls).
+  - Never drawn: ids the tokenizer cannot decode (embedding rows beyond its vocabulary) and image/placeholder
+    pieces (never_sample_mask); they leave the processed distribution only, full_logprobs keep them.
+  - Head: fp32 accumulation and fp32 logits whatever the weight dtype (Engine._logits), as the trainer's kernel.
   - Log-probs, both per generated token:
       logprobs      the sampler's: log-softmax of the PROCESSED logits (logits / T, then top-k, then top-p
                     renormalised) at the sampled token -- the exact probability the token was drawn with.
@@ -33,10 +37,12 @@ Conventions (documented once, here):
                     top_k/top_p are off; their gap is the truncation bias (grpo.md §9.6) and is worth logging.
     Greedy (temperature == 0): logprobs are 0 (a point mass) and full_logprobs use T = 1.
   - Stops: a row finishes on a stop id (the stop token is kept, mask 1) or when a stop string appears in its decoded
-    text (kept up to and including the token that completes the string), or at max_new_tokens. Between host syncs
-    (every `check_every` steps) finished rows keep running in the static-shape batch with their outputs masked; at
-    a sync, once a quarter of the batch has finished, the finished rows are compacted out of the cache
-    (`compact=True`); the loop exits once all rows are done. Rows never interact, so compaction changes no result.
+    text (kept up to and including the token that completes the string; the text is cut after the string), or at
+    max_new_tokens, whichever comes first -- also when a stop id follows a stop string before the next scan.
+    Between host syncs (every `check_every` steps) finished rows keep running in the static-shape batch with their
+    outputs masked; at a sync, once a quarter of the batch has finished, the finished rows are compacted out of
+    the cache (`compact=True`); the loop exits once all rows are done. Rows never interact, so compaction changes
+    no result.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function as span  # named phases for bench/generate.py (~1 us when not profiling)
 
 from kernels import token_logprobs
 from twice.gemma3 import FULL, SLIDING  # the layer kinds of Gemma3Config.layer_types
@@ -78,6 +85,18 @@ class KVCache:
                       else start.to(device=device, dtype=torch.long))  # [B]
         self.pos = 0  # Python int: every row shares it, so the decode loop never syncs to read it
         self._masks = {}  # kind -> mask for the current step (built by the first layer of that kind)
+        self._init_decode_masks()
+
+    def _init_decode_masks(self):
+        """Decode-step masks without per-step construction: a single-token query sees every written slot (causal
+        for free), so a global layer's mask is a prefix view of one per-row pad bias [B, 1, 1, max_len] built
+        here; a sliding layer's ring mask is all zeros once every ring slot holds a real token of every row."""
+        slots = torch.arange(self.max_len, device=self.device)
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._pad_bias = torch.where(slots[None] >= self.start[:, None], zero,
+                                     torch.finfo(self.dtype).min)[:, None, None]  # [B, 1, 1, max_len]
+        self._ring_zero = torch.zeros(self.batch_size, 1, 1, self.ring, dtype=self.dtype, device=self.device)
+        self._max_start = int(self.start.max()) if self.batch_size else 0  # one host read per cache, not per step
 
     @property
     def past_len(self) -> int:  # the model reads this when called without position_ids
@@ -118,7 +137,7 @@ class KVCache:
                 vc[:, :, idx] = v[:, :, T - n:]
         mask = self._masks.get(kind)
         if mask is None:
-            mask = self._masks[kind] = self._build_mask(kind, T)
+            mask = self._masks[kind] = self._decode_mask(kind) if T == 1 else self._build_mask(kind, T)
         if layer_idx == self.n_layers - 1:  # the step is over: advance and forget this step's masks
             self.pos += T
             self._masks = {}
@@ -138,6 +157,15 @@ class KVCache:
             return new
         return torch.cat([(p - 1) - (p - 1 - j) % R, new])  # ring before writing (negative = never written)
 
+    def _decode_mask(self, kind: str):
+        """The [B, 1, 1, S] mask of a single-token step at slot pos (== _build_mask(kind, 1)), mostly a view."""
+        p = self.pos
+        if kind == FULL:
+            return self._pad_bias[..., :p + 1]
+        if p - self.ring + 1 >= self._max_start:  # ring slots hold slots p-R+1..p, all real for every row
+            return self._ring_zero
+        return self._build_mask(kind, 1)
+
     def _build_mask(self, kind: str, T: int):
         q = torch.arange(self.pos, self.pos + T, device=self.device)[:, None]  # [T, 1] query slots
         ks = self._key_slots(kind, T)[None, :]  # [1, S]
@@ -156,6 +184,7 @@ class KVCache:
         self.start = self.start.index_select(0, idx)
         self.batch_size = idx.shape[0]
         self._masks = {}
+        self._init_decode_masks()
 
     # ---- group fan-out -------------------------------------------------------------------------------------
     def fan_out(self, K: int, max_len: int) -> "KVCache":
@@ -411,12 +440,13 @@ class Engine:
             u[r] = torch.rand(max(N, 1), generator=g, device=dev, dtype=torch.float64)
 
         L = max(len(p) for p in prompts)
-        if K == 1:  # nothing to share: prefill straight into a cache with room for the new tokens
-            cache, logits = self.prefill(prompts, max_len=L + N)
-        else:  # each prompt once, then its cache copied to its K rows (once)
-            small, logits = self.prefill(prompts)
-            cache = small.fan_out(K, L + N)  # [rows]
-            del small
+        with span("engine.prefill"):
+            if K == 1:  # nothing to share: prefill straight into a cache with room for the new tokens
+                cache, logits = self.prefill(prompts, max_len=L + N)
+            else:  # each prompt once, then its cache copied to its K rows (once)
+                small, logits = self.prefill(prompts)
+                cache = small.fan_out(K, L + N)  # [rows]
+                del small
         logits = logits.repeat_interleave(K, 0)  # [rows, V]
 
         out_tok = torch.full((rows, N), self.pad_id, dtype=torch.long, device=dev)
@@ -436,33 +466,37 @@ class Engine:
         act = torch.arange(rows, device=dev)  # output rows still in the decode batch (all, until compaction)
         steps = 0
         for t in range(N):
-            tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p,
-                                          ban_early if t < min_new_tokens else ban)  # [n] each
-            live = ~done[act]
-            out_tok[act, t] = torch.where(live, tok, self.pad_id)
-            out_lp[act, t] = torch.where(live, lp, 0.0)
-            out_full[act, t] = torch.where(live, full, 0.0)
-            if len(stop_ids):
-                hit = live & torch.isin(tok, stop_t)
-                length[act] = torch.where(hit, t + 1, length[act])
-                reason_id[act] |= hit
-                done[act] |= hit
+            with span("engine.sample"):  # draw + per-row bookkeeping, all on device
+                tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p,
+                                              ban_early if t < min_new_tokens else ban)  # [n] each
+                live = ~done[act]
+                out_tok[act, t] = torch.where(live, tok, self.pad_id)
+                out_lp[act, t] = torch.where(live, lp, 0.0)
+                out_full[act, t] = torch.where(live, full, 0.0)
+                if len(stop_ids):
+                    hit = live & torch.isin(tok, stop_t)
+                    length[act] = torch.where(hit, t + 1, length[act])
+                    reason_id[act] |= hit
+                    done[act] |= hit
             steps = t + 1
             if steps == N:
                 break
             if steps % check_every == 0:  # the only host syncs of the loop
-                if stop_strings:
-                    self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
-                keep = ~done[act]
-                n_keep = int(keep.sum())
-                if n_keep == 0:
-                    break
-                if compact and n_keep <= 0.75 * len(act):  # drop finished rows once a quarter of the batch is done
-                    idx = keep.nonzero()[:, 0]
-                    cache.select(idx)
-                    act = act[idx]
-            h = self._forward(out_tok[act, t:t + 1], cache)  # [n, 1, D]; finished, uncompacted rows feed pad
-            logits = self._logits(h[:, -1])
+                with span("engine.sync"):
+                    if stop_strings:
+                        self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
+                    keep = ~done[act]
+                    n_keep = int(keep.sum())
+                    if n_keep == 0:
+                        break
+                    if compact and n_keep <= 0.75 * len(act):  # drop finished rows once a quarter has finished
+                        idx = keep.nonzero()[:, 0]
+                        cache.select(idx)
+                        act = act[idx]
+            with span("engine.forward"):
+                h = self._forward(out_tok[act, t:t + 1], cache)  # [n, 1, D]; finished, uncompacted rows feed pad
+            with span("engine.head"):
+                logits = self._logits(h[:, -1])
         if stop_strings:  # rows can still complete a stop string in the steps since the last check
             self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
         return self._collect(out_tok, out_lp, out_full, length, reason_id, str_reason, steps, stop_strings)
