@@ -372,10 +372,14 @@ class Engine:
                 self._wbuf = torch.empty(C, D, dtype=torch.float32, device=W.device)
             h32 = h.float()
             logits = torch.empty(h.shape[0], V, dtype=torch.float32, device=W.device)
-            for v0 in range(0, V, C):
-                wc = self._wbuf[:min(C, V - v0)]
-                wc.copy_(W[v0:v0 + C])
-                torch.mm(h32, wc.t(), out=logits[:, v0:v0 + C])
+            buf_t = self._wbuf.t()  # [D, C] view
+            for wc, out in zip(W.split(C), logits.split(C, dim=1)):  # two ops per chunk: upcast, matmul
+                if wc.shape[0] == C:
+                    self._wbuf.copy_(wc)
+                    torch.mm(h32, buf_t, out=out)
+                else:  # the last, partial chunk
+                    self._wbuf[:wc.shape[0]].copy_(wc)
+                    torch.mm(h32, buf_t[:, :wc.shape[0]], out=out)
         c = getattr(self.config, "final_logit_softcapping", None)
         return torch.tanh(logits / c) * c if c else logits
 
