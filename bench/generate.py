@@ -3,6 +3,7 @@
     python bench/generate.py                    # K=16, 1024-token prompt, 64 new, real ~/.cache/twice/gemma-3-270m
     python bench/generate.py --quick            # K=4, 128-token prompt, 8 new: a smoke run of every line below
     python bench/generate.py --dtypes bfloat16 --skip-hf --threads 1
+    python bench/generate.py --quick --skip-hf --compiled     # + eager vs compiled decode (Engine(decode=...))
 
 The GRPO workload: one prompt, K samples of exactly `--new` tokens (stops disabled on our side, min_new_tokens =
 max_new_tokens on HF's), temperature 1, top-k 64, top-p 0.95 (Gemma's generation_config). Every dtype and side runs
@@ -76,22 +77,25 @@ def phase_profile(fn, steps: int):
     return secs, {k: ops[k] / steps for k in STEP}, top
 
 
-def run_ours(path, dtype, prompt, K, N, sample, repeats):
+def run_ours(path, dtype, prompt, K, N, sample, repeats, decode="eager", with_profile=True):
     model = Gemma3.from_pretrained(path, dtype=dtype).eval()
-    eng = Engine(model)
+    eng = Engine(model, decode=decode)
 
     def group():
         return eng.generate([prompt], num_samples=K, max_new_tokens=N, stop_ids=[], seeds=0, **sample)
 
     eng.generate([prompt[:32]], num_samples=2, max_new_tokens=4, stop_ids=[], seeds=0)  # warm-up
-    group()  # warm-up at the timed shapes
+    t0 = time.perf_counter()
+    group()  # warm-up at the timed shapes (compiled: this call compiles the step for this batch shape)
+    t_first = time.perf_counter() - t0
     t, res = timed(group, repeats)
     assert all(len(r) == N for r in res.tokens), "fixed-length run produced a short row"
     t_pre, _ = timed(lambda: eng.generate([prompt], 1, 1, stop_ids=[], seeds=0, **sample), repeats)
     t_all, _ = timed(lambda: eng.generate([prompt], 1, N + 1, stop_ids=[], seeds=0, **sample), repeats)
-    secs, ops, top = phase_profile(group, N - 1)  # N tokens = prefill's + N-1 decode steps
+    secs, ops, top = phase_profile(group, N - 1) if with_profile else ({}, {}, [])  # N-1 decode steps
     del model, eng
-    return dict(t=t, tps=K * N / t, k1=N / max(t_all - t_pre, 1e-9), t_pre=t_pre, secs=secs, ops=ops, top=top)
+    return dict(t=t, tps=K * N / t, k1=N / max(t_all - t_pre, 1e-9), t_pre=t_pre, secs=secs, ops=ops, top=top,
+                t_first=t_first)
 
 
 def run_hf(path, dtype, prompt, K, N, sample, repeats):
@@ -123,6 +127,8 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=1, help="timed calls per side (best is reported)")
     ap.add_argument("--skip-hf", action="store_true", help="only time our engine")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time Engine(decode='compiled') (torch.compile of the static decode step) per dtype")
     args = ap.parse_args()
     if args.quick:
         args.prompt_len, args.new, args.k = 128, 8, 4
@@ -155,6 +161,11 @@ def main():
         print(f"     decode step: {sum(r['ops'].values()):.0f} aten ops/step ("
               + ", ".join(f"{k.split('.')[1]} {v:.0f}" for k, v in r["ops"].items()) + "); top self time per step: "
               + ", ".join(f"{k.replace('aten::', '')} {v:.1f}ms" for k, v in r["top"]), flush=True)
+        if args.compiled:
+            c = run_ours(path, dt, prompt, K, N, sample, args.repeats, decode="compiled", with_profile=False)
+            print(f"ours {name:9s} compiled: {c['t']:7.2f} s {c['tps']:8.1f} tok/s | K=1 decode {c['k1']:6.1f} tok/s"
+                  f" (first call, compiling: {c['t_first']:.1f} s); compiled / eager = {c['tps'] / r['tps']:.2f}x "
+                  f"(group), {c['k1'] / r['k1']:.2f}x (K=1 decode)", flush=True)
         if not args.skip_hf:
             h = hf[name] = run_hf(path, dt, prompt, K, N, sample, args.repeats)
             print(f"transformers {name:9s} K={K:<3d}: {h['t']:7.2f} s {h['tps']:8.1f} tok/s "

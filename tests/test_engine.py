@@ -505,3 +505,42 @@ def test_decode_masks_equal_built_masks(model):
             for kind in ("full_attention", "sliding_attention"):
                 torch.testing.assert_close(cache._decode_mask(kind), cache._build_mask(kind, 1), atol=0, rtol=0)
             model(torch.randint(3, 512, (cache.batch_size, 1)), position_ids=cache.position_ids(1), kv_cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Static (graph-capturable) decode (issue 14 item 1)
+
+def test_static_decode_equals_recompute_past_window(model):
+    """The static cache (whole-buffer attention under on-device masks, index_copy_ writes, device slot counter)
+    gives the tokens of cache-less recomputation far past the sliding window, with left-padded rows."""
+    res = Engine(model, decode="static").greedy([P1, P2], max_new_tokens=14, stop_ids=[])
+    for prompt, toks in zip([P1, P2], res.tokens):
+        assert toks == naive_greedy(model, prompt, 14)
+
+
+def test_static_decode_equals_eager(model, engine):
+    """Sampled (top-k/top-p, stops, finished rows kept in the batch) == the eager reference with compaction."""
+    kw = dict(num_samples=3, max_new_tokens=16, temperature=1.0, top_k=40, top_p=0.9, seeds=5,
+              stop_ids=list(range(3, 512, 5)), check_every=2)
+    a = engine.generate([P1, P2, P3], **kw)
+    b = Engine(model, decode="static").generate([P1, P2, P3], **kw)
+    assert a.tokens == b.tokens and a.stop_reasons == b.stop_reasons
+    assert len({len(t) for t in a.tokens}) > 2  # rows really finished at different steps
+    for x, y in zip(a.full_logprobs + a.logprobs, b.full_logprobs + b.logprobs):
+        assert x == pytest.approx(y, abs=1e-5)
+    with pytest.raises(ValueError, match="decode"):
+        Engine(model, decode="graph")
+
+
+@pytest.mark.slow  # one inductor compilation of the tiny model's decode step (~1-2 min on a 2-core box)
+def test_compiled_decode_equals_eager(model, engine):
+    """torch.compile(mode="reduce-overhead") of the static step (inductor on CPU): same tokens at T=0 and T=1,
+    log-probs within fp32 tolerance of the eager reference."""
+    eng = Engine(model, decode="compiled")
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=50)):
+        kw.update(num_samples=2, max_new_tokens=10, stop_ids=[], seeds=3)
+        a = engine.generate([P1, P3], **kw)
+        b = eng.generate([P1, P3], **kw)
+        assert a.tokens == b.tokens
+        for x, y in zip(a.full_logprobs + a.logprobs, b.full_logprobs + b.logprobs):
+            assert x == pytest.approx(y, abs=1e-4)

@@ -8,6 +8,8 @@ Pieces (nouns only; the loops that use them live in train_grpo.py / eval.py / be
   KVCache       preallocated per layer. Global layers: [B, KV, max_len, hd], slot s at index s. Sliding layers: a
                 ring buffer of R = min(W, max_len) slots, slot s at index s % R. Implements the model's protocol
                 `k_all, v_all, mask = cache.update(layer_idx, k, v)`; masks are built once per step per layer kind.
+  StaticKVCache the decode-only, graph-capturable view of a filled KVCache (Engine(decode="static"|"compiled")):
+                fixed shapes, device slot counter, index_copy_ writes, masks built on device, no compaction.
   sample_tokens one vectorised sampling step (temperature, top-k, top-p) driven by per-row uniforms.
   Engine        generate(): prefill every prompt ONCE (left-padded batch), fan the cache out to K rows, decode with
                 one seeded generator per output row; score(): log-likelihood of N continuations of one prompt
@@ -206,6 +208,53 @@ class KVCache:
         return new
 
 
+class StaticKVCache:
+    """The decode-only, graph-capturable view of a filled KVCache: every shape fixed for the whole decode.
+
+    Takes over the KVCache's buffers (no copy). The slot counter `pos` is a device tensor [1] (advanced in place by
+    the last layer), writes are index_copy_ at pos (pos % R in the ring), and each step attends over the WHOLE
+    buffer (max_len slots for global layers, R for sliding ones) under a mask built on device from pos and
+    `start`: unwritten and pad slots get finfo.min, so they weigh exactly 0 after the softmax. No Python int
+    changes between steps and nothing syncs with the host, so a step can be traced once (torch.compile, CUDA
+    graphs). Rows are never compacted: finished rows keep decoding pad tokens, masked out of the results."""
+
+    def __init__(self, cache: KVCache):
+        self.layer_types, self.window, self.n_layers = cache.layer_types, cache.window, cache.n_layers
+        self.k, self.v, self.start = cache.k, cache.v, cache.start
+        self.batch_size, self.max_len, self.ring = cache.batch_size, cache.max_len, cache.ring
+        self.dtype, self.device = cache.dtype, cache.device
+        self.pos = torch.full((1,), cache.pos, dtype=torch.long, device=cache.device)  # [1] next slot
+        self.slots = {FULL: torch.arange(self.max_len, device=self.device),
+                      SLIDING: torch.arange(self.ring, device=self.device)}
+        self._masks = {}
+
+    def position_ids(self, T: int = 1):
+        if T != 1:
+            raise ValueError("StaticKVCache decodes one token per step")
+        return (self.pos[None, :] - self.start[:, None]).clamp_min(0)  # [B, 1]
+
+    def _mask(self, kind: str):
+        p, j = self.pos, self.slots[kind]  # [1], [S]
+        ks = j if kind == FULL else p - (p - j) % self.ring  # absolute slot held by each key column
+        allowed = (ks <= p) & (ks >= 0) & (ks[None] >= self.start[:, None])  # [B, S]; ring slots are in-window
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, torch.finfo(self.dtype).min)[:, None, None]  # [B, 1, 1, S]
+
+    def update(self, layer_idx: int, k, v):
+        """k, v: [B, KV, 1, hd] -> (k_all, v_all [B, KV, S, hd] (the whole buffer), mask [B, 1, 1, S])."""
+        kind = self.layer_types[layer_idx]
+        idx = self.pos if kind == FULL else self.pos % self.ring
+        self.k[layer_idx].index_copy_(2, idx, k)
+        self.v[layer_idx].index_copy_(2, idx, v)
+        mask = self._masks.get(kind)
+        if mask is None:
+            mask = self._masks[kind] = self._mask(kind)
+        if layer_idx == self.n_layers - 1:
+            self.pos.add_(1)
+            self._masks = {}
+        return self.k[layer_idx], self.v[layer_idx], mask
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling: one vectorised step
 
@@ -317,6 +366,7 @@ class GenerationResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Engine
 
+STATIC_BUCKET = 256  # static decode: cache slots rounded up to a multiple of this (fewer shapes to compile)
 HEAD_CHUNK = 2048  # vocabulary rows of the head upcast per matmul for non-fp32 weights (5 MB fp32 at D = 640)
 # Gemma-3 pieces a text policy must never emit: image markers and reserved placeholders (decodable, but never text)
 _NEVER_PIECE = re.compile(r"<pad>|<bos>|<unk>|<mask>|\[multimodal\]|<unused\d+>|<start_of_image>|<end_of_image>"
@@ -340,11 +390,19 @@ def never_sample_mask(tokenizer, n_rows: int, device="cpu"):
     return mask.to(device) if bool(mask.any()) else None
 
 class Engine:
-    def __init__(self, model, tokenizer=None, prefill_chunk: int | None = None):
+    def __init__(self, model, tokenizer=None, prefill_chunk: int | None = None, decode: str = "eager"):
         """prefill_chunk: run prompt prefills in chunks of this many slots (bounds the [P, H, T, T] attention
-        scores of long prompts; the cache attends each chunk over [ring ; chunk]). None = one pass."""
+        scores of long prompts; the cache attends each chunk over [ring ; chunk]). None = one pass.
+        decode: "eager" (the reference: growing key views, compaction of finished rows), "static" (StaticKVCache:
+        fixed shapes, no host sync in a step, no compaction) or "compiled" (the static step through
+        torch.compile(mode="reduce-overhead"): CUDA graphs on GPU, inductor on CPU; compiled once per batch
+        shape, so the first call pays the compilation)."""
+        if decode not in ("eager", "static", "compiled"):
+            raise ValueError(f"Engine: decode must be eager, static or compiled (got {decode!r})")
         self.model, self.tokenizer = model, tokenizer
         self.prefill_chunk = prefill_chunk
+        self.decode = decode
+        self._compiled_step = None
         self.config = model.config
         w = model.embed_tokens.weight
         self.dtype, self.device = w.dtype, w.device
@@ -386,6 +444,17 @@ class Engine:
     def _forward(self, ids, cache):
         """One cached forward of ids [B, T] -> final hidden [B, T, D]."""
         return self.model(ids, position_ids=cache.position_ids(ids.shape[1]), kv_cache=cache, return_hidden=True)
+
+    def _static_step(self, ids, cache):
+        """One decode step on a StaticKVCache: ids [B, 1] -> fp32 logits [B, V]. Traceable: fixed shapes, no sync."""
+        return self._logits(self._forward(ids, cache)[:, -1])
+
+    def _step_fn(self):
+        if self.decode != "compiled":
+            return self._static_step
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._static_step, mode="reduce-overhead", dynamic=False)
+        return self._compiled_step
 
     def _left_pad(self, prompts):
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -444,14 +513,19 @@ class Engine:
             u[r] = torch.rand(max(N, 1), generator=g, device=dev, dtype=torch.float64)
 
         L = max(len(p) for p in prompts)
+        static = self.decode != "eager"
+        # static decode: cache length bucketed to a multiple of 256, so one compiled step serves many prompt lengths
+        S = -(-(L + N) // STATIC_BUCKET) * STATIC_BUCKET if static else L + N
         with span("engine.prefill"):
             if K == 1:  # nothing to share: prefill straight into a cache with room for the new tokens
-                cache, logits = self.prefill(prompts, max_len=L + N)
+                cache, logits = self.prefill(prompts, max_len=S)
             else:  # each prompt once, then its cache copied to its K rows (once)
                 small, logits = self.prefill(prompts)
-                cache = small.fan_out(K, L + N)  # [rows]
+                cache = small.fan_out(K, S)  # [rows]
                 del small
         logits = logits.repeat_interleave(K, 0)  # [rows, V]
+        if static:  # fixed shapes from here on: finished rows stay in the batch (masked), never compacted
+            cache, compact, step = StaticKVCache(cache), False, self._step_fn()
 
         out_tok = torch.full((rows, N), self.pad_id, dtype=torch.long, device=dev)
         out_lp = torch.zeros(rows, N, device=dev)
@@ -497,6 +571,12 @@ class Engine:
                         idx = keep.nonzero()[:, 0]
                         cache.select(idx)
                         act = act[idx]
+            if static:
+                with span("engine.forward"):  # forward + head in one traced step
+                    logits = step(out_tok[:, t:t + 1], cache)
+                    if self.decode == "compiled":
+                        logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
+                continue
             with span("engine.forward"):
                 h = self._forward(out_tok[act, t:t + 1], cache)  # [n, 1, D]; finished, uncompacted rows feed pad
             with span("engine.head"):
