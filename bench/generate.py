@@ -14,7 +14,8 @@ timing), then `--repeats` timed calls (best reported). tokens/s = K * new / wall
 
 Where the time goes (ours, per dtype): one extra generate call under torch.profiler, split by the engine's named
 phases (engine.prefill / .forward / .head / .sample / .sync: twice/engine.py), plus the number of aten ops per decode
-step (aten ops called from Python inside one step's forward + head + sample) and the top ops by self time inside decode steps.
+step (aten ops called from Python inside one step's forward + head + sample) and the top ops by self time inside
+decode steps.
 If the converted 270m folder is absent, a randomly initialised model with the 270m preset shape is saved with
 save_pretrained into a temp dir and used by both sides (the timing does not depend on the weights' values).
 """

@@ -1,4 +1,4 @@
-"""Rows that keep text after the `</item>` stop string (issue 10 item 1), on the scripted streams of tests/test_engine.py.
+"""Rows that keep text after the `</item>` stop string (issue 10 item 1), scripted streams of tests/test_engine.py.
 
     python bench/stop_rate.py
 
