@@ -73,6 +73,8 @@ class RolloutConfig:
                                         #   then drop the think-tag format terms, e.g. rewards.weights={cg: 1.0})
     split: str = "train"                # which leave-one-out target the prompts ask for (train = items[-3])
     log_completions: int = 4            # completions per step dumped to completions.jsonl (rank 0's first rows)
+    prefill_chunk: Optional[int] = None  # prefill prompts in chunks of this many tokens (bounds attention memory
+                                        #   of long prompts, e.g. 2048 for 6k-token prompts); None = one pass
 
 
 @dataclass
@@ -133,6 +135,7 @@ def check_config(cfg: GRPORunConfig) -> None:
     for name, ok in [("model.path", bool(c.model.path)), ("data_dir", bool(c.data_dir)), ("sasrec_dir", bool(c.sasrec_dir)),
                      ("rollout.group_size >= 1", c.rollout.group_size >= 1),
                      ("rollout.prompts_per_step >= 1", c.rollout.prompts_per_step >= 1),
+                     ("rollout.prefill_chunk >= 1 or null", c.rollout.prefill_chunk is None or c.rollout.prefill_chunk >= 1),
                      ("optim.micro_batch_size >= 1", c.optim.micro_batch_size >= 1), ("optim.mu >= 1", c.optim.mu >= 1),
                      ("model.dtype in float32|bfloat16", c.model.dtype in ("float32", "bfloat16")),
                      ("rollout.split in train|valid", c.rollout.split in ("train", "valid")),
@@ -364,7 +367,7 @@ def main(argv: list[str]) -> dict:
             res = None
             if groups:
                 seeds = [row_seed(cfg.seed, step, g.prompt_idx, k) for g in groups for k in range(K)]
-                res = Engine(model, tok).generate(
+                res = Engine(model, tok, prefill_chunk=cfg.rollout.prefill_chunk).generate(
                     [g.prompt for g in groups], num_samples=K, max_new_tokens=cfg.rollout.max_new_tokens,
                     temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                     stop_strings=cfg.rollout.stop_strings, seeds=seeds)

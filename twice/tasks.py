@@ -153,12 +153,18 @@ def describe_example(ds, item_idx: int, cfg: TaskConfig) -> Example:
 def encode_example(tokenizer, ex: Example, max_len: int | None = None) -> tuple[list[int], list[int]]:
     """-> (input_ids, loss_mask). Loss covers exactly the response tokens and the closing <end_of_turn>."""
     prompt_ids = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True)
-    response_ids = tokenizer.encode(ex.response) + [tokenizer.end_of_turn_id]
+    response_ids = encode_response(tokenizer, ex.response) + [tokenizer.end_of_turn_id]
     ids = prompt_ids + response_ids
     mask = [0] * len(prompt_ids) + [1] * len(response_ids)
     if max_len is not None and len(ids) > max_len:
         raise ValueError(f"example for user {ex.user} ({ex.task}) is {len(ids)} tokens > max_len {max_len}")
     return ids, mask
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    """A response's token ids as SFT trains on them: the WHOLE text in one encode, so tokens merge across the tags
+    (`...</think><item>...` -> 'think', '><', 'item'). eval.py's exact ranking scores candidates through this."""
+    return tokenizer.encode(response)
 
 
 def prompt_ids(tokenizer, ex: Example) -> list[int]:
