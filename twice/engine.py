@@ -390,13 +390,15 @@ def never_sample_mask(tokenizer, n_rows: int, device="cpu"):
     return mask.to(device) if bool(mask.any()) else None
 
 class Engine:
-    def __init__(self, model, tokenizer=None, prefill_chunk: int | None = None, decode: str = "eager"):
+    def __init__(self, model, tokenizer=None, prefill_chunk: int | None = None, decode: str = "eager",
+                 compile: bool = False):
         """prefill_chunk: run prompt prefills in chunks of this many slots (bounds the [P, H, T, T] attention
         scores of long prompts; the cache attends each chunk over [ring ; chunk]). None = one pass.
         decode: "eager" (the reference: growing key views, compaction of finished rows), "static" (StaticKVCache:
         fixed shapes, no host sync in a step, no compaction) or "compiled" (the static step through
         torch.compile(mode="reduce-overhead"): CUDA graphs on GPU, inductor on CPU; compiled once per batch
-        shape, so the first call pays the compilation)."""
+        shape, so the first call pays the compilation). compile=True is shorthand for decode="compiled"."""
+        decode = "compiled" if compile else decode
         if decode not in ("eager", "static", "compiled"):
             raise ValueError(f"Engine: decode must be eager, static or compiled (got {decode!r})")
         self.model, self.tokenizer = model, tokenizer
@@ -526,6 +528,7 @@ class Engine:
         logits = logits.repeat_interleave(K, 0)  # [rows, V]
         if static:  # fixed shapes from here on: finished rows stay in the batch (masked), never compacted
             cache, compact, step = StaticKVCache(cache), False, self._step_fn()
+            cur = torch.empty(rows, 1, dtype=torch.long, device=dev)  # [rows, 1] the step's input tokens
 
         out_tok = torch.full((rows, N), self.pad_id, dtype=torch.long, device=dev)
         out_lp = torch.zeros(rows, N, device=dev)
@@ -573,7 +576,8 @@ class Engine:
                         act = act[idx]
             if static:
                 with span("engine.forward"):  # forward + head in one traced step
-                    logits = step(out_tok[:, t:t + 1], cache)
+                    cur.copy_(out_tok[:, t:t + 1])  # one fixed input tensor: no recompile per N (strides)
+                    logits = step(cur, cache)
                     if self.decode == "compiled":
                         logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
                 continue
