@@ -77,7 +77,7 @@ from twice.llm_api import ChatClient, LLMConfig, LLMError
 from twice.metrics import (bootstrap_interval, mcnemar_exact, paired_bootstrap, random_ranker, set_expectation,
                            spearman, uniform_sampler, uniform_sampler_set, wilson_interval)
 from twice.rewards import normalize_item, parse_completion
-from twice.tasks import TaskConfig, encode_response, prompt_ids, recommend_example
+from twice.tasks import AUTHORS_TAGS, TaskConfig, authors_prompts, encode_response, prompt_ids, recommend_example
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,7 +138,11 @@ class EvalConfig:
     models: dict[str, ModelSpec] = field(default_factory=dict)   # name -> model; order = table order
     sasrec_dir: str = ""              # SASRec.load folder ("" = no SASRec row)
     task: TaskConfig = field(default_factory=TaskConfig)   # prompt builder: the same as SFT/GRPO
-    dtype: str = "auto"               # model dtype: auto = bfloat16 on GPU, float32 on CPU
+    # "ours": prompts rendered by twice.tasks (what SFT/GRPO trained on); "authors": the authors' released test prompts
+    # verbatim (a dataset dir built from source "official", split test; answers parsed with <think>/<item_id>)
+    prompts: str = "ours"
+    dtype: str = "auto"               # compute dtype (twice/precision.py): auto = bf16 on GPUs and AMX/AVX512-BF16
+                                      #   CPUs, else fp32; float32 | bfloat16 | float16 force one
     batch_size: int = 8               # prompts per generate() call
     threads: int = 0                  # torch CPU threads (0 = torch default)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -270,12 +274,10 @@ def candidate_continuations(tok, rationale: str, candidate_ids: list[str], tags)
     return full[0][:p], conts
 
 
-def _parse_dtype(name: str, device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype: expected auto/float32/bfloat16/float16, got {name!r}")
-    return getattr(torch, name)
+def _parse_dtype(name: str, device, checkpoint=None) -> torch.dtype:
+    from twice.precision import resolve_dtype
+    return resolve_dtype(name, device, "dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                         checkpoint=checkpoint)
 
 
 def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list, info) -> list[dict]:
@@ -288,9 +290,10 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
         raise FileNotFoundError(f"models.{name}.path={spec.path}: no tokenizer.model there (an HF folder from "
                                 f"`python -m twice.convert` or a run's final/ is expected)")
     tok = Tokenizer.from_pretrained(path, tags=(cfg.task.think_tag, cfg.task.item_tag))
-    model = Gemma3.from_pretrained(path, dtype=_parse_dtype(cfg.dtype, info.device), device=info.device).eval()
+    model = Gemma3.from_pretrained(path, dtype=_parse_dtype(cfg.dtype, info.device, path), device=info.device).eval()
     engine = Engine(model, tok)
-    tags = cfg.task.tags
+    authors = authors_prompts(ds) if cfg.prompts == "authors" else None   # user -> the released prompt, verbatim
+    tags = AUTHORS_TAGS if authors else cfg.task.tags
     item_close = f"</{tags.item}>"
     S = cfg.sampling
     records = []
@@ -299,8 +302,9 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
         batch = users[b0:b0 + cfg.batch_size]
         exs, pids = [], []
         for cs in batch:
-            ex = recommend_example(ds, ds.user(cs.user), cfg.split, list(cs.candidates), cfg.task, tokenizer=tok,
-                                   reasoning=spec.reasoning, with_response=False)
+            ex = authors[cs.user] if authors else recommend_example(
+                ds, ds.user(cs.user), cfg.split, list(cs.candidates), cfg.task, tokenizer=tok,
+                reasoning=spec.reasoning, with_response=False)
             exs.append(ex)
             pids.append(prompt_ids(tok, ex))
         recs = [{"user": cs.user, "target": ex.target_id, "candidates": ex.candidate_ids,
@@ -709,6 +713,7 @@ def model_fingerprint(cfg: EvalConfig, name: str, spec: ModelSpec) -> str:
     judged = cfg.judge.enabled and (not cfg.judge.models or name in cfg.judge.models)
     keys = {"spec": to_dict(spec), "path": str(Path(spec.path).expanduser().resolve()), "data": cfg.data_dir,
             "split": cfg.split, "max_users": cfg.max_users, "task": to_dict(cfg.task), "dtype": cfg.dtype,
+            "prompts": cfg.prompts,
             "sampling": to_dict(cfg.sampling), "exact": to_dict(cfg.exact), "greedy": to_dict(cfg.greedy),
             "orderings": [cfg.orderings, cfg.orderings_seed], "judge": to_dict(cfg.judge) if judged else None}
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
@@ -745,6 +750,10 @@ def main(argv: list[str]) -> dict | None:
     cfg = parse_args(EvalConfig, argv)
     if cfg.split not in ("valid", "test"):
         raise ConfigError(f"split must be 'valid' or 'test', got {cfg.split!r}")
+    if cfg.prompts not in ("ours", "authors"):
+        raise ConfigError(f"prompts must be 'ours' or 'authors', got {cfg.prompts!r}")
+    if cfg.prompts == "authors" and cfg.split != "test":
+        raise ConfigError("prompts=authors: the authors released test prompts only (set split=test)")
     if not cfg.models and not cfg.sasrec_dir:
         raise ConfigError("nothing to evaluate: set `models` and/or `sasrec_dir`")
     if cfg.judge.enabled and not (cfg.greedy.enabled or cfg.exact.enabled):
@@ -778,15 +787,18 @@ def main(argv: list[str]) -> dict | None:
     t0 = time.time()
     results: dict = {"split": cfg.split, "n_users": U, "n_candidates": len(all_sets[0].candidates),
                      "data_dir": cfg.data_dir, "complete": False, "models": {},
-                     "baselines": {"random": random_baseline([len(cs.candidates) for cs in all_sets], cfg)}}
+                     "baselines": {"random": random_baseline([len(cs.candidates) for cs in all_sets], cfg)},
+                     "compute_dtype": {n: str(_parse_dtype(cfg.dtype, info.device, s.path)).removeprefix("torch.")
+                                       for n, s in cfg.models.items()}}
     per_model: dict[str, tuple[str, torch.Tensor]] = {}   # per-user rows, for the paired tests
     finished = load_finished(out_dir, cfg, all_sets)
     if info.is_main:   # results.md exists only for a COMPLETE run (the pipeline's done-check reads it)
         (out_dir / "results.md").unlink(missing_ok=True)
 
     if cfg.sasrec_dir:
-        from twice.sasrec import SASRec, rank_candidates
+        from twice.sasrec import SASRec, check_dataset, rank_candidates
         sas = SASRec.load(cfg.sasrec_dir)
+        check_dataset(sas, ds, cfg.sasrec_dir)  # one line: a SASRec of another catalogue would rank other items
         hist = [ds.history(all_sets[i].user, cfg.split) for i in mine]
         ranks = rank_candidates(sas, hist, [list(all_sets[i].candidates) for i in mine],
                                 [all_sets[i].target for i in mine]).tolist() if mine else []

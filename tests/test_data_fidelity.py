@@ -3,8 +3,10 @@ prompts of one user agree, negatives share the targets' ID format, truncated his
 sequence from negatives, numeric IDs render at one width, the release's test candidates are audited."""
 import json
 import random
+from pathlib import Path
 
 import pytest
+import torch
 
 from twice.data import DataConfig, load_dataset
 from twice.data.__main__ import prepare
@@ -268,3 +270,51 @@ def test_build_samples_negatives_only_from_target_like_items(tmp_path):
     negs = [c for split in ("valid", "test") for cs in ds.candidates(split) for c in cs.candidates if c != cs.target]
     assert len(negs) == 2 * 40 * 9 and not set(negs) & bare
     assert set(ds.negative_pool) == set(range(1, 41)) - bare          # the SFT/GRPO sampler reads the same pool
+
+
+def test_eval_prompts_authors_feeds_the_verbatim_prompts(official, tmp_path, monkeypatch):
+    """eval.py prompts=authors: each user's released test prompt reaches the model verbatim and the answer is parsed
+    with the authors' <item_id> tag (default prompts=ours renders our own prompt, which differs)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import eval as ev
+    from twice import gemma3, tokenizer
+    from twice.tasks import authors_prompts
+    seen = []
+
+    class Tok:                          # records the messages; one "token" per message character
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            seen.append(messages)
+            return list(range(sum(len(m["content"]) for m in messages)))
+
+    class Model:
+        def eval(self):
+            return self
+
+    class Engine:                       # answers every prompt with the user's target in the authors' tags
+        def __init__(self, model, tok, **kw):
+            pass
+
+        def greedy(self, pids, max_new_tokens, stop_strings):
+            texts = [f"<think>x</think><item_id>{target}</item_id>" for target in targets[:len(pids)]]
+            del targets[:len(pids)]
+            return type("G", (), {"texts": texts, "stop_reasons": ["stop"] * len(pids)})
+
+    monkeypatch.setattr(tokenizer.Tokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: Tok()))
+    monkeypatch.setattr(gemma3.Gemma3, "from_pretrained", classmethod(lambda cls, *a, **k: Model()))
+    monkeypatch.setattr(ev, "Engine", Engine)
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    sets = official.candidates("test")[:3]
+    want = authors_prompts(official)
+    targets = [official.items[cs.target].id for cs in sets]
+    info = type("I", (), {"device": torch.device("cpu"), "is_main": False})
+    for prompts in ("authors", "ours"):
+        cfg = ev.EvalConfig(prompts=prompts, task=TaskConfig(max_prompt_tokens=10**6), batch_size=2,
+                            sampling=ev.SamplingConfig(enabled=False), exact=ev.ExactConfig(enabled=False))
+        seen.clear()
+        targets[:] = [official.items[cs.target].id for cs in sets]
+        recs = ev.evaluate_model(cfg, "m", ev.ModelSpec(path=str(tmp_path)), official, sets, info)
+        verbatim = [m == want[cs.user].messages for m, cs in zip(seen, sets)]
+        assert all(verbatim) if prompts == "authors" else not any(verbatim)
+        if prompts == "authors":
+            assert [r["greedy"]["hit"] for r in recs] == [True] * 3
