@@ -28,8 +28,8 @@ Conventions (documented once, here):
     (prompt-major rows: r = prompt_i * K + k), all up front, and samples by a float64 inverse CDF (_inverse_cdf:
     every token of non-negligible probability has a bin). So a row's tokens do not depend on which other rows
     share the batch (up to float reassociation in batched matmuls).
-  - Never drawn: ids the tokenizer cannot decode (embedding rows beyond its vocabulary) and image/placeholder
-    pieces (never_sample_mask); they leave the processed distribution only, full_logprobs keep them.
+  - Never drawn: ids the tokenizer cannot decode (embedding rows beyond its vocabulary) and image pieces
+    (never_sample_mask); they leave the processed distribution only, full_logprobs keep them.
   - Head: fp32 accumulation and fp32 logits whatever the weight dtype (Engine._logits), as the trainer's kernel.
   - Log-probs, both per generated token:
       logprobs      the sampler's: log-softmax of the PROCESSED logits (logits / T, then top-k, then top-p
@@ -261,7 +261,7 @@ class StaticKVCache:
 def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float, banned=None):
     """logits [B, V] (any float dtype), u [B] uniforms in [0, 1) (float64 for full resolution) -> (tokens [B],
     logprobs [B], full_logprobs [B]). banned: token ids [n] (long) or a mask [V] (bool, True = banned) removed
-    from the processed distribution (ids outside the tokenizer, image/placeholder ids, and the stop ids before
+    from the processed distribution (ids outside the tokenizer, image pieces, and the stop ids before
     min_new_tokens); full_logprobs still use the untouched distribution, which is what the trainer sees.
 
     Order as in HF: temperature, then top-k (one partial selection, no full-vocabulary sort), then top-p on the k
@@ -368,17 +368,16 @@ class GenerationResult:
 
 STATIC_BUCKET = 256  # static decode: cache slots rounded up to a multiple of this (fewer shapes to compile)
 HEAD_CHUNK = 2048  # vocabulary rows of the head upcast per matmul for non-fp32 weights (5 MB fp32 at D = 640)
-# Gemma-3 pieces a text policy must never emit: image markers and reserved placeholders (decodable, but never text)
-_NEVER_PIECE = re.compile(r"<pad>|<bos>|<unk>|<mask>|\[multimodal\]|<unused\d+>|<start_of_image>|<end_of_image>"
-                          r"|<image_soft_token>")
+# Gemma-3 image pieces: a text policy must never emit them (the ids exist for the vision tower's soft tokens)
+_NEVER_PIECE = re.compile(r"<start_of_image>|<end_of_image>|<image_soft_token>")
 
 
 def never_sample_mask(tokenizer, n_rows: int, device="cpu"):
     """[n_rows] bool, True for ids the sampler must never draw, or None when nothing is banned (no tokenizer).
     Ids >= tokenizer.vocab_size: the embedding can be larger than the tokenizer (Gemma-3 4B: 262,208 rows vs
-    262,144 pieces; the extra rows are image soft tokens) and such an id cannot even be decoded. Special ids whose
-    piece is an image marker or a placeholder (<unusedN>, <mask>, [multimodal], <pad>, <bos>, <unk>) are banned
-    too; <eos>, <start_of_turn> and <end_of_turn> stay drawable."""
+    262,144 pieces; the extra rows serve image soft tokens) and such an id cannot even be decoded. Image pieces
+    inside the tokenizer are banned too. Nothing else: every ban truncates the policy the trainer scores over the
+    full vocabulary, so decodable text-side specials (<unusedN>, <mask>, <eos>, <end_of_turn>, ...) stay drawable."""
     V = getattr(tokenizer, "vocab_size", None)
     if V is None:
         return None
