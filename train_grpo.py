@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from twice import dist, precision
 from twice.checkpoint import export_hf, load_latest, rewrite_metrics, save_checkpoint
-from twice.config import ConfigError, parse_args, save_config
+from twice.config import ConfigError, check_inputs, parse_args, save_config
 from twice.data import load_dataset
 from twice.engine import Engine
 from twice.gemma3 import Gemma3, SharedPrefix
@@ -78,7 +78,7 @@ class RolloutConfig:
     budget_quantile: float = 0.95       # "auto": this quantile (nearest rank) of those lengths
     temperature: float = 1.0            # sampling temperature; the trainer's log-probs use the same temperature
     top_k: Optional[int] = None         # None = off. top-k/top-p make the sampler's policy differ from the trained
-    top_p: float = 1.0                  #   one (grpo.md 9.6): logp_gap_sampler and is_ratio_seq_min show by how much
+    top_p: float = 1.0                  #   one: logp_gap_sampler and is_ratio_seq_min show by how much
     stop_strings: list[str] = field(default_factory=lambda: ["</item>"])  # stop once the answer is closed
     reasoning: bool = True              # T3 prompts (<think> then <item>); False: T2 item-only prompts (RQ6 (C);
                                         #   then drop the think-tag format terms, e.g. rewards.weights={cg: 1.0})
@@ -721,6 +721,8 @@ def log_completions(cfg: GRPORunConfig, comp_f, step: int, groups: list[Group], 
 def main(argv: list[str]) -> dict:
     cfg = parse_args(GRPORunConfig, argv)
     check_config(cfg)
+    check_inputs(("model.path", cfg.model.path, "model"), ("data_dir", cfg.data_dir, "dataset"),
+                 ("sasrec_dir", cfg.sasrec_dir, "sasrec"))  # before any model load: one line naming the field
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     info = dist.init_distributed()

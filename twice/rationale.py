@@ -19,7 +19,7 @@ that applies, in this order):
                   occurs 3+ times (a looping small model). E.g. "The customer will like this item." is degenerate;
                   "They loved the cookies, and baklava is a sweet treat" is kept (cookies: a history title word).
 
-Records (interfaces.md "Stage CLIs"): one JSON object per line, `{"user", "history", "target", "rationale",
+Records (build_rationales.py's docstring lists the files): one JSON object per line, `{"user", "history", "target", "rationale",
 "verdict", "teacher", "prompt_hash"}` (+ "tokens": [prompt, completion]) in rationales.jsonl; dropped instances
 go to dropped.jsonl with the same keys + "reason" and the raw teacher "text". `append_jsonl` writes a record as
 ONE os.write of a full line then fsync, and `repair_jsonl` cuts a torn last line left by a killed run, so a
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twice import prompts
+from twice.config import ConfigError
 
 DROP_REASONS = ("unparseable", "irrelevant", "empty", "degenerate")
 
@@ -262,8 +263,10 @@ class ApiTeacher:
     def preflight(self):
         self.client.preflight()
 
-    def complete(self, conversations: list[list[dict]], seeds: list[int]) -> list:
-        return self.client.chat_many(conversations, per_request=[{"seed": s} for s in seeds], stop=list(STOP))
+    def complete(self, conversations: list[list[dict]], seeds: list[int], on_result=None) -> list:
+        """on_result(i, result) as each request finishes (progress per instance)."""
+        return self.client.chat_many(conversations, per_request=[{"seed": s} for s in seeds], stop=list(STOP),
+                                     on_result=on_result)
 
 
 class LocalTeacher:
@@ -273,7 +276,7 @@ class LocalTeacher:
         from twice.serve import load_backend
         if backend is None:
             if not cfg.model_path:
-                raise ValueError("teacher.backend=local needs teacher.model_path (an HF-format folder)")
+                raise ConfigError("teacher.backend=local needs teacher.model_path (an HF-format folder)")
             backend = load_backend(cfg.model_path, cfg.dtype)
         self.backend, self.cfg = backend, cfg
         engine_dtype = getattr(getattr(backend, "engine", None), "dtype", None)  # recorded in metrics.jsonl
@@ -283,7 +286,8 @@ class LocalTeacher:
     def preflight(self):
         pass  # loading the checkpoint already failed loudly if it is missing or broken
 
-    def complete(self, conversations: list[list[dict]], seeds: list[int]) -> list:
+    def complete(self, conversations: list[list[dict]], seeds: list[int], on_result=None) -> list:
+        """on_result(i, result) for each instance as its engine batch (teacher.batch_size prompts) finishes."""
         from twice.llm_api import Completion, LLMError
         from twice.serve import GenRequest
         out = []
@@ -295,6 +299,9 @@ class LocalTeacher:
                 out += [Completion(o.text, o.prompt_tokens, o.completion_tokens) for o in outs]
             except (RuntimeError, ValueError) as e:  # e.g. out of memory for one batch: counted, run goes on
                 out += [LLMError(f"local generation failed: {type(e).__name__}: {e}")] * len(reqs)
+            if on_result is not None:
+                for j in range(i, len(out)):
+                    on_result(j, out[j])
         return out
 
 
@@ -303,4 +310,4 @@ def make_teacher(cfg: TeacherConfig):
         return ApiTeacher(cfg)
     if cfg.backend == "local":
         return LocalTeacher(cfg)
-    raise ValueError(f"teacher.backend must be 'api' or 'local', got {cfg.backend!r}")
+    raise ConfigError(f"teacher.backend must be 'api' or 'local', got {cfg.backend!r}")
