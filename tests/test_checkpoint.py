@@ -231,3 +231,12 @@ def test_export_keeps_the_source_dtype(tmp_path):
     assert all(torch.equal(sd[k], src[k]) for k in src)   # bf16 -> fp32 -> bf16 is lossless
     sd32 = load_file(C.export_hf(model, tmp_path / "f32", dtype=torch.float32) / "model.safetensors")
     assert {v.dtype for v in sd32.values()} == {torch.float32}
+    # a weight training changed below bf16's resolution stays fp32 (bf16 would round the update away); the rest bf16
+    w = model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        w.add_(w.abs().max() * 1e-4)
+    sdt = load_file(C.export_hf(model, tmp_path / "tuned") / "model.safetensors")
+    changed = [k for k, v in sdt.items() if v.dtype == torch.float32]
+    assert len(changed) == 1 and "layers.0.mlp.down_proj" in changed[0]
+    assert torch.equal(sdt[changed[0]], w.detach())
+    assert all(torch.equal(sdt[k], src[k]) for k in src if k != changed[0])

@@ -63,7 +63,7 @@ from safetensors.torch import load_file, save_file
 from twice import dist
 from twice.config import InputError
 from twice.fileio import chmod_like_umask, write_atomic
-from twice.lora import lora_modules, merge_lora_state_dict
+from twice.lora import cast_if_exact, lora_modules, merge_lora_state_dict
 
 FORMAT_VERSION = 1
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -381,7 +381,8 @@ def export_hf(model: nn.Module, out_dir, dtype: torch.dtype | None = None, **sav
     """Write an HF-format folder (Gemma3.save_pretrained, which assembles it in a temp dir and renames it) with any
     LoRA adapters merged in and the original key names. dtype casts the floating weights; None = the model's own
     dtype: the `torch_dtype` of the folder it was loaded from (bf16 for Google's Gemma-3 releases and our converted
-    270m, so a CPU run that trains in fp32 still exports a bf16 folder, half the disk), else its parameters' dtype.
+    270m) for every tensor that cast leaves exact, fp32 for the others (what training changed below bf16's
+    resolution), else its parameters' dtype.
     Collective under FSDP2 (the gather); rank 0 builds a plain CPU copy and writes. save_kwargs go to
     save_pretrained (e.g. tokenizer_path). Returns out_dir on rank 0, None elsewhere."""
     from twice.gemma3 import Gemma3
@@ -393,9 +394,12 @@ def export_hf(model: nn.Module, out_dir, dtype: torch.dtype | None = None, **sav
     if dist.get_rank() == 0:
         if scales:
             sd = merge_lora_state_dict(sd, scales.pop())
-        dtype = dtype or source_dtype(model)
-        if dtype is not None:
+        if dtype is not None:   # asked for: every floating weight in it
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        elif (src := source_dtype(model)) is not None:   # the source's dtype wherever that rounds nothing: a
+            sd = {k: cast_if_exact(v, src) if v.is_floating_point() else v for k, v in sd.items()}  # fine-tune's
+            # changed weights stay fp32 (an update below bf16's resolution would be lost; twice.precision's auto
+            # then computes this folder in fp32), the untouched ones (embedding, norms under LoRA) return to bf16
         with torch.device("meta"):
             plain = Gemma3(model.config)
         plain.load_state_dict(sd, strict=True, assign=True)
