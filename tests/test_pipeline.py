@@ -131,3 +131,5 @@ def test_eta_scales_the_budgets_by_the_observed_speed():
     done = {"data": 2 * BUDGET_S["data"], "sasrec": 2 * BUDGET_S["sasrec"]}
     assert eta_s(BUDGET_S, done, ["eval"]) == 2 * BUDGET_S["eval"]
     assert eta_s(BUDGET_S, done, []) == 0
+    # a cached model (2 s against a 100 s conversion budget) says nothing about compute speed: not counted
+    assert eta_s(BUDGET_S, {"model": 2.0, "sasrec": 2 * BUDGET_S["sasrec"]}, ["eval"]) == 2 * BUDGET_S["eval"]

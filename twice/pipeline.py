@@ -174,9 +174,13 @@ def stage_outputs(stage: str, out: Path, model_dir: Path) -> list[Path]:
     }[stage]
 
 
+UNPACED = ("data", "model")   # downloads / conversions, usually cache hits: they say nothing about compute speed
+
+
 def eta_s(budgets: dict[str, float], done: dict[str, float], todo: list[str]) -> float:
-    """Seconds left: the remaining stages' budgets, scaled by how long the stages run so far took against theirs
-    (a slower or busier machine than the budgets' stretches the estimate)."""
+    """Seconds left: the remaining stages' budgets, scaled by how long the compute stages run so far took against
+    theirs (a slower or busier machine than the budgets' stretches the estimate)."""
+    done = {s: t for s, t in done.items() if s not in UNPACED}
     ran = sum(budgets[s] for s in done)
     speed = sum(done.values()) / ran if ran > 0 and sum(done.values()) > 0 else 1.0
     return speed * sum(budgets[s] for s in todo)
