@@ -61,6 +61,7 @@ class ModelConfig:
 class PretrainConfig:
     steps: int = 600            # "SFT" steps from scratch (cached)
     batch_size: int = 64
+    echo: float = 0.5           # fraction of examples that ask to repeat the candidate list (dense copy signal)
     lr: float = 3.0e-3
     warmup: int = 30
     seed: int = 0
@@ -147,16 +148,17 @@ def key(obj) -> str:
 # data -> prompts
 
 INSTRUCTION = "Answer with the recommended item ID inside <item> </item>."
+ECHO = "Repeat the [Candidate List]."
 
 
-def bench_messages(ds, history: list[int], candidates: list[int]) -> list[dict]:
+def bench_messages(ds, history: list[int], candidates: list[int], instruction: str = INSTRUCTION) -> list[dict]:
     """A T2 prompt (twice.prompts.recommendation_prompt's [Purchase History] / [Candidate List] / ***Instruction***
     layout) compacted for a CPU bench: item IDs only, space-separated, a one-line instruction, no system turn:
     ~40 tokens instead of ~210, which is most of the bench's cost."""
     hist = " ".join(ds.items[i].id for i in history)
     cands = " ".join(ds.items[c].id for c in candidates)
-    return [{"role": "user", "content": f"[Purchase History]\n{hist}\n\n[Candidate List]\n{cands}\n\n"
-                                        f"***Instruction***\n{INSTRUCTION}"}]
+    return [{"role": "user", "content": f"***Instruction***\n{instruction}\n\n[Purchase History]\n{hist}\n\n"
+                                        f"[Candidate List]\n{cands}"}]
 
 
 def train_instances(ds) -> list[tuple[int, int]]:
@@ -182,8 +184,8 @@ def valid_instances(ds, n: int, H: int) -> list[dict]:
              "candidates": list(c.candidates)} for c in ds.candidates("valid")[:n]]
 
 
-def encode_prompt(tok, ds, inst: dict) -> list[int]:
-    return tok.apply_chat_template(bench_messages(ds, inst["history"], inst["candidates"]),
+def encode_prompt(tok, ds, inst: dict, instruction: str = INSTRUCTION) -> list[int]:
+    return tok.apply_chat_template(bench_messages(ds, inst["history"], inst["candidates"], instruction),
                                    add_generation_prompt=True)
 
 
@@ -204,7 +206,7 @@ def build_tokenizer(ds, out: Path):
     if (out / "tokenizer.model").exists():
         return Tokenizer(out / "tokenizer.model")
     ids = [it.id for it in ds.items[1:]]
-    corpus = [f"[Purchase History]\n1 2\n\n[Candidate List]\n3 4\n\n***Instruction***\n{INSTRUCTION}",
+    corpus = [f"***Instruction***\n{INSTRUCTION}\n\n[Purchase History]\n1 2\n\n[Candidate List]\n3 4", ECHO,
               "<item>1</item>"] * 20
     return Tokenizer.train_tiny(out, corpus, vocab_size=363 + len(ids) + 200, extra_symbols=ids)
 
@@ -224,7 +226,11 @@ def batch_ids(seqs: list[list[int]], masks: list[list[int]]) -> tuple[torch.Tens
 
 
 def pretrain(cfg: BenchConfig, ds, tok, out: Path, log) -> Path:
-    """A random tiny Gemma-3 learns `<item>ID</item>` answers to T2-style prompts from scratch (cached)."""
+    """A random tiny Gemma-3 learns `<item>ID</item>` answers to T2-style prompts from scratch (cached).
+    A fraction `echo` of the examples ask instead to repeat the candidate list (answer: the 10 IDs): a dense copy
+    signal. With one answer ID per ~70-token prompt the T2 task alone teaches a model this small to copy a
+    candidate only after thousands of steps (it first learns the items' popularity); with the echo task mixed
+    in, it copies within a few hundred (measured: configs/ablations/README.md)."""
     from twice.gemma3 import Gemma3, Gemma3Config
     path = out / "model.safetensors"
     if path.exists():
@@ -251,7 +257,11 @@ def pretrain(cfg: BenchConfig, ds, tok, out: Path, log) -> Path:
         seqs, masks = [], []
         for _ in range(p.batch_size):
             inst = make_instance(ds, *rng.choice(pool), cfg.history, cfg.n_negatives, rng)
-            q, a = encode_prompt(tok, ds, inst), answer(inst)
+            if rng.random() < p.echo:
+                q = encode_prompt(tok, ds, inst, ECHO)
+                a = tok.encode(" ".join(ds.items[c].id for c in inst["candidates"])) + [tok.end_of_turn_id]
+            else:
+                q, a = encode_prompt(tok, ds, inst), answer(inst)
             seqs.append(q + a)
             masks.append([0] * len(q) + [1] * len(a))
         ids, tgt = batch_ids(seqs, masks)

@@ -4,6 +4,7 @@
     python -m twice.pipeline --tiny --out /tmp/tq   # random tiny Gemma-3 + tiny SentencePiece: what CI runs (minutes)
     python -m twice.pipeline --redo sft             # rerun one stage (and every stage after it)
     python -m twice.pipeline --threads 1            # OMP/torch threads per stage (0 = torch's default)
+    python -m twice.pipeline --preset study         # issue 13's study: configs/study/, + GRPO (C), RQ3 paired table
 
 Stages, each a subprocess of its own script with configs/quickstart/<stage>.yaml plus the path overrides that chain
 them (interfaces.md, "Stage CLIs and run dirs"):
@@ -76,6 +77,13 @@ TASK = ["task.max_history=5", "task.desc_chars=0", "task.review_chars=0", "task.
 TASK_TINY = ["task.max_history=3", "task.desc_chars=0", "task.review_chars=0", "task.max_prompt_tokens=4096",
              "task.n_negatives=9"]   # the tiny tokenizer needs ~2x the tokens
 
+# --preset study (issue 13; configs/study/README.md): the stages read configs/study/*.yaml, whose sizes are the
+# study's (no QUICK overrides: 300 test users, SFT one epoch with valid-loss evals, 30 GRPO steps per variant);
+# GRPO variant C (from the base model, rewards of E) joins D and E; the table is twice.study's RQ3 table with
+# paired tests against +SFT and SASRec. With --tiny it runs the tiny model and the TINY sizes (what the test runs).
+STUDY_STAGES = STAGES[:5] + ("grpo_C",) + STAGES[5:]
+STUDY_CONFIGS = ROOT / "configs" / "study"
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # the tiny model (stage "model" under --tiny)
@@ -118,12 +126,17 @@ def _kept_rationales(run_dir: Path) -> int:
     return sum(1 for line in f.read_text().splitlines() if line.strip())
 
 
-def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: Path = CONFIGS) -> list[str] | None:
+def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: Path = CONFIGS,
+                  preset: str = "") -> list[str] | None:
     """argv of a stage's subprocess (None for the in-process tiny model)."""
     py = sys.executable
     data, sas = out / "data", out / "sasrec"
     task = TASK_TINY if tiny else TASK
-    t = lambda key: (TINY if tiny else QUICK).get(key, [])  # noqa: E731
+    t = lambda key: (TINY if tiny else {} if preset == "study" else QUICK).get(key, [])  # noqa: E731
+    if stage == "grpo_C":  # study: GRPO straight from the base model (RQ3 C), the full reward of E
+        return [py, str(ROOT / "train_grpo.py"), str(configs / "grpo.yaml"), f"run_dir={out / stage}",
+                f"model.path={model_dir}", f"data_dir={data}", f"sasrec_dir={sas / 'best'}",
+                f"rewards.weights={VARIANTS['grpo_E']}"] + task + t("grpo")
     if stage == "model":
         return None if tiny else [py, "-m", "twice.convert", "gemma-3-270m"]
     if stage == "data":
@@ -151,7 +164,8 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
         return [py, str(ROOT / "eval.py"), str(configs / "eval.yaml"), f"run_dir={out / 'eval'}", f"data_dir={data}",
                 f"sasrec_dir={sas / 'best'}", f"models.base.path={model_dir}",
                 f"models.sft.path={out / 'sft' / 'final'}", f"models.grpo_D.path={out / 'grpo_D' / 'final'}",
-                f"models.grpo_E.path={out / 'grpo_E' / 'final'}"] + task + t("eval")
+                f"models.grpo_E.path={out / 'grpo_E' / 'final'}"] + task + t("eval") + (
+                [f"models.grpo_C.path={out / 'grpo_C' / 'final'}"] if preset == "study" else [])
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -165,6 +179,7 @@ def stage_outputs(stage: str, out: Path, model_dir: Path) -> list[Path]:
         "sft": [out / "sft" / "final" / "config.json"],
         "grpo_D": [out / "grpo_D" / "final" / "config.json"],
         "grpo_E": [out / "grpo_E" / "final" / "config.json"],
+        "grpo_C": [out / "grpo_C" / "final" / "config.json"],
         "eval": [out / "eval" / "results.json", out / "eval" / "results.md"],
     }[stage]
 
@@ -213,12 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m twice.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="random tiny Gemma-3 + tiny tokenizer, tiny step counts (CI)")
     ap.add_argument("--out", default=None, help="output root (default runs/quickstart, or runs/quickstart-tiny)")
-    ap.add_argument("--redo", default=None, choices=STAGES, help="rerun this stage and every stage after it")
+    ap.add_argument("--redo", default=None, choices=STUDY_STAGES, help="rerun this stage and every stage after it")
     ap.add_argument("--threads", type=int, default=0, help="torch/OMP threads per stage (0 = torch's default)")
     ap.add_argument("--configs", default=str(CONFIGS), help="folder of the stage YAMLs (default configs/quickstart)")
     ap.add_argument("--dry-run", action="store_true", help="print the stage commands, run nothing")
+    ap.add_argument("--preset", default="", choices=["", "study"], help="study: issue 13's study (configs/study/)")
     args = ap.parse_args(argv)
-    out = Path(args.out or ("runs/quickstart-tiny" if args.tiny else "runs/quickstart")).expanduser().resolve()
+    stages = STUDY_STAGES if args.preset == "study" else STAGES
+    if args.preset == "study" and args.configs == str(CONFIGS):
+        args.configs = str(STUDY_CONFIGS)
+    name = "study" if args.preset == "study" else "quickstart"
+    out = Path(args.out or (f"runs/{name}-tiny" if args.tiny else f"runs/{name}")).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "pipeline.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -227,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     state["tiny"] = args.tiny
     state.setdefault("stages", {})
     if args.redo:
-        for s in STAGES[STAGES.index(args.redo):]:
+        for s in stages[stages.index(args.redo):]:
             state["stages"].pop(s, None)
 
     env = dict(os.environ)
@@ -236,18 +256,18 @@ def main(argv: list[str] | None = None) -> int:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     model_dir = out / "model"
     t_all = time.time()
-    for i, stage in enumerate(STAGES, 1):
+    for i, stage in enumerate(stages, 1):
         if stage == "model" and not args.tiny:  # the cached conversion's path is what convert prints
             from twice.convert import default_cache
             model_dir = default_cache() / "gemma-3-270m"
-        cmd = stage_command(stage, out, model_dir, args.tiny, Path(args.configs).resolve())
+        cmd = stage_command(stage, out, model_dir, args.tiny, Path(args.configs).resolve(), args.preset)
         outputs = stage_outputs(stage, out, model_dir)
         rec = state["stages"].get(stage, {})
         if rec.get("rc") == 0 and all(p.exists() for p in outputs):
-            print(f"[{i}/{len(STAGES)}] {stage}: complete, skipped ({rec.get('wall_s', '?')} s when it ran)",
+            print(f"[{i}/{len(stages)}] {stage}: complete, skipped ({rec.get('wall_s', '?')} s when it ran)",
                   flush=True)
             continue
-        print(f"\n[{i}/{len(STAGES)}] {stage}: " + (" ".join(cmd) if cmd else "build the tiny model in-process"),
+        print(f"\n[{i}/{len(stages)}] {stage}: " + (" ".join(cmd) if cmd else "build the tiny model in-process"),
               flush=True)
         if args.dry_run:
             continue
@@ -271,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             state["stages"][stage]["rc"] = -1
             write_json_atomic(state_path, state)
             return 1
-        print(f"[{i}/{len(STAGES)}] {stage}: done in {rec['wall_s']} s wall, {rec['cpu_s']} s CPU "
+        print(f"[{i}/{len(stages)}] {stage}: done in {rec['wall_s']} s wall, {rec['cpu_s']} s CPU "
               f"({time.time() - t_all:.0f} s so far)", flush=True)
     if args.dry_run:
         return 0
@@ -280,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     state["total_wall_s"] = round(sum(s.get("wall_s", 0) for s in state["stages"].values()), 1)
     state["total_cpu_s"] = round(sum(s.get("cpu_s", 0) for s in state["stages"].values()), 1)
     write_json_atomic(state_path, state)
-    timing = "\n".join(f"| {s} | {state['stages'][s]['wall_s']} | {state['stages'][s]['cpu_s']} |" for s in STAGES)
+    timing = "\n".join(f"| {s} | {state['stages'][s]['wall_s']} | {state['stages'][s]['cpu_s']} |" for s in stages)
+    if args.preset == "study":  # the RQ3 table with paired tests (twice/study.py) instead of the quickstart's
+        from twice.study import rq3_table
+        table = rq3_table(out)
     text = (table + "\n| stage | wall s | CPU s |\n|---|---|---|\n" + timing +
             f"\n| total | {state['total_wall_s']} | {state['total_cpu_s']} |\n")
     write_atomic(out / "results.md", text)
