@@ -67,8 +67,8 @@ def test_bench_end_to_end_at_toy_size(tmp_path, capfd):
             assert {k: by[(v, s)][k] for k in ("hr1", "reward", "match")} == \
                    {k: by[("paper", s)][k] for k in ("hr1", "reward", "match")}
     # per-run metrics for twice.plot, with the final valid line
-    lines = [json.loads(x) for x in (out / "base_*" if False else next(out.glob("base_*")) / "runs" / "dapo_s1"
-                                     / "metrics.jsonl").read_text().splitlines()]
+    run = next(out.glob("base_*")) / "runs" / "dapo_s1"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 2] and "valid/hr@1" in lines[-1] and "clip_frac_high" in lines[0]
     table = (out / "table.md").read_text()
     assert "| same | " in table and "+0.000 +- 0.000" in table and "| paper |" in table

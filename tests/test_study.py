@@ -63,6 +63,25 @@ def test_rq3_table_from_hand_made_predictions(tmp_path):
     assert "4 users x 10 candidates" in t
 
 
+def test_study_preset_commands(tmp_path):
+    """--preset study --dry-run: configs/study/, GRPO C from the base model with E's rewards, C in the eval."""
+    from twice.pipeline import STUDY_STAGES, stage_command
+    out, model = tmp_path / "o", tmp_path / "m"
+    cfgs = ROOT / "configs" / "study"
+    c = stage_command("grpo_C", out, model, tiny=False, configs=cfgs, preset="study")
+    assert str(cfgs / "grpo.yaml") in c and f"model.path={model}" in c and "rewards.weights={cg: 1.0, format: 1.0}" in c
+    assert not any(a.startswith("steps=") for a in c)        # the study's sizes come from its YAMLs, not QUICK
+    e = stage_command("eval", out, model, tiny=False, configs=cfgs, preset="study")
+    assert f"models.grpo_C.path={out / 'grpo_C' / 'final'}" in e
+    assert "models.grpo_C.path" not in " ".join(stage_command("eval", out, model, tiny=False))   # quickstart as before
+    assert STUDY_STAGES.index("grpo_C") == STUDY_STAGES.index("sft") + 1
+    r = subprocess.run([sys.executable, "-m", "twice.pipeline", "--preset", "study", "--dry-run", "--out",
+                        str(tmp_path / "d")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[6/9] grpo_C" in r.stdout and str(ROOT / "configs" / "study" / "eval.yaml") in r.stdout
+
+
+@pytest.mark.slow   # ~1 CPU-minute (8 min wall on the shared 2-core box): the same path as the tiny quickstart + C
 @pytest.mark.skipif(not ML100K.exists(), reason="ml-100k cache absent")
 def test_study_preset_tiny_end_to_end(tmp_path):
     out = tmp_path / "study"
