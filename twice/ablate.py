@@ -63,7 +63,7 @@ class PretrainConfig:
     steps: int = 500            # "SFT" steps from scratch (cached)
     batch_size: int = 32
     echo: float = 0.5           # fraction of examples that ask to repeat the candidate list (dense copy signal)
-    lr: float = 3.0e-3          # 1e-2 never learned to copy in 300 steps (measured); 3e-3 and 1e-3 did by ~250
+    lr: float = 3.0e-3          # at 1e-2 the copy task did not train (loss flat over 300 steps in our trials)
     warmup: int = 20
     seed: int = 0
 
@@ -229,9 +229,10 @@ def batch_ids(seqs: list[list[int]], masks: list[list[int]]) -> tuple[torch.Tens
 def pretrain(cfg: BenchConfig, ds, tok, out: Path, log) -> Path:
     """A random tiny Gemma-3 learns `<item>ID</item>` answers to T2-style prompts from scratch (cached).
     A fraction `echo` of the examples ask instead to repeat the candidate list (answer: the 10 IDs): a dense copy
-    signal. With one answer ID per ~70-token prompt the T2 task alone teaches a model this small to copy a
-    candidate only after thousands of steps (it first learns the items' popularity); with the echo task mixed
-    in, it copies within a few hundred (measured: configs/ablations/README.md)."""
+    signal. With one answer ID per ~70-token prompt the T2 task alone did not teach a model this small to copy a
+    candidate within our CPU budget (it first learns the items' popularity: the loss sat at the unigram level);
+    with the echo task mixed in, the bench's own log shows the mixture loss fall from 2.5 (step 100) to 0.2
+    (step 250), and the pretrained model answers a valid candidate for 95% of valid users."""
     from twice.gemma3 import Gemma3, Gemma3Config
     path = out / "model.safetensors"
     if path.exists():
