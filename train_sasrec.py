@@ -35,7 +35,8 @@ from twice.data import load_dataset
 from twice.dist import cleanup, init_distributed
 from twice.fileio import write_json_atomic
 from twice.metrics import summarize
-from twice.sasrec import SASRec, SASRecConfig, rank_candidates, rank_full, rank_sampled
+from twice.sasrec import (SASRec, SASRecConfig, calibration, item_ids_sha, left_pad, rank_candidates, rank_full,
+                          rank_sampled)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class TrainConfig:
     #                           used for model selection)
     max_train_s: float = 0.0  # stop after this much training wall time (0 = no limit)
     max_train_cpu_s: float = 0.0  # stop after this much training CPU time of this process (0 = no limit)
+    calibration_tau: float = 0.3  # results.json "calibration": share of unseen items with sigmoid(logit) >= this
+    #                               (the GRPO reward's tau), median sigmoid of a random unseen item, top-1's sigmoid
 
 
 @dataclass
@@ -70,13 +73,14 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------ data
-def train_windows(sequences: list[list[int]], maxlen: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train parts -> (inputs [W, maxlen], targets [W, maxlen]) left-padded; targets[t] is the item after inputs[t].
+def train_windows(sequences: list[list[int]], maxlen: int, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train parts -> (inputs [W, maxlen], targets [W, maxlen]) left-padded; targets[t] is the item after inputs[t];
+    and owner [W]: the index in `sequences` each window was cut from (for negatives outside that user's sequence).
 
     Windows are cut from the END of each sequence with stride maxlen, so each train item except a user's first
     is a target exactly once ("all"), or only the most recent window is kept ("last")."""
-    inputs, targets = [], []
-    for seq in sequences:
+    inputs, targets, owner = [], [], []
+    for n, seq in enumerate(sequences):
         end = len(seq)
         while end >= 2:  # a window needs at least one (input, target) pair
             start = max(0, end - 1 - maxlen)
@@ -84,12 +88,13 @@ def train_windows(sequences: list[list[int]], maxlen: int, mode: str) -> tuple[t
             inp, tgt = [0] * (maxlen - len(w) + 1) + w[:-1], [0] * (maxlen - len(w) + 1) + w[1:]
             inputs.append(inp)
             targets.append(tgt)
+            owner.append(n)
             if mode == "last":
                 break
             end = start + 1  # the next window's last target is this window's first input item
     if not inputs:
         raise ValueError("no training windows: every user's train part has fewer than 2 items")
-    return torch.tensor(inputs, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
+    return torch.tensor(inputs, dtype=torch.long), torch.tensor(targets, dtype=torch.long), torch.tensor(owner)
 
 
 def split_lists(ds, split: str):
@@ -141,6 +146,7 @@ def main(argv: list[str]) -> dict:
 
     ds = load_dataset(tc.data_dir)
     cfg.sasrec.n_items = ds.n_items  # the dataset decides the vocabulary; a YAML value is overridden
+    cfg.sasrec.item_ids_sha = item_ids_sha(ds)  # and the id map: SASRec.check_dataset refuses another catalogue
     out_dir = Path(tc.out_dir)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +155,8 @@ def main(argv: list[str]) -> dict:
 
     train_parts = [u.items[:-2] for u in ds.users if len(u.items) >= 3]
     skipped = len(ds.users) - len(train_parts)
-    inputs, targets = train_windows(train_parts, cfg.sasrec.maxlen, tc.windows)  # [W, L] each
+    inputs, targets, owner = train_windows(train_parts, cfg.sasrec.maxlen, tc.windows)  # [W, L], [W, L], [W]
+    seen = left_pad(train_parts, max(map(len, train_parts)))  # [U, E] each user's whole train part, 0-padded
     n_targets = int((targets != 0).sum())
 
     torch.manual_seed(tc.seed)
@@ -177,7 +184,7 @@ def main(argv: list[str]) -> dict:
                       desc=f"epoch {epoch}", leave=False):
             idx = perm[s : s + tc.batch_size]
             seq, tgt = inputs[idx].to(device), targets[idx].to(device)
-            loss = model(seq, tgt, generator=gen)
+            loss = model(seq, tgt, generator=gen, exclude=seen[owner[idx]].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:
@@ -231,6 +238,8 @@ def main(argv: list[str]) -> dict:
             "valid": evaluate(best_model, ds, "valid", tc),
             "test": evaluate(best_model, ds, "test", tc),
             "tie_break": "pessimistic (a tie with the target ranks it lower)",
+            # sigmoid(logit) as the GRPO reward reads it (rho_cf), on the valid histories: is it a probability?
+            "calibration": calibration(best_model, split_lists(ds, "valid")[1], tau=tc.calibration_tau),
         }
         write_json_atomic(out_dir / "results.json", results)
         t = results["test"]
@@ -242,6 +251,10 @@ def main(argv: list[str]) -> dict:
             if 10 in tc.ks:
                 line.append(f"{p} HR@10 {t[p]['hr@10']:.4f} NDCG@10 {t[p]['ndcg@10']:.4f}")
         print("test: " + " | ".join(line))
+        c = results["calibration"]
+        print(f"calibration (valid histories, sigmoid of the logit): share of unseen items >= {c['tau']}: "
+              f"{c['share_ge_tau']:.3f} | random unseen item median {c['random_unseen_median']:.3f} | "
+              f"top-1 median {c['top1_median']:.3f} (min {c['top1_min']:.3f})")
     if world > 1:
         dist.barrier()  # rank 0 evaluates while the others wait, then everyone leaves the group together
     cleanup()

@@ -18,8 +18,11 @@ Two implementations, same contract (see ../shared/reference/logprob_kernels.md f
     Runs everywhere; it is what trains on CPU. Transient memory is a few [rows, vocab-chunk] fp32 tiles (<= ~64 MB).
   * "triton": kernels/logprobs_triton.py (split-V forward partials merged deterministically, a dz kernel per vocab slice
     in backward plus cuBLAS matmuls for dW / dh). Used on CUDA; runs on CPU tensors under TRITON_INTERPRET=1 for tests.
-Selection: impl argument, else env TWICE_LOGPROBS_IMPL=torch|triton, else "triton" for CUDA tensors when triton imports,
-else "torch". triton is optional: this module imports without it.
+Selection: impl argument, else env TWICE_LOGPROBS_IMPL=torch|triton, else "triton" for bf16/fp16 CUDA tensors when triton
+imports, else "torch" (fp32 on CUDA too: cuBLAS fp32 beats a non-tensor-core Triton dot that spills registers; an
+explicit impl="triton" with fp32 CUDA inputs runs tf32x3 dots). triton is optional: this module imports without it.
+No host syncs on the hot path: the target range check (targets.min/max) runs on CPU tensors, where it costs nothing,
+and on CUDA only with TWICE_DEBUG_CHECKS=1; the target logit is gathered, not found by boolean indexing.
 
 Tests: pytest tests/test_logprobs.py        Benchmark: python bench/logprobs.py
 """
@@ -57,7 +60,7 @@ def select_impl(hidden: torch.Tensor, impl: str | None = None) -> str:
         if impl is not None and impl not in IMPLS:
             raise ValueError(f"TWICE_LOGPROBS_IMPL={impl!r}: expected one of {IMPLS}")
     if impl is None:
-        auto_ok = hidden.is_cuda and hidden.dtype != torch.float64 and _triton_available()
+        auto_ok = hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and _triton_available()
         return "triton" if auto_ok else "torch"
     if impl not in IMPLS:
         raise ValueError(f"token_logprobs impl={impl!r}: expected one of {IMPLS}")
@@ -85,7 +88,9 @@ def _check_inputs(hidden, weight, targets, temperature):
                          f"{weight.device}) and targets ({targets.device}) must share dtype/device")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"token_logprobs: temperature must be a positive finite number, got {temperature}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+    # the range check reads targets on the host: free on CPU, a device sync on CUDA (debug mode only there)
+    check_range = not targets.is_cuda or os.environ.get("TWICE_DEBUG_CHECKS", "0") == "1"
+    if check_range and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
         raise ValueError(f"token_logprobs: targets must lie in [0, V={weight.shape[0]}) (pack out ignored tokens "
                          f"before calling), got range [{int(targets.min())}, {int(targets.max())}]")
 
@@ -124,10 +129,9 @@ def _ref_forward(hidden, weight, targets, temperature, with_entropy):
             z = h32[n0:n1] @ w32.T                              # [Nc, Vc] fp32
             if temperature != 1.0:
                 z.div_(temperature)                             # divide (not * 1/T) exactly as the sampler does
-            y = targets[n0:n1]
-            hit = ((y >= v0) & (y < v1)).nonzero().squeeze(1)   # rows whose target lives in this vocab chunk
-            if hit.numel():
-                zy[n0 + hit] = z[hit, y[hit] - v0]
+            y = targets[n0:n1] - v0                             # target column in this chunk (if it lies here)
+            here = (y >= 0) & (y < v1 - v0)                     # [Nc] no boolean indexing: no host sync on CUDA
+            zy[n0:n1] += torch.where(here, z.gather(1, y.clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0.0)
             mc = m[n0:n1]
             m_new = torch.maximum(mc, z.amax(dim=1))            # [Nc]
             alpha = torch.exp(mc - m_new)
@@ -182,10 +186,10 @@ def _ref_backward(hidden, weight, targets, temperature, lse, ent, g_lp, g_h, nee
             else:
                 dz.mul_(c_all[n0:n1])
             del logp
-            y = targets[n0:n1]
-            hit = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
-            if hit.numel():
-                dz[hit, y[hit] - v0] += inv_t * g_lp[n0 + hit]  # + g_lp / T at the target
+            y = targets[n0:n1] - v0
+            here = (y >= 0) & (y < v1 - v0)
+            dz.scatter_add_(1, y.clamp(0, v1 - v0 - 1)[:, None],  # + g_lp / T at the target (0 if not here)
+                            torch.where(here, inv_t * g_lp[n0:n1], 0.0)[:, None])
             if need_dw:
                 if n0 == 0:
                     torch.mm(dz.T, h32[n0:n1], out=dw_acc)      # [Vc, D]

@@ -7,6 +7,12 @@ skips t for the old/ref-policy passes.
 Backward: per vocab slice of BWD_SLICE columns, a dz kernel recomputes the logits tile by tile and writes dz/T (fp32
 math, rounded once to the input dtype); then cuBLAS writes dW[slice] = dz^T h once and dh (fp32) += dz W[slice].
 
+Precision: bf16/fp16 inputs use tensor-core dots with fp32 accumulation; fp32 inputs use "tf32x3" on CUDA (three tf32
+products, ~fp32 accuracy on tensor cores; the plain fp32 dot spills registers and runs ~10x slower) and "ieee" in the
+interpreter. On CUDA the backward rounds dz to the input dtype once (bf16: halves the [N, slice] buffer and lets cuBLAS
+run bf16 GEMMs); the error this adds is bounded in tests/test_logprobs.py (test_triton_bf16_dz_rounding_bound).
+Autotune keys include a power-of-two bucket of N, so the config picked for one batch size is not reused for a very
+different one (and every rank of a run with equal-bucket N picks from the same candidates).
 Interpreter (TRITON_INTERPRET=1, CPU tensors; must be set before this module is imported): bf16 tl.dot returns garbage
 there (triton #11584), so DOT_FP32 casts tiles to fp32 first; one autotune config (benchmarking needs a GPU); blocks
 stay >= 16 so the same configs compile on a GPU.
@@ -38,7 +44,7 @@ else:
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
                  temperature, BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, DOT_FP32: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 PRECISION: tl.constexpr):
     """z[BM, BV] = (h[rows] @ W[cols]^T) / T with an fp32 accumulator (rows/cols already int64)."""
     acc = tl.zeros([BM, BV], dtype=tl.float32)
     for k0 in range(0, D, BD):
@@ -51,19 +57,19 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_hn, str
         if DOT_FP32:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(h, w, acc, input_precision="ieee")
-        else:
+        if PRECISION == "default":  # bf16/fp16 tensor cores
             acc = tl.dot(h, w, acc)
+        else:  # fp32 inputs: "tf32x3" on CUDA, "ieee" in the interpreter
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
     return acc / temperature
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "HAS_ENTROPY", "DOT_FP32"])
+@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "D", "HAS_ENTROPY", "DOT_FP32", "PRECISION"])
 @triton.jit
 def _fwd_partials_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, N, V, D,
-                         stride_hn, stride_hd, stride_wv, stride_wd, temperature, n_splits,
+                         stride_hn, stride_hd, stride_wv, stride_wd, temperature, n_splits, N_BUCKET,
                          SPLIT: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr,
-                         IEEE: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
+                         PRECISION: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
     pid_n = tl.program_id(0)            # row block: fastest axis, so neighbouring programs share one W split in L2
     pid_s = tl.program_id(1)            # vocab split
     rows = (pid_n * BM + tl.arange(0, BM)).to(tl.int64)
@@ -78,7 +84,7 @@ def _fwd_partials_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, N, V,
         cols = v_begin + dv + tl.arange(0, BV)
         col_mask = cols < V
         z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd, stride_wv,
-                         stride_wd, temperature, BM, BV, BD, DOT_FP32, IEEE)
+                         stride_wd, temperature, BM, BV, BD, DOT_FP32, PRECISION)
         z = tl.where(col_mask[None, :], z, -1e30)
         m_new = tl.maximum(m, tl.max(z, 1))
         alpha = tl.exp(m - m_new)
@@ -97,11 +103,11 @@ def _fwd_partials_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, N, V,
         tl.store(t_ptr + out, t, mask=row_mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "HAS_ENTROPY", "DOT_FP32"])
+@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "D", "HAS_ENTROPY", "DOT_FP32", "PRECISION"])
 @triton.jit
 def _dz_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr, dz_ptr, N, v_begin, v_end, D,
-               stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, temperature,
-               HAS_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+               stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, temperature, N_BUCKET,
+               HAS_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
                BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -111,7 +117,7 @@ def _dz_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr, dz_ptr, N
     cols = v_begin + local
     col_mask = cols < v_end
     z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
-                     temperature, BM, BV, BD, DOT_FP32, IEEE)
+                     temperature, BM, BV, BD, DOT_FP32, PRECISION)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     glp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
@@ -129,20 +135,43 @@ def _dz_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr, dz_ptr, N
              mask=row_mask[:, None] & col_mask[None, :])
 
 
+_MM_OUT_DTYPE = None  # does torch.mm take out_dtype= here? probed once (see _mm_f32), never per slice
+
+
+def _mm_out_dtype_supported(a) -> bool:
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE is None:
+        try:  # one tiny probe; a real failure later (e.g. CUDA OOM) must surface, not fall back silently
+            torch.mm(a[:1, :1], a[:1, :1].T, out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch: no mm(out_dtype=)
+            _MM_OUT_DTYPE = False
+    return _MM_OUT_DTYPE
+
+
 def _mm_f32(a, b):
     """a @ b with an fp32 result; bf16 CUDA operands accumulate in fp32 inside cuBLAS and skip the bf16 rounding."""
-    if a.dtype != torch.float32 and a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # older torch without mm(out_dtype=)
-            pass
+    if a.dtype != torch.float32 and a.is_cuda and _mm_out_dtype_supported(a):
+        return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
+
+
+def _n_bucket(n: int) -> int:
+    """Power-of-two bucket of the row count for the autotune key (1, 2, 4, ... >= n)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _dz_dtype(hidden):
+    """dz buffer dtype: the input dtype on GPU (formed in fp32, rounded once), fp32 off-GPU (fp32 matmuls anyway)."""
+    return hidden.dtype if hidden.is_cuda else torch.float32
 
 
 def _dot_flags(hidden):
     dot_fp32 = INTERPRET or not hidden.is_cuda
-    # fp32 inputs: exact fp32 products ("ieee"), so fp32 runs match the reference to ~1e-6; bf16 uses tensor cores.
-    return dot_fp32, hidden.dtype == torch.float32
+    if hidden.dtype != torch.float32:
+        return dot_fp32, "default"  # bf16/fp16 tensor cores (fp32 casts in the interpreter)
+    # fp32: exact products in the interpreter (matches the reference to ~1e-6); tf32x3 on a GPU (see docstring)
+    return dot_fp32, "ieee" if (INTERPRET or not hidden.is_cuda) else "tf32x3"
 
 
 def forward(hidden, weight, targets, temperature, with_entropy):
@@ -151,12 +180,12 @@ def forward(hidden, weight, targets, temperature, with_entropy):
     v = weight.shape[0]
     n_splits = triton.cdiv(v, SPLIT_V)
     part = torch.empty((4, n, n_splits), dtype=torch.float32, device=hidden.device)   # m, s, t, zy
-    dot_fp32, ieee = _dot_flags(hidden)
+    dot_fp32, precision = _dot_flags(hidden)
     grid = lambda meta: (triton.cdiv(n, meta["BM"]), n_splits)  # noqa: E731
     _fwd_partials_kernel[grid](hidden, weight, targets, part[0], part[1], part[2], part[3], n, v, d,
                                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                               temperature, n_splits, SPLIT=SPLIT_V, HAS_ENTROPY=with_entropy,
-                               DOT_FP32=dot_fp32, IEEE=ieee)
+                               temperature, n_splits, _n_bucket(n), SPLIT=SPLIT_V, HAS_ENTROPY=with_entropy,
+                               DOT_FP32=dot_fp32, PRECISION=precision)
     m, s, t, zy = part
     # deterministic merge of the splits, same formula as the online update: rescale each split to the global max
     m_all = m.amax(dim=1)                                      # [N]
@@ -176,13 +205,11 @@ def backward(hidden, weight, targets, temperature, lse, ent, g_lp, g_h, need_dh,
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    dot_fp32, ieee = _dot_flags(hidden)
+    dot_fp32, precision = _dot_flags(hidden)
     g_lp = torch.zeros(n, dtype=torch.float32, device=dev) if g_lp is None else g_lp.float().contiguous()
     has_ent = g_h is not None
     g_h = g_h.float().contiguous() if has_ent else g_lp       # dummy pointer when HAS_ENTROPY is False
-    # dz in the input dtype on GPU (halves the buffer for bf16; it is formed in fp32 and rounded once);
-    # fp32 off-GPU, where the matmuls below run in fp32 anyway.
-    dz_dtype = hidden.dtype if hidden.is_cuda else torch.float32
+    dz_dtype = _dz_dtype(hidden)
     mm_dtype = dz_dtype
     h_mm = hidden.to(mm_dtype)
     slice_v = min(BWD_SLICE, v)
@@ -195,7 +222,7 @@ def backward(hidden, weight, targets, temperature, lse, ent, g_lp, g_h, need_dh,
         grid = lambda meta: (triton.cdiv(n, meta["BM"]), triton.cdiv(v1 - v0, meta["BV"]))  # noqa: E731
         _dz_kernel[grid](hidden, weight, targets, lse, ent, g_lp, g_h, dz_s, n, v0, v1, d,
                          hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), dz_s.stride(0),
-                         temperature, HAS_ENTROPY=has_ent, DOT_FP32=dot_fp32, IEEE=ieee)
+                         temperature, _n_bucket(n), HAS_ENTROPY=has_ent, DOT_FP32=dot_fp32, PRECISION=precision)
         w_s = weight[v0:v1].to(mm_dtype)
         if need_dw:
             dw[v0:v1] = dz_s.T @ h_mm                           # [Vc, D]: written once; cuBLAS accumulates in fp32

@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ../shared beside the checkout holds the authors' real data sample; tests that read it skip when it is absent.
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# TWICE_SHARED points elsewhere (a git worktree that does not sit beside shared/).
+SHARED = Path(os.environ.get("TWICE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 OFFICIAL_SAMPLE = SHARED / "data" / "twice_official_sample"
 
 

@@ -129,10 +129,10 @@ def test_leave_one_out_exact(toy_ds, tmp_path):
         assert ds.history(user.idx, "train") == seq[:-3] and ds.target(user.idx, "train") == seq[-3]
         assert user.timestamps == sorted(user.timestamps)
         # the sequence is exactly this user's raw rows whose item survived k-core, by (time, file row)
-        kept_items = {it.id for it in ds.items[1:]}
+        kept_items = {it.source_id for it in ds.items[1:]}
         rows = sorted((int(float(t)), n, iid) for n, (uid, iid, r, t) in enumerate(inter)
                       if uid == user.id and iid in kept_items)
-        assert [ds.items[x].id for x in seq] == [iid for _, _, iid in rows]
+        assert [ds.items[x].source_id for x in seq] == [iid for _, _, iid in rows]
         assert user.ratings == [int(float(inter[n][2])) for _, n, _ in rows]
     for split in ("valid", "test"):
         cs = ds.candidates(split)
@@ -302,7 +302,8 @@ def test_recbole_reader_real_layout(tmp_path, capsys):
     assert "ml.inter:12: skipped malformed line" in capsys.readouterr().err
     # numeric ids sort numerically: users 22 < 186 < 196, items 51 < 242 < 302 < 377
     assert [u.id for u in ds.users] == ["22", "186", "196"]
-    assert [it.id for it in ds.items[1:]] == ["51", "242", "302", "377"]
+    assert [it.source_id for it in ds.items[1:]] == ["51", "242", "302", "377"]
+    assert [it.id for it in ds.items[1:]] == ["051", "242", "302", "377"]         # one width: fixed_width_ids
     assert ds.items[3].title == "L.A. Confidential (1997)"
     assert ds.items[3].description == "Crime, Film-Noir, Mystery, Thriller"
     assert ds.items[4].title == "377" and ds.stats["filtered"]["items_without_meta"] == 1
@@ -392,6 +393,6 @@ def test_movielens_100k_fetch(tmp_path, monkeypatch):
     ds = load_dataset(prepare(DataConfig(source="movielens-100k", out_dir=str(tmp_path / "ml"))))
     assert (tmp_path / "cache" / "ml-100k" / "ml-100k.inter").exists()
     assert (ds.n_users, ds.n_items, ds.stats["interactions"]) == (943, 1349, 99287)
-    assert ds.items[ds.item_by_id["1"]].title == "Toy Story (1995)"
-    assert ds.items[ds.item_by_id["1"]].description == "Animation, Children's, Comedy"
+    assert ds.items[ds.item_by_id["0001"]].title == "Toy Story (1995)"
+    assert ds.items[ds.item_by_id["0001"]].description == "Animation, Children's, Comedy"
     assert all(r in (1, 2, 3, 4, 5) for u in ds.users for r in u.ratings)

@@ -64,6 +64,23 @@ def test_ranked_metrics_hand_computed():
     assert got == ranks
 
 
+def test_authors_id_set_keeps_hallucinated_id_shaped_answers():
+    """Issue 11 item 8: evaluation_vllm.py keeps every ASIN-shaped answer (candidate or not), deduplicated by a set;
+    our protocol keeps only candidates, in sample order. Per user the set protocol reports its expectation."""
+    from twice.metrics import set_expectation
+    cands = ["B000000001", "B000000002", "B000000003"]
+    items = ["B000000002", "B0HALLUC1N", None, "not an id", "B000000002", " B000000003 ", "b000000009"]
+    d = ev.authors_id_set(items, "[A-Z0-9]{10}")
+    assert d == ["B000000002", "B000000003", "B0HALLUC1N"]              # hallucinated ASIN kept, junk dropped
+    assert ev.sample_order_ranking(items, cands) == ["B000000002", "B000000003"]
+    # target B000000003: ours rank 2 (HR@1 0); theirs: in a set of 3 -> HR@1 1/3, NDCG@5 mean of 1/log2(r+1), r<=3
+    assert ev.list_rank(["B000000002", "B000000003"], "B000000003", 30) == 2
+    hr1, _ = set_expectation("B000000003" in d, len(d), 1)
+    _, nd5 = set_expectation("B000000003" in d, len(d), 5)
+    assert hr1 == pytest.approx(1 / 3) and nd5 == pytest.approx((1 + 1 / math.log2(3) + 0.5) / 3)
+    assert ev.authors_id_set(["12", "7", None], "[0-9]+") == ["12", "7"]
+
+
 def test_pessimistic_rank_and_trie_greedy():
     assert ev.pessimistic_rank([0.5, 0.1, 0.5, 0.9], 0) == 3      # one above, one tie counted above
     assert ev.pessimistic_rank([1.0, 1.0, 1.0], 1) == 3            # all tied: worst rank
@@ -78,22 +95,78 @@ def test_pessimistic_rank_and_trie_greedy():
     assert ev.trie_greedy(seqs, lps2) == 1         # greedy picks 5 (sum of [6,3,9] = -0.6 would be higher)
 
 
-def test_rationale_prefix_rules(world):
-    tok = world["tok"]
-    gen = tok.encode("<think>likes warm things</think><item>I3</item>")
-    ids, text = ev.rationale_prefix(tok, gen, tok.decode(gen), "think", "item")
-    assert text == "<think>likes warm things</think>" and tok.decode(ids) == text
+def test_rationale_text_rules():
+    assert ev.rationale_text("<think>likes warm things</think><item>I3</item>", "think", "item") == \
+        "<think>likes warm things</think>"
     # an open rationale cut by the token budget is closed; an answer without reasoning is scored where it starts
-    assert ev.rationale_prefix(tok, [], "<think>likes warm", "think", "item")[1] == "<think>likes warm</think>"
-    assert ev.rationale_prefix(tok, [], "<item>I3</item>", "think", "item") == ([], "")
-    assert ev.rationale_prefix(tok, [], "blah <item>I3", "think", "item")[1] == "blah "
+    assert ev.rationale_text("<think>likes warm", "think", "item") == "<think>likes warm</think>"
+    assert ev.rationale_text("<item>I3</item>", "think", "item") == ""
+    assert ev.rationale_text("blah <item>I3", "think", "item") == "blah "
+
+
+REAL = Path("~/.cache/twice/gemma-3-270m").expanduser()
+
+
+@pytest.mark.parametrize("which", ["tiny", "gemma"])
+def test_exact_scores_the_sft_response_ids(world, which):
+    """Issue 11 item 5: the ids exact ranking feeds + scores for candidate c are exactly the ids SFT trains on for
+    the response naming c (tasks.encode_example), with and without a rationale, for every candidate. Gemma's
+    tokenizer merges across `</think><item>` ('think', '><', 'item'), so encoding `<item>ID</item>` on its own (the
+    old scheme) scores tokens SFT never saw."""
+    import dataclasses
+    from twice.data import load_dataset
+    from twice.tasks import TaskConfig, encode_example, recommend_example
+    if which == "gemma" and not (REAL / "tokenizer.model").exists():
+        pytest.skip(f"{REAL} is absent (python -m twice.convert gemma-3-270m)")
+    tok = world["tok"] if which == "tiny" else Tokenizer.from_pretrained(REAL)
+    ds = load_dataset(world["data"])
+    task = TaskConfig(max_history=3, desc_chars=0, review_chars=0, max_prompt_tokens=4096)
+    tags = task.tags
+    old_scheme_differs = False
+    for cs in ds.candidates("test")[:3]:
+        for rationale in (None, "likes warm things, rated the red one Good", "cozy >< small"):
+            ex = recommend_example(ds, ds.user(cs.user), "test", list(cs.candidates), task, tokenizer=tok,
+                                   reasoning=rationale is not None, rationale=rationale)
+            ids, mask = encode_example(tok, ex)
+            n_prompt = mask.index(1)
+            # what the model would have written before its answer (the rationale as SFT rendered it)
+            before = ex.response[:ex.response.index(tags.wrap_item(ex.target_id))]
+            shared, conts = ev.candidate_continuations(tok, ev.rationale_text(ex.response, "think", "item"),
+                                                       ex.candidate_ids, tags)
+            assert ev.rationale_text(ex.response, "think", "item") == before
+            for c, cont in zip(ex.candidate_ids, conts):
+                ex_c = dataclasses.replace(ex, response=before + tags.wrap_item(c))
+                ids_c, mask_c = encode_example(tok, ex_c)
+                sft_response = ids_c[n_prompt:-1]                    # without the closing <end_of_turn>
+                assert mask_c.index(1) == n_prompt and ids_c[:n_prompt] == ids[:n_prompt]
+                assert shared + cont == sft_response, (c, rationale)
+                assert len(cont) >= 1
+                old = tok.encode(before) + tok.encode(tags.wrap_item(c))
+                old_scheme_differs |= old != sft_response
+            assert len(set(map(tuple, conts))) == len(conts)
+    if which == "gemma":
+        assert old_scheme_differs     # the bug this guards against is real for Gemma's tokenizer
 
 
 def test_judge_score_parse():
     assert ev.judge_score("<score>3</score> convincing") == 3
-    assert ev.judge_score("<score> 0 </score>") == 0
+    assert ev.judge_score("<score> 1 </score>") == 1
+    assert ev.judge_score("<score>0</score>") is None        # 0 = Incorrect is decided in code, not by the judge
     assert ev.judge_score("<score>7</score>") is None
     assert ev.judge_score("no score") is None
+
+
+def test_judge_rubric_is_the_papers():
+    """Issue 11 item 10: the rubric's words are the paper's (RQ2: "0: Incorrect, 1: Correct and Insufficient
+    Rationale, 2: Correct and Acceptable Rationale, 3: Correct and Satisfying Rationale"), and the judge is asked
+    for 1-3 only: correctness (the item exists in the vocabulary) is not its call."""
+    from twice import prompts
+    assert prompts.JUDGE_RUBRIC == {0: "Incorrect", 1: "Correct and Insufficient Rationale",
+                                    2: "Correct and Acceptable Rationale", 3: "Correct and Satisfying Rationale"}
+    text = prompts.judge_prompt("title:a\n- item_id:1", "title:b\n- item_id:2", "because")
+    for k in (1, 2, 3):
+        assert f"\n{k}: {prompts.JUDGE_RUBRIC[k]}\n" in text
+    assert "0:" not in text and "N = 1, 2 or 3" in text
 
 
 # ----------------------------------------------------------------------------------------------- a tiny world
@@ -174,6 +247,8 @@ def test_eval_end_to_end_files_and_consistency(world, tmp_path):
     def walk(x):
         if isinstance(x, dict):
             for k, v in x.items():
+                if k in ("length_spearman", "orderings"):
+                    continue
                 if k in ("value",):
                     assert 0.0 <= v <= 1.0
                 if k == "ci95" and v is not None and k != "mean_ci95":
@@ -181,7 +256,40 @@ def test_eval_end_to_end_files_and_consistency(world, tmp_path):
                 walk(v)
     walk({k: v for k, v in res["models"].items()})
     table = (out / "results.md").read_text()
-    assert "| SASRec |" in table and "| base |" in table and "| plain |" in table
+    assert "| SASRec (ranking) |" in table
+    assert "| base |" in table and "| plain |" in table and "| random (expectation) |" in table
+    assert "\u2020 SASRec" in table and "DEVIATION" in table
+    assert "not the sampling protocol" in res["models"]["sasrec"]["note"]
+    for ln in table.splitlines():
+        if ln.startswith("| SASRec"):
+            assert ln.split("|")[2].strip().endswith("\u2020")       # its sampling cell is marked
+    # the random row: exact expectations for C=4 candidates, 3 samples (twice.metrics closed forms)
+    rnd = res["baselines"]["random"]
+    assert rnd["exact"]["hr@1"]["value"] == pytest.approx(1 / 4)
+    assert rnd["sampling"]["hr@3"]["value"] == pytest.approx(1 - (3 / 4) ** 3)
+    assert rnd["greedy"]["hr@1"]["value"] == pytest.approx(1 / 4)
+    # the authors' reading of the same samples: set expectation per user, recomputed from the predictions
+    from twice.metrics import set_expectation
+    want = [set_expectation(p["target"] in p["sampling"]["authors"]["ids"], len(p["sampling"]["authors"]["ids"]), 1)[0]
+            for p in preds]
+    assert m["authors"]["hr@1"]["value"] == pytest.approx(sum(want) / N_USERS)
+    # paired tests, recomputed by hand from the two models' predictions
+    plain = [json.loads(x) for x in (out / "predictions_plain.jsonl").read_text().splitlines()]
+    a = [float(p["exact"]["rank"] == 1) for p in plain]
+    b = [float(p["exact"]["rank"] == 1) for p in preds]
+    c = res["paired"]["plain vs base"]["exact"]["hr@1"]
+    assert c["diff"] == pytest.approx((sum(a) - sum(b)) / N_USERS) and c["n"] == N_USERS
+    assert c["mcnemar"]["a_only"] == sum(x and not y for x, y in zip(a, b))
+    assert c["mcnemar"]["b_only"] == sum(y and not x for x, y in zip(a, b))
+    assert set(res["paired"]) == {"base vs sasrec", "plain vs base", "plain vs sasrec"}
+    assert "Paired differences" in table and "| plain vs base | exact |" in table
+    # the length diagnostic: mean within-list Spearman(#scored tokens, score) over users with unequal lengths
+    from twice.metrics import spearman
+    rhos = [spearman(p["exact"]["scored_tokens"], p["exact"]["scores"]) for p in preds]
+    rhos = [r for r in rhos if r is not None]
+    ls = m["exact"]["length_spearman"]
+    assert ls["n_users"] == len(rhos)
+    assert (ls["mean"] is None) if not rhos else ls["mean"] == pytest.approx(sum(rhos) / len(rhos))
     # SASRec row = SASRec ranks on the same candidate lists
     from twice.data import load_dataset
     from twice.sasrec import rank_candidates
@@ -209,20 +317,19 @@ def test_exact_ranking_equals_full_forward_loglik(world, tmp_path):
             ex = recommend_example(ds, ds.user(p["user"]), "test", list(c.candidates), task, tokenizer=tok,
                                    reasoning=reasoning, with_response=False)
             prefix = prompt_ids(tok, ex)
-            if reasoning:
-                # the scored prefix: the greedy tokens through </think>, or its text re-encoded
-                g = tok.encode(p["greedy"]["text"])
-                pre, _ = ev.rationale_prefix(tok, g, p["greedy"]["text"], "think", "item")
-                assert tok.decode(pre) == p["exact"]["rationale_scored"]
-                prefix = prefix + pre
+            rationale = ev.rationale_text(p["greedy"]["text"], "think", "item") if reasoning else ""
+            assert p["exact"]["rationale_scored"] == rationale
+            full = [tok.encode(f"{rationale}<item>{cid}</item>") for cid in p["candidates"]]   # as SFT encodes
+            n_shared = p["exact"]["shared_tokens"]
+            assert all(f[:n_shared] == full[0][:n_shared] for f in full)
+            assert p["exact"]["scored_tokens"] == [len(f) - n_shared for f in full]
             ref = []
-            for cid in p["candidates"]:
-                cont = tok.encode(f"<item>{cid}</item>")
-                ids = torch.tensor([prefix + cont])
+            for f in full:
+                ids = torch.tensor([prefix + f])
                 with torch.no_grad():
                     lp = torch.log_softmax(model(ids).double(), -1)[0]       # [T, V] full forward, float64 softmax
-                n = len(prefix)
-                ref.append(sum(float(lp[n - 1 + t, cont[t]]) for t in range(len(cont))))
+                n = len(prefix) + n_shared                                   # score the tokens after the shared ones
+                ref.append(sum(float(lp[n - 1 + t, f[n_shared + t]]) for t in range(len(f) - n_shared)))
             assert p["exact"]["scores"] == pytest.approx(ref, abs=2e-4)
             ref_rank = 1 + sum(1 for j, s in enumerate(ref) if j != p["candidates"].index(p["target"])
                                and s >= ref[p["candidates"].index(p["target"])])
@@ -238,7 +345,7 @@ class _FakeJudge(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         text = body["messages"][-1]["content"]
         _FakeJudge.seen.append(text)
-        score = 0 if "does NOT exist" in text else 2
+        score = 0 if "SAYZERO" in text else 2
         answer = "no idea" if "GARBLE" in text else f"<score>{score}</score> fine."
         out = {"choices": [{"message": {"role": "assistant", "content": answer}}],
                "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
@@ -266,7 +373,7 @@ def test_judge_against_fake_server(world, tmp_path):
         srv.shutdown()
     j = res["models"]["base"]["judge"]
     assert "judge" not in res["models"]["plain"]
-    assert j["n"] == 4 and j["scored"] == 4 and j["failed"] == 0 and len(_FakeJudge.seen) == 4
+    assert j["n"] == 4 and j["scored"] == 4 and j["failed"] == 0 and len(_FakeJudge.seen) == j["sent_to_judge"]
     rows = [json.loads(x) for x in (tmp_path / "run" / "judge_base.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     lines = (tmp_path / "run" / "predictions_base.jsonl").read_text().splitlines()
@@ -277,6 +384,7 @@ def test_judge_against_fake_server(world, tmp_path):
     assert [r["score"] for r in rows] == want
     assert j["distribution"] == {"0": want.count(0), "1": 0, "2": want.count(2), "3": 0}
     assert j["mean"] == pytest.approx(sum(want) / 4)
+    assert j["sent_to_judge"] == want.count(2)
 
 
 def test_run_judge_on_crafted_records(world, tmp_path):
@@ -287,7 +395,9 @@ def test_run_judge_on_crafted_records(world, tmp_path):
     ds = load_dataset(world["data"])
     recs = [{"user": 1, "greedy": {"item": "I3", "rationale": "likes warm", "text": ""}},
             {"user": 2, "greedy": {"item": "NOPE", "rationale": "made up", "text": ""}},
-            {"user": 3, "greedy": {"item": "I5", "rationale": "GARBLE", "text": ""}}]
+            {"user": 3, "greedy": {"item": "I5", "rationale": "GARBLE", "text": ""}},
+            {"user": 4, "greedy": {"item": None, "rationale": None, "text": "no answer"}},
+            {"user": 5, "greedy": {"item": "I6", "rationale": "SAYZERO", "text": ""}}]
     try:
         _FakeJudge.seen.clear()
         cfg = ev.EvalConfig(data_dir=world["data"])
@@ -296,12 +406,15 @@ def test_run_judge_on_crafted_records(world, tmp_path):
         s = ev.run_judge(cfg, "m", recs, ds, tmp_path)
     finally:
         srv.shutdown()
-    assert s["n"] == 3 and s["scored"] == 2 and s["failed"] == 1
-    assert s["distribution"] == {"0": 1, "1": 0, "2": 1, "3": 0} and s["mean"] == pytest.approx(1.0)
+    # hallucinated / missing items: 0 in code, never sent; a judge answer outside 1-3 (or none) is a failure
+    assert s["n"] == 5 and s["scored"] == 3 and s["failed"] == 2 and s["sent_to_judge"] == 3
+    assert len(_FakeJudge.seen) == 3 and not any("made up" in t for t in _FakeJudge.seen)
+    assert s["distribution"] == {"0": 2, "1": 0, "2": 1, "3": 0} and s["mean"] == pytest.approx(2 / 3)
     rows = [json.loads(x) for x in (tmp_path / "judge_m.jsonl").read_text().splitlines()]
-    assert [(r["user"], r["item_exists"], r["score"]) for r in rows] == [(1, True, 2), (2, False, 0), (3, True, None)]
+    assert [(r["user"], r["item_exists"], r["score"]) for r in rows] == [
+        (1, True, 2), (2, False, 0), (3, True, None), (4, False, 0), (5, True, None)]
     first = [t for t in _FakeJudge.seen if "likes warm" in t]
-    assert len(first) == 1 and "title:" in first[0] and "exists in the catalogue" in first[0]
+    assert len(first) == 1 and "title:" in first[0] and "exists in the item vocabulary" in first[0]
 
 
 def _assert_close(a, b, where):
@@ -351,3 +464,100 @@ def test_two_ranks_equal_one_process(world, tmp_path):
         assert r1["greedy"]["text"] == r2["greedy"]["text"] and r1["exact"]["rank"] == r2["exact"]["rank"]
         assert r1["exact"]["scores"] == pytest.approx(r2["exact"]["scores"], abs=1e-4)
     assert not list((tmp_path / "two").glob(".predictions_*"))
+
+
+# ----------------------------------------------------------------------------------------------- inputs, resume
+
+def test_bad_model_path_fails_fast_before_any_work(world, tmp_path, monkeypatch):
+    """Issue 15 item 2: a wrong path of the LAST model fails before SASRec or any model is evaluated, in one line
+    naming the field."""
+    import time
+    called = []
+    monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: called.append(a) or [])
+    t0 = time.time()
+    with pytest.raises(ev.ConfigError, match=r"models\.plain\.path=/no/such/model: no such folder"):
+        _run(world, tmp_path / "run", "models.plain.path=/no/such/model")
+    assert time.time() - t0 < 5 and not called
+    assert not (tmp_path / "run" / "results.json").exists()
+    for bad, pat in (("data_dir=/no/data", r"data_dir=/no/data: no such folder"),
+                     ("sasrec_dir=" + str(tmp_path), r"sasrec_dir=.*: no config.json / model.safetensors"),
+                     ("models.base.path=" + str(tmp_path), r"models\.base\.path=.*: no config.json / tokenizer.model")):
+        with pytest.raises(ev.ConfigError, match=pat):
+            _run(world, tmp_path / "run", bad)
+    assert not called
+    # the command line: one line on stderr, no traceback
+    import subprocess
+    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "run_dir=" + str(tmp_path / "cli"),
+                        "data_dir=" + world["data"], "models.sft.path=/no/such/sft"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "eval.py: error: models.sft.path=/no/such/sft: no such folder"]
+
+
+def test_crash_after_first_model_keeps_its_rows_and_resume_skips_it(world, tmp_path, monkeypatch):
+    """A failure in model 2 leaves model 1's rows in results.json + its predictions; the rerun skips model 1 and
+    gives the same numbers as one uninterrupted run."""
+    real = ev.evaluate_model
+    calls = []
+
+    def crash_on_plain(cfg, name, *a, **k):
+        calls.append(name)
+        if name == "plain":
+            raise RuntimeError("boom")
+        return real(cfg, name, *a, **k)
+    monkeypatch.setattr(ev, "evaluate_model", crash_on_plain)
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(world, tmp_path / "run", "sampling.enabled=false")
+    partial = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(partial["models"]) == {"sasrec", "base"} and partial["complete"] is False
+    assert (tmp_path / "run" / "predictions_base.jsonl").exists()
+    assert not (tmp_path / "run" / "results.md").exists()          # written only by a complete run
+    calls.clear()
+    monkeypatch.setattr(ev, "evaluate_model", lambda cfg, name, *a, **k: calls.append(name) or real(cfg, name, *a, **k))
+    res = _run(world, tmp_path / "run", "sampling.enabled=false")
+    assert calls == ["plain"] and res["complete"] is True and (tmp_path / "run" / "results.md").exists()
+    assert res["models"]["base"] == partial["models"]["base"]
+    once = _run(world, tmp_path / "once", "sampling.enabled=false", "resume=false")
+    _assert_close({k: v for k, v in res["models"].items()}, once["models"], ("models",))
+    _assert_close(res["paired"], once["paired"], ("paired",))
+    # a changed setting is a different row: not skipped
+    calls.clear()
+    _run(world, tmp_path / "run", "sampling.enabled=false", "greedy.max_new_tokens=5")
+    assert calls == ["base", "plain"]
+
+
+def test_candidate_orderings_report_spread(world, tmp_path):
+    """Issue 11 item 9: N extra seeded orderings of every user's candidates; the first value is the row itself."""
+    res = _run(world, tmp_path / "run", "sampling.enabled=false", "orderings=2", "models.plain.path=",
+               "models={base: {path: " + world["model"] + "}}", "exact.constrained=false")
+    o = res["models"]["base"]["orderings"]
+    assert o["n"] == 3
+    hr = o["exact hr@1"]
+    assert hr["values"][0] == res["models"]["base"]["exact"]["hr@1"]["value"] and len(hr["values"]) == 3
+    assert hr["min"] <= hr["mean"] <= hr["max"] and hr["sd"] >= 0
+    p0 = [json.loads(x) for x in (tmp_path / "run" / "predictions_base.jsonl").read_text().splitlines()]
+    for k in (1, 2):
+        pk = [json.loads(x) for x in (tmp_path / "run" / f"predictions_base.order{k}.jsonl").read_text().splitlines()]
+        assert [p["user"] for p in pk] == [p["user"] for p in p0]
+        assert all(sorted(a["candidates"]) == sorted(b["candidates"]) for a, b in zip(p0, pk))
+        assert any(a["candidates"] != b["candidates"] for a, b in zip(p0, pk))     # really reordered
+        assert hr["values"][k] == pytest.approx(sum(p["exact"]["rank"] == 1 for p in pk) / N_USERS)
+
+
+def test_set_note_matches_the_math():
+    """Issue 11 item 11: through a set, <= 5 distinct IDs in arbitrary order: HR@5 cannot change with the order,
+    HR@1 and NDCG@5 can. The notes in eval.py and the Amazon README must say so (they said the opposite)."""
+    import itertools
+    ids = ["T", "A", "B", "C"]
+    hr1, hr5, nd5 = set(), set(), set()
+    for order in itertools.permutations(ids):
+        r = ev.list_rank(list(order), "T", 30)
+        hr1.add(r <= 1)
+        hr5.add(r <= 5)
+        nd5.add(round(1 / math.log2(r + 1), 9))
+    assert hr5 == {True} and len(hr1) == 2 and len(nd5) == 4
+    readme = (ROOT / "configs" / "amazon-gemma3-1b" / "README.md").read_text()
+    for text in (ev.__doc__, readme):
+        flat = " ".join(text.split())
+        assert "HR@5/NDCG@5 depend on string hashing" not in flat
+        assert "HR@5 does not depend on" in flat and "HR@1 and NDCG@5 do" in flat

@@ -293,3 +293,11 @@ def test_config_defaults():
     cfg = ObjectiveConfig()
     assert (cfg.scale_rewards, cfg.eps_low, cfg.eps_high, cfg.loss_norm, cfg.beta) == ("group", 0.2, None, "seq_mean_token_mean", 0.0)
     assert cfg.std_floor == 1e-3
+
+
+def test_lr_at_single_optimizer_step_is_the_configured_lr():
+    """A run of one optimizer step (steps=1, mu=1, no warmup) trains at optim.lr, not at lr * min_lr_ratio."""
+    from twice.optim import lr_at
+    assert lr_at(0, 1, 0, 2e-5, 0.1) == 2e-5
+    assert lr_at(0, 2, 0, 2e-5, 0.1) == 2e-5 and lr_at(1, 2, 0, 2e-5, 0.1) == pytest.approx(2e-6)
+    assert lr_at(1, 2, 1, 2e-5, 0.1) == 2e-5  # warmup ends on the last step: nothing left to decay

@@ -7,8 +7,11 @@ Tolerances (measured errors are ~10x below each):
     is fp32 rounding in a D-term dot (~sqrt(D) * 6e-8 * |z|) plus the logsumexp over V terms; |lse| ~ 10 here gives
     ~1e-6 measured (the survey's prototype measured <= 1.2e-6 on the same shapes).
   * gradients, fp32 results: max|err| / max|ref| <= 2e-5 (same fp32 rounding; measured ~1e-6).
-  * gradients returned in bf16 (dh, dW take their input's dtype): rounding the result to bf16 alone costs up to
-    2^-9 ~ 2e-3 of each value, so <= 5e-3 relative to the largest value.
+  * gradients returned in bf16 (dh, dW take their input's dtype): rounding the result to bf16 (unit roundoff
+    u = 2^-8 ~ 3.9e-3) costs up to u of each value, so <= 5e-3 relative to the largest value.
+  * Triton on CUDA, bf16: the backward also rounds dz to bf16 before the cuBLAS GEMMs, adding up to u * sum_i |dz_i h_i|
+    per dW entry (and u * sum_j |dz_j W_j| per dh entry), which cancellation can make larger than u * max|dW|: 1e-2
+    there (CCE uses the same), and test_triton_bf16_dz_rounding_bound checks the elementwise bound itself.
 """
 import math
 import os
@@ -30,6 +33,8 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON or (TRITON_DEV == "cpu" and os.
 
 ATOL_OUT = 2e-5
 RTOL_GRAD = {torch.float32: 2e-5, torch.bfloat16: 5e-3, torch.float64: 1e-10}
+RTOL_GRAD_CUDA_BF16_DZ = 1e-2  # dz rounded to bf16 on CUDA (see the module docstring); measured 7.5e-3 emulated
+U_BF16 = 2.0 ** -8             # bf16 unit roundoff (8 significant bits)
 
 
 @pytest.fixture
@@ -89,9 +94,12 @@ def check_against_fp64(impl, n, v, d, dtype, temperature, which, device="cpu", s
     assert dh.dtype == dtype and dw.dtype == dtype
     torch.testing.assert_close(logp.double(), ref[0], atol=ATOL_OUT, rtol=rtol_out)
     torch.testing.assert_close(ent.double(), ref[1], atol=ATOL_OUT, rtol=rtol_out)
+    rtol = RTOL_GRAD[dtype]
+    if impl == "triton" and device == "cuda" and dtype == torch.bfloat16:
+        rtol = RTOL_GRAD_CUDA_BF16_DZ
     for name, got, want in (("dh", dh, ref[2]), ("dW", dw, ref[3])):
         err = (got.double() - want).abs().max().item() / want.abs().max().item()
-        assert err <= RTOL_GRAD[dtype], f"{impl} {name}: max err / max |ref| = {err:.2e} > {RTOL_GRAD[dtype]:.0e}"
+        assert err <= rtol, f"{impl} {name}: max err / max |ref| = {err:.2e} > {rtol:.0e}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -145,6 +153,76 @@ def test_triton_forward_only_no_entropy_matches_reference(small_chunks):
         lp_r, _ = truth(h.double(), w.double(), y, 0.7)
     assert lp_t.shape == (33,) and lp_t.dtype == torch.float32
     torch.testing.assert_close(lp_t.double(), lp_r, atol=ATOL_OUT, rtol=0)
+
+
+@needs_triton
+def test_triton_bf16_dz_rounding_bound(small_chunks, monkeypatch):
+    """The CUDA backward's bf16 dz, emulated in the interpreter: every dW / dh entry is within
+    u |ref| (the result's rounding) + 2u * sum |dz||h| (dz's rounding; the second u covers the CPU emulation's bf16
+    GEMM output per slice) of the fp64 truth, u = 2^-8. This is the math behind RTOL_GRAD_CUDA_BF16_DZ."""
+    import kernels.logprobs_triton as LT
+    monkeypatch.setattr(LT, "_dz_dtype", lambda hidden: hidden.dtype)   # what CUDA does
+    n, v, d, temperature = 37, 1000, 72, 0.7
+    h, w, y = make_case(n, v, d, torch.bfloat16, device=TRITON_DEV)
+    g = torch.Generator().manual_seed(1)
+    g_lp, g_h = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    _, _, dh, dw = run_and_grad(lambda *a: token_logprobs(*a, return_entropy=True, impl="triton"), h, w, y,
+                                temperature, "both", g_lp, g_h)
+    h64, w64 = h.double().cpu(), w.double().cpu()
+    z = (h64 @ w64.T).requires_grad_()                                   # [N, V]
+    logp_all = torch.log_softmax(z / temperature, -1)
+    lp, ent = logp_all.gather(1, y.cpu()[:, None])[:, 0], -(logp_all.exp() * logp_all).sum(-1)
+    (gz,) = torch.autograd.grad((lp * g_lp.double()).sum() + (ent * g_h.double()).sum(), z)  # dz / T, exact
+    ref_dh, ref_dw = gz @ w64, gz.T @ h64
+    for name, got, ref, mass in (("dh", dh, ref_dh, gz.abs() @ w64.abs()), ("dW", dw, ref_dw, gz.abs().T @ h64.abs())):
+        err = (got.double().cpu() - ref).abs()
+        bound = U_BF16 * ref.abs() + 2 * U_BF16 * mass + 1e-6 * ref.abs().max()
+        assert (err <= bound).all(), f"{name}: worst err / bound {(err / bound).max().item():.2f}"
+        assert (err > 0).any()  # the emulation really rounds
+
+
+@needs_triton
+def test_triton_autotune_key_buckets_n():
+    """The autotune cache is keyed on a power-of-two bucket of N: one config per N range, not one for all N."""
+    import kernels.logprobs_triton as LT
+    for kernel in (LT._fwd_partials_kernel, LT._dz_kernel):
+        assert "N_BUCKET" in kernel.keys and "D" in kernel.keys
+    assert [LT._n_bucket(n) for n in (1, 2, 3, 4800, 4096, 4097)] == [1, 2, 4, 8192, 4096, 8192]
+
+
+def test_fp32_on_cuda_routes_to_torch(monkeypatch):
+    """Auto selection: bf16/fp16 CUDA inputs take Triton; fp32 CUDA inputs take the torch path (cuBLAS), not the
+    Triton fp32 dot. (select_impl only reads .is_cuda and .dtype, so a stand-in works without a GPU.)"""
+    from types import SimpleNamespace
+    monkeypatch.delenv("TWICE_LOGPROBS_IMPL", raising=False)
+    monkeypatch.setattr(L, "_triton_available", lambda: True)
+    cuda = lambda dt: SimpleNamespace(is_cuda=True, dtype=dt)  # noqa: E731
+    assert L.select_impl(cuda(torch.bfloat16)) == "triton"
+    assert L.select_impl(cuda(torch.float16)) == "triton"
+    assert L.select_impl(cuda(torch.float32)) == "torch"
+    assert L.select_impl(cuda(torch.float64)) == "torch"
+
+
+@needs_triton
+def test_mm_out_dtype_probed_once(monkeypatch):
+    """Whether torch.mm takes out_dtype= is probed once; later calls don't wrap the real GEMM in a try/except
+    (which used to swallow any RuntimeError, CUDA OOM included, per slice)."""
+    import kernels.logprobs_triton as LT
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(LT, "_MM_OUT_DTYPE", None)
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(k) or real_mm(*a, **k))
+    a = torch.zeros(3, 4, dtype=torch.bfloat16)
+    assert LT._mm_out_dtype_supported(a) in (True, False) and len(calls) == 1
+    LT._mm_out_dtype_supported(a)
+    assert len(calls) == 1
+
+
+def test_target_gather_without_boolean_indexing(small_chunks):
+    """Targets in the first, a middle and the last (partial) vocab chunk: the gathered target logit and the
+    scattered target gradient land in the right chunk only (torch.where + gather/scatter_add, no nonzero()).
+    (That no host sync remains on CUDA is checked by bench/gpu.py under torch.cuda.set_sync_debug_mode('error').)"""
+    check_against_fp64("torch", 37, 1000, 72, torch.float32, 0.7, "lp")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -133,9 +133,11 @@ def test_item_outside_candidates():
 def test_registry_each_component():
     c = ctx(GOOD, logit=math.log(3.0))                  # match, cf = 0.75
     vals = {k: fn(c) for k, fn in REWARDS.items()}
-    assert vals == pytest.approx({"match": 1.0, "cf": 0.75, "cg": 1 + 3 * 0.75, "format": 2.0, "struct": 1.0, "tag": 1.0})
+    assert vals == pytest.approx({"match": 1.0, "cf": 0.75, "cg": 1 + 3 * 0.75, "format": 2.0, "struct": 1.0, "tag": 1.0,
+                                  "tag_presence": 1.0, "only_tags": 1.0})
     c = ctx("<think>x</think><item> B01 ", logit=1.0)    # unclosed item: no item parsed -> no match, cf 0
-    assert {k: fn(c) for k, fn in REWARDS.items()} == {"match": 0.0, "cf": 0.0, "cg": 0.0, "format": 0.75, "struct": 0.0, "tag": 0.75}
+    assert {k: fn(c) for k, fn in REWARDS.items()} == {"match": 0.0, "cf": 0.0, "cg": 0.0, "format": 0.75, "struct": 0.0, "tag": 0.75,
+                                                         "tag_presence": 0.0, "only_tags": 1.0}
     c = ctx(GOOD, logit=2.0, lam=1.0, tau=0.9)          # lam/tau flow from the context: cf=0.8808 < 0.9 -> 1
     assert REWARDS["cg"](c) == 1.0
 
@@ -186,3 +188,52 @@ def test_real_completions_from_the_authors_sample(official_sample_dir):
         assert REWARDS["match"](c) == 1.0 and REWARDS["cg"](c) == 1 + 3 * 0.5
     recs = json.loads((official_sample_dir / "amazon_Grocery_and_Gourmet_Food_llm_test_sample.json").read_text())
     assert {format_reward(r["output"], "think", "item_id") for r in recs} == {0.5}
+
+
+# ---------------------------------------------------------------- rho_cf of an answer outside the candidate list
+def test_cf_outside_candidates_score_or_zero():
+    """An ID that is not among the prompt's candidates never matches; its rho_cf is SASRec's sigmoid ("score",
+    the authors') or 0 ("zero"). Candidates themselves are scored either way."""
+    logit = math.log(3.0)  # sigmoid 0.75 >= tau
+    out = "<think>r</think><item>B99</item>"
+    inside = "<think>r</think><item>B02</item>"
+    cands = frozenset({"B01", "B02"})
+    score = RewardContext(out, "B01", cands, logit)
+    zero = RewardContext(out, "B01", cands, logit, cf_outside_candidates="zero")
+    assert REWARDS["match"](score) == 0.0 and REWARDS["cf"](score) == pytest.approx(0.75)
+    assert REWARDS["cg"](score) == pytest.approx(0.75)  # no match, rho_cf >= tau: rho_cf
+    assert REWARDS["cf"](zero) == 0.0 and REWARDS["cg"](zero) == 0.0
+    assert REWARDS["cf"](RewardContext(inside, "B01", cands, logit, cf_outside_candidates="zero")) == pytest.approx(0.75)
+    assert RewardConfig().cf_outside_candidates == "score" and RewardConfig().cf_history == "prompt"
+
+
+# ---------------------------------------------------------------- the authors' format terms (configs/ablations/authors.yaml)
+@pytest.mark.parametrize("text, presence, count, only", [
+    ("<think>a</think><item>B</item>", 1.0, 1.0, 1.0),             # the expected answer
+    ("<item>B</item><think>a</think>", 1.0, 1.0, 1.0),             # order free for presence
+    ("<think>a<item>B</item>", 0.0, 0.75, 1.0),                    # no </think>: the think pair is missing
+    ("<think>a</think><item>B</item><item>C</item>", 1.0, 0.5, 1.0),  # repeated item pair: 0.25 x 2 tags once
+    ("<think>a</think><item>B</item></answer>", 1.0, 1.0, 0.0),    # a foreign tag
+    ("<think>a<b>x</b></think><item>B</item>", 1.0, 1.0, 0.0),     # markup inside the rationale
+    ("a < b and c > d", 0.0, 0.0, 1.0),                            # comparison signs are no tags
+    ("", 0.0, 0.0, 1.0),
+])
+def test_authors_format_terms_hand_values(text, presence, count, only):
+    ctx = RewardContext(text, "B")
+    assert REWARDS["tag_presence"](ctx) == presence
+    assert REWARDS["tag"](ctx) == count
+    assert REWARDS["only_tags"](ctx) == only
+
+
+def test_authors_weights_total():
+    """authors.yaml's weights on a matching, well-formed answer with rho_cf 0.75 >= tau: 4 * (1 + 3 * 0.75) + 1 + 1 + 1."""
+    import yaml
+    from pathlib import Path
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "ablations" / "authors.yaml").read_text())
+    w = cfg["rewards"]["weights"]
+    assert w == {"cg": 4.0, "tag_presence": 1.0, "tag": 1.0, "only_tags": 1.0}
+    ctx = RewardContext("<think>a</think><item>B</item>", "B", frozenset({"B", "C"}), math.log(3.0))
+    total, parts = compute_rewards([ctx], w)
+    assert total[0] == pytest.approx(4 * (1 + 3 * 0.75) + 3.0)
+    ctx = RewardContext("<think>a</think><item>C</item><br>", "B", frozenset({"B", "C"}), math.log(3.0))
+    assert compute_rewards([ctx], w)[0][0] == pytest.approx(4 * 0.75 + 1 + 1 + 0)

@@ -9,7 +9,8 @@ import torch
 
 import train_sasrec
 from twice.data import load_dataset
-from twice.sasrec import SASRec, SASRecConfig, left_pad, rank_candidates, rank_full, rank_sampled
+from twice.sasrec import (SASRec, SASRecConfig, calibration, check_dataset, item_ids_sha, left_pad, rank_candidates,
+                          rank_full, rank_sampled, sample_unseen)
 
 N_ITEMS = 24
 
@@ -116,7 +117,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_each_loss_decreases(loss):
     model = tiny(loss=loss, n_negatives=8)
     seqs = [cycle_seq(s, 13) for s in range(N_ITEMS)]
-    inputs, targets = train_sasrec.train_windows(seqs, 12, "all")
+    inputs, targets, _ = train_sasrec.train_windows(seqs, 12, "all")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     losses = []
@@ -146,10 +147,100 @@ def test_loss_values_at_init_match_their_definitions():
             assert value == pytest.approx(expect, rel=1e-5), loss
 
 
+def test_sample_unseen_is_uniform_over_unseen_items():
+    """Rejection sampling never returns a seen item and draws every unseen one about equally (chi-square)."""
+    V = 11  # ids 1..10, column 0 = padding
+    seen = torch.zeros(2, V, dtype=torch.bool)
+    seen[0, [1, 2, 3, 4, 5, 6, 7]] = True  # row 0 may draw only 8, 9, 10
+    seen[1, [10]] = True
+    g = torch.Generator().manual_seed(0)
+    row = torch.tensor([0] * 6000 + [1] * 9000)
+    neg = sample_unseen(torch.randint(1, V, (15000,), generator=g), row, seen, g)
+    assert not seen[row, neg].any()
+    for r, allowed in ((0, [8, 9, 10]), (1, list(range(1, 10)))):
+        counts = torch.bincount(neg[row == r], minlength=V)[allowed].double()
+        assert int(counts.sum()) == int((row == r).sum())
+        e = counts.mean()
+        chi2 = float(((counts - e) ** 2 / e).sum())
+        assert chi2 < 25.0, (r, counts.tolist())  # df <= 8: p < 0.002 above 25
+
+
+def test_bce_unseen_negative_is_outside_the_users_history():
+    """A user who has every item but one: with neg_sampling=unseen the negative of every position must be that item,
+    so the loss equals the hand-computed BCE with it (uniform sampling would draw seen items and differ)."""
+    seq = torch.tensor([cycle_seq(0, 12)])  # items 1..12
+    tgt = torch.tensor([cycle_seq(1, 12)])  # items 2..13
+    history = [i for i in range(1, N_ITEMS + 1) if i != 20]  # the user has seen every item but 20
+    exclude = torch.tensor([history])
+    values = {}
+    for ns in ("unseen", "uniform"):
+        model = tiny(loss="bce", neg_sampling=ns).eval()
+        g = torch.Generator().manual_seed(0)
+        values[ns] = model(seq, tgt, generator=g, exclude=exclude).item()
+    h = model.hidden_states(seq)[0]  # [L, D] (eval: no dropout), same weights (tiny() seeds)
+    W = model.item_emb.weight
+    pos = (h * W[tgt[0]]).sum(-1)
+    neg = h @ W[20]
+    want = float((-torch.nn.functional.logsigmoid(pos) - torch.nn.functional.logsigmoid(-neg)).mean())
+    assert values["unseen"] == pytest.approx(want, rel=1e-6)
+    assert values["uniform"] != pytest.approx(want, rel=1e-3)
+    with pytest.raises(ValueError, match="exclude"):
+        tiny(loss="bce", neg_sampling="unseen")(seq, tgt)
+
+
+def test_calibration_matches_brute_force():
+    model = tiny().eval()
+    hists = [cycle_seq(s, 5) for s in range(0, N_ITEMS, 5)]
+    c = calibration(model, hists, tau=0.5, seed=3)
+    p = torch.sigmoid(model.score_all(left_pad(hists, 12)).double())
+    shares, top1 = [], []
+    for u, h in enumerate(hists):
+        unseen = [i for i in range(1, N_ITEMS + 1) if i not in h]
+        shares.append(sum(float(p[u, i]) >= 0.5 for i in unseen) / len(unseen))
+        top1.append(max(float(p[u, i]) for i in unseen))
+    assert c["share_ge_tau"] == pytest.approx(sum(shares) / len(shares), abs=1e-6)
+    assert c["top1_min"] == pytest.approx(min(top1), abs=1e-6)
+    assert c["top1_median"] == pytest.approx(sorted(top1)[(len(top1) - 1) // 2], abs=1e-6)  # torch's lower median
+    assert 0.0 < c["random_unseen_median"] < 1.0 and c["users"] == len(hists)
+
+
+def test_check_dataset_refuses_another_catalogue(tmp_path):
+    ds = load_dataset(write_dataset(tmp_path / "data"))
+    model = tiny(item_ids_sha=item_ids_sha(ds))
+    check_dataset(model, ds, "ck")  # the same catalogue passes
+    with pytest.raises(ValueError, match=r"ck: SASRec has 23 items but dataset .* has 24"):
+        check_dataset(SASRec(SASRecConfig(n_items=N_ITEMS - 1, hidden=8, heads=1)), ds, "ck")
+    other = tiny(item_ids_sha=item_ids_sha(ds)[::-1])  # same count, another id map
+    with pytest.raises(ValueError, match="item id map"):
+        check_dataset(other, ds, "ck")
+    ds.items[3].id = "renamed"
+    with pytest.raises(ValueError, match="item id map"):
+        check_dataset(model, ds, "ck")
+
+
+def test_quickstart_and_amazon_rewards_read_a_calibrated_sasrec():
+    """The GRPO configs' sasrec_dir is the out_dir of a SASRec config trained with BCE on unseen negatives (the
+    authors' reward model: sigmoid(logit) is a probability), not the CE baseline row's."""
+    from pathlib import Path
+    import yaml
+    root = Path(__file__).resolve().parents[1] / "configs"
+    grpo = [root / "quickstart" / "grpo.yaml", root / "amazon-gemma3-1b" / "grpo.yaml", *sorted((root / "ablations").glob("*.yaml"))]
+    sasrec = {}
+    for p in list((root / "quickstart").glob("sasrec*.yaml")) + list((root / "amazon-gemma3-1b").glob("sasrec*.yaml")):
+        c = yaml.safe_load(p.read_text())
+        sasrec[c["train"]["out_dir"] + "/best"] = c["sasrec"]
+    for p in grpo:
+        d = yaml.safe_load(p.read_text()).get("sasrec_dir")
+        if d is None:
+            continue
+        assert d in sasrec, (p, d)
+        assert sasrec[d]["loss"] == "bce" and sasrec[d].get("neg_sampling") == "unseen", (p, d)
+
+
 # ------------------------------------------------------------------------------------------ data windows
 def test_train_windows_cover_every_target_once():
     seqs = [cycle_seq(0, 30), cycle_seq(5, 3), [7]]
-    inp, tgt = train_sasrec.train_windows(seqs, 12, "all")
+    inp, tgt, owner = train_sasrec.train_windows(seqs, 12, "all")
     assert inp.shape[1] == tgt.shape[1] == 12
     # targets: every item of each sequence except the first, exactly once
     got = sorted(tgt[tgt != 0].tolist())
@@ -160,7 +251,9 @@ def test_train_windows_cover_every_target_once():
     m = tgt != 0
     assert all(nxt[a] == b for a, b in zip(inp[m].tolist(), tgt[m].tolist()))
     assert ((inp == 0) == (tgt == 0)).all()
-    last_inp, last_tgt = train_sasrec.train_windows(seqs, 12, "last")
+    # each window's items all come from the sequence `owner` names
+    assert all(set(inp[w][inp[w] != 0].tolist()) <= set(seqs[int(owner[w])]) for w in range(len(inp)))
+    last_inp, last_tgt, _ = train_sasrec.train_windows(seqs, 12, "last")
     assert len(last_inp) == 2 and last_tgt[0, -1].item() == seqs[0][-1]
 
 
@@ -259,6 +352,10 @@ def test_train_sasrec_learns_deterministic_sequence(tmp_path):
     model = SASRec.load(out / "best")
     hists = [u.items[:-1] for u in ds.users]
     assert rank_full(model, hists, [u.items[-1] for u in ds.users]).max().item() == 1
+    # the checkpoint names its catalogue, and results.json says how sigmoid(logit) behaves (the reward's rho_cf)
+    assert model.cfg.item_ids_sha == item_ids_sha(ds)
+    check_dataset(model, ds, "best")
+    assert set(res["calibration"]) >= {"share_ge_tau", "random_unseen_median", "top1_median", "top1_min"}
 
 
 @pytest.mark.slow
@@ -278,3 +375,14 @@ def test_train_sasrec_under_torchrun_ddp(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["test"]["full"]["hr@1"] == 1.0
+
+
+def test_eval_refuses_a_sasrec_of_another_catalogue(tmp_path):
+    """eval.py's SASRec row goes through the same check: one ConfigError line, before any ranking."""
+    import eval as eval_script
+    from twice.config import ConfigError
+    data = write_dataset(tmp_path / "data")
+    SASRec(SASRecConfig(n_items=N_ITEMS + 5, hidden=8, heads=1)).save(tmp_path / "wrong")
+    with pytest.raises(ConfigError, match=r"SASRec has 29 items but dataset .* has 24"):
+        eval_script.main([f"data_dir={data}", f"sasrec_dir={tmp_path / 'wrong'}", "models={}",
+                          f"run_dir={tmp_path / 'ev'}", "split=test"])

@@ -210,3 +210,143 @@ def test_reward_rises_on_a_learnable_toy_reward(world, tmp_path, monkeypatch):
     before, after = rate(world["warm"]), rate(tmp_path / "e2e" / "final")
     assert after > before + 0.1, (before, after, [m["reward"] for m in metrics])
     assert max(m["logp_gap"] for m in metrics) < 1e-4  # sampler and trainer agree (fp32, no top-k/p)
+
+
+# ---------------------------------------------------------------- reward model, sampler/trainer agreement, logging
+
+
+def test_first_update_ratio_is_exactly_one_and_lora_dropout_is_refused(world, tmp_path):
+    """mu = 2 under LoRA: pi_old is recomputed, so at the first update every token's ratio is exactly 1 (no dropout
+    anywhere: a GRPO config with LoRA dropout is refused, it would make pi_old != pi_theta). beta = 0 logs no kl;
+    the grad norm covers both optimizer steps."""
+    m = run(world, tmp_path / "mu2", **{"optim.mu": 2, "lora.enabled": True})[0]
+    assert m["ratio_first_update_min"] == 1.0 and m["ratio_first_update_max"] == 1.0
+    assert "kl" not in m
+    assert m["grad_norm_max"] >= m["grad_norm"] > 0
+    with pytest.raises(train_grpo.ConfigError, match="lora.dropout must be 0"):
+        train_grpo.main(overrides(world, tmp_path / "drop", **{"lora.enabled": True, "lora.dropout": 0.1}))
+
+
+def test_logp_gap_to_the_truncated_sampler_sees_top_k(world, tmp_path):
+    """With top-k the tokens are drawn from the renormalised top-k distribution: the gap to the untruncated log-probs
+    stays at rounding level, the gap to the sampler's own (truncated) log-probs and the sequence importance ratio
+    pi_theta(o)/pi_sampler(o) < 1 show the mismatch. Without truncation both gaps agree and the ratio is ~1."""
+    plain = run(world, tmp_path / "plain")[0]
+    topk = run(world, tmp_path / "topk", **{"rollout.top_k": 3})[0]
+    assert plain["logp_gap"] < 1e-4 and plain["logp_gap_sampler"] < 1e-4
+    assert abs(plain["is_ratio_seq_min"] - 1) < 1e-3 and abs(plain["is_ratio_seq_mean"] - 1) < 1e-3
+    assert topk["logp_gap"] < 1e-4 and topk["logp_gap_sampler"] > 1e-3
+    assert topk["is_ratio_seq_min"] < 0.999 and topk["is_ratio_seq_mean"] < 1.0
+
+
+def test_cf_history_prompt_or_full(world, tmp_path):
+    """rewards.cf_history: prompt (default) makes SASRec read exactly the items the prompt shows (task.max_history of
+    the fixture is 2 of 2+ items); full reads the split's whole history."""
+    from twice.data import load_dataset
+    from twice.tasks import TaskConfig, recommend_example
+    from twice.tokenizer import Tokenizer
+    ds, tok = load_dataset(world["data"]), Tokenizer.from_pretrained(world["warm"])
+    users = [u.idx for u in ds.users]
+    for mode in ("prompt", "full"):
+        cfg = load_config(train_grpo.GRPORunConfig, None, overrides(world, tmp_path / "x", **{"rewards.cf_history": mode}))
+        for i in range(4):
+            g = train_grpo.build_group(ds, tok, cfg, users, i)
+            full = ds.history(g.user, "train")
+            shown = recommend_example(ds, ds.user(g.user), "train", g.candidates, cfg.task, tokenizer=tok,
+                                      reasoning=True, with_response=False).history
+            assert len(shown) == 2 < len(full) and shown == full[-2:]
+            assert g.history == (shown if mode == "prompt" else full)
+    with pytest.raises(train_grpo.ConfigError, match="cf_history"):
+        load_config(train_grpo.GRPORunConfig, None, overrides(world, tmp_path / "x", **{"rewards.cf_history": "all"}))
+
+
+def test_rho_cf_calibration_and_outside_rate_are_logged(world, tmp_path):
+    """Per step: mean rho_cf of the targets and of the random candidates equals sigmoid(SASRec score) on the
+    prompt's history, recomputed here; the non-candidate answer rate and the share of answers above tau are there."""
+    from twice.data import load_dataset
+    from twice.sasrec import SASRec, left_pad
+    from twice.tokenizer import Tokenizer
+    m = run(world, tmp_path / "cf", **{"rewards.weights": "{cg: 1.0, format: 1.0}"})[0]
+    cfg = load_config(train_grpo.GRPORunConfig, None, overrides(world, tmp_path / "x"))
+    ds, tok = load_dataset(world["data"]), Tokenizer.from_pretrained(world["warm"])
+    users = [u.idx for u in ds.users]
+    sas = SASRec.load(world["sasrec"])
+    tgt, oth = [], []
+    for i in range(2):  # step 0's two prompts
+        g = train_grpo.build_group(ds, tok, cfg, users, i)
+        p = torch.sigmoid(sas.score(left_pad([g.history], 8), torch.tensor([g.candidates])))[0].tolist()
+        t = ds.item_by_id[g.target_id]
+        tgt += [x for c, x in zip(g.candidates, p) if c == t]
+        oth += [x for c, x in zip(g.candidates, p) if c != t]
+    assert m["cf/target"] == pytest.approx(sum(tgt) / len(tgt), abs=1e-6)
+    assert m["cf/random_candidate"] == pytest.approx(sum(oth) / len(oth), abs=1e-6)
+    for k in ("cf/answer", "cf/answer_ge_tau", "outside_candidates_rate", "truncated_frac"):
+        assert 0.0 <= m[k] <= 1.0, k
+
+
+def test_sasrec_of_another_catalogue_is_refused_in_one_line(world, tmp_path):
+    from twice.sasrec import SASRec, SASRecConfig
+    from grpo_fixture import N_ITEMS
+    SASRec(SASRecConfig(n_items=N_ITEMS + 3, hidden=16, heads=1, inner=16, maxlen=8)).save(tmp_path / "other")
+    with pytest.raises(train_grpo.ConfigError, match=r"SASRec has 13 items but dataset .* has 10") as e:
+        train_grpo.main(overrides(world, tmp_path / "r", sasrec_dir=str(tmp_path / "other")))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # refused before any rollout
+
+
+def test_epochs_and_warmup_ratio_set_steps_and_schedule(world, tmp_path):
+    """epochs = 1 over the fixture's 8 users at 2 prompts/step -> 4 steps; warmup_ratio 0.3 -> ceil(1.2) = 2
+    warmup steps: lr/2, lr, then the cosine from lr to lr * min_lr_ratio. authors.yaml (which uses both) loads and
+    passes the config checks."""
+    m = run(world, tmp_path / "ep", **{"epochs": 1, "optim.warmup_ratio": 0.3, "optim.min_lr_ratio": 0.1,
+                                       "rollout.max_new_tokens": 4})
+    assert [r["step"] for r in m] == [1, 2, 3, 4]
+    assert [r["lr"] for r in m] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-4])
+    cfg = load_config(train_grpo.GRPORunConfig, ROOT / "configs" / "ablations" / "authors.yaml")
+    train_grpo.check_config(cfg)
+    assert cfg.epochs == 2 and cfg.optim.warmup_ratio == 0.05 and cfg.objective.beta == 0.04
+
+
+def test_completion_budget_auto_from_the_sft_responses(world, tmp_path):
+    """rollout.max_new_tokens: auto = the 95% quantile (nearest rank) of the T3 responses SFT trains on, each the
+    exact response recommend_example renders (+1 for the end of turn); bad lines are counted; the run logs the
+    budget, samples under it and logs its truncation rate."""
+    from twice.data import load_dataset
+    from twice.tasks import TaskConfig, recommend_example
+    from twice.tokenizer import Tokenizer
+    assert train_grpo.completion_budget([5, 1, 3, 2, 4], 0.95) == 5
+    assert train_grpo.completion_budget([5, 1, 3, 2, 4], 0.5) == 3
+    ds, tok = load_dataset(world["data"]), Tokenizer.from_pretrained(world["warm"])
+    task = TaskConfig()
+    recs, want = [], []
+    for k, u in enumerate(ds.users[:6]):
+        rat = "likes it " * (k + 1) + "<b>&</b>"  # markup is cleaned exactly as SFT cleans it
+        hist, tgt = ds.history(u.idx, "train"), ds.target(u.idx, "train")
+        recs.append({"user": u.idx, "history": hist, "target": tgt, "rationale": rat})
+        ex = recommend_example(ds, u, "train", [tgt], task, rationale=rat, reasoning=True)
+        want.append(len(tok.encode(ex.response)) + 1)
+    path = tmp_path / "rationales.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\nnot json\n" + json.dumps({"target": 1}) + "\n")
+    lens, bad = train_grpo.response_lengths(path, ds, tok, task.tags)
+    assert lens == want and bad == 2
+    budget = train_grpo.completion_budget(want, 0.95)
+    m = run(world, tmp_path / "auto", **{"rollout.max_new_tokens": "auto", "rollout.budget_from": str(path)})[0]
+    assert f"rollout.max_new_tokens auto = {budget}:" in (tmp_path / "auto" / "log.txt").read_text()
+    assert m["completion_len_max"] <= budget and 0.0 <= m["truncated_frac"] <= 1.0
+    with pytest.raises(train_grpo.ConfigError, match="budget_from"):
+        train_grpo.main(overrides(world, tmp_path / "none", **{"rollout.max_new_tokens": "auto"}))
+    (tmp_path / "empty.jsonl").write_text("not json\n")
+    with pytest.raises(train_grpo.ConfigError, match="no usable T3 response"):
+        train_grpo.main(overrides(world, tmp_path / "empty", **{"rollout.max_new_tokens": "auto",
+                                                                "rollout.budget_from": str(tmp_path / "empty.jsonl")}))
+
+
+def test_progress_bar_with_live_reward_and_the_log_lines_stay(world, tmp_path, capsys):
+    """Rank 0 shows a tqdm bar over the steps (count, ETA, live reward); log.txt keeps one full line per step."""
+    run(world, tmp_path / "bar", steps=2, **{"rollout.max_new_tokens": 4})
+    err = capsys.readouterr().err
+    assert "GRPO" in err and "2/2" in err and "reward=" in err
+    log = (tmp_path / "bar" / "log.txt").read_text()
+    assert "step     1/2 | reward" in log and "step     2/2 | reward" in log
+    run(world, tmp_path / "nobar", steps=1, progress=False, **{"rollout.max_new_tokens": 4})
+    assert "reward=" not in capsys.readouterr().err

@@ -7,12 +7,17 @@ Every rule below comes from ../shared/reference/gemma3.md (§2-§5), checked aga
   - RMSNorm multiplies by (1 + w) in fp32 and casts afterwards; four norms per block ("sandwich") + q_norm, k_norm.
   - QK-norm over head_dim before RoPE; two RoPE tables: local (theta 1e4) and global (theta 1e6, linear scaling).
   - Scores scaled by query_pre_attn_scalar**-0.5 (not head_dim**-0.5), GQA, masks use finfo.min (never -inf).
+  - Multi-token attention (prefill, training, shared prefix) runs torch's scaled_dot_product_attention (flash /
+    memory-efficient kernels: no [B, H, T, S] score tensor); attn_implementation="eager" keeps the materialised
+    path that is bit-exact with transformers' eager attention (fp32 max|diff| ~1e-7 between the two).
   - GeGLU with tanh-GELU; embeddings scaled by sqrt(hidden) cast to the weight dtype; LM head tied to embeddings.
 Checkpoint I/O lives in twice/hf.py (`Gemma3.from_pretrained`, `model.save_pretrained` are thin wrappers).
-This file imports torch (and, lazily, `kernels` for the fused log-prob path) only: no distributed code.
+Imports are one-way: this file imports torch at import time; `kernels` (fused log-probs) and twice.hf (checkpoint
+files) are imported only when used, and neither imports this module back. No distributed code.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +54,7 @@ class Gemma3Config:
     pad_token_id: int = 0               # <pad>
     bos_token_id: int = 2               # <bos>
     eos_token_id: int | list[int] = 1   # <eos>; -it checkpoints list [1, 106] (<end_of_turn>)
+    attn_implementation: str = "sdpa"   # "sdpa" (fused kernels, default) | "eager" (materialised scores, HF-exact)
 
     def __post_init__(self):
         if not self.layer_types:
@@ -61,6 +67,8 @@ class Gemma3Config:
         bad = sorted(set(self.layer_types) - {SLIDING, FULL})
         if bad:
             raise ValueError(f"layer_types: unknown kind(s) {bad}; expected '{SLIDING}' or '{FULL}'")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation {self.attn_implementation!r}: expected 'sdpa' or 'eager'")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
@@ -96,10 +104,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))  # zero-centred: the scale is (1 + w)
 
     def forward(self, x):
-        # fp32 throughout and cast at the end: Gemma casts (x*w), Llama casts x then multiplies (differs in bf16)
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        # fp32 throughout and cast at the end: Gemma casts (x*w), Llama casts x then multiplies (differs in bf16).
+        # F.rms_norm is one fused kernel on CUDA (aten::_fused_rms_norm) instead of ~8 launches; on CPU torch 2.13
+        # decomposes it into the same pow/mean/add/rsqrt/mul in the same order as transformers, so logits stay
+        # bit-identical there (tests/test_gemma3.py). (1 + w) is handed in as its weight: x * rstd * (1 + w), fp32.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float() + 1.0, self.eps).to(x.dtype)
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, factor: float, dtype):
@@ -122,7 +131,46 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-def attend(q, k, v, mask, scale: float):
+CAUSAL = "causal"  # mask-slot value: plain causal attention over T == S keys (SDPA's is_causal, no mask tensor)
+
+
+def attend(q, k, v, mask, scale: float, sdpa: bool = True):
+    """q [B, H, T, hd], k/v [B, KV, S, hd], mask [B|1, 1, T, S] additive (or CAUSAL) -> [B, T, H*hd].
+
+    sdpa: torch's fused attention (flash on CPU and CUDA, memory-efficient with a mask on CUDA; GQA as in
+    sdpa_gqa); scores never exist as a tensor. Single-token decode keeps the grouped matmul below (one query: no
+    score tensor to save, and it is the shape the KV-cache decode loop is tuned for)."""
+    if sdpa and q.shape[2] > 1:
+        causal = isinstance(mask, str)  # CAUSAL
+        o = sdpa_gqa(q, k, v, None if causal else mask, scale, causal)  # [B, H, T, hd]
+        return o.transpose(1, 2).flatten(2)
+    if isinstance(mask, str):
+        mask = build_mask(None, 1, q.shape[2], None, q.dtype, q.device)
+    return attend_eager(q, k, v, mask, scale)
+
+
+def sdpa_gqa(q, k, v, mask, scale: float, causal: bool = False):
+    """F.scaled_dot_product_attention with GQA (q [.., H, T, hd], k/v [.., KV, S, hd]) on a fused kernel.
+
+    CPU: the flash kernel takes GQA and a mask natively. CUDA: flash takes GQA but no mask and only bf16/fp16, the
+    memory-efficient kernel takes a mask but not GQA, and anything else silently falls back to the math kernel
+    (materialised scores). So with a mask or fp32 on CUDA the K/V heads are expanded first (HF's repeat_kv order):
+    a zero-stride view when KV = 1 (270m, 1B), a copy otherwise (4B+). bench/gpu.py reports the kernel each call
+    lands on."""
+    H, KV = q.shape[-3], k.shape[-3]
+    gqa = H != KV
+    if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):
+        k, v, gqa = repeat_kv(k, H // KV), repeat_kv(v, H // KV), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+def repeat_kv(x, n: int):
+    """[.., KV, S, hd] -> [.., KV*n, S, hd]: kv head j serves query heads j*n .. j*n+n-1 (HF repeat_kv); a view
+    (stride 0 over the heads) when KV = 1."""
+    return x.unsqueeze(-3).expand(*x.shape[:-2], n, *x.shape[-2:]).flatten(-4, -3)
+
+
+def attend_eager(q, k, v, mask, scale: float):
     """Eager attention exactly as HF: q [B, H, T, hd], k/v [B, KV, S, hd], mask [B|1, 1, T, S] additive -> [B, T, H*hd].
 
     Scores in the model dtype, + mask, softmax in fp32 then cast back (bit-exact with transformers' eager path)."""
@@ -172,6 +220,7 @@ class Attention(nn.Module):
         self.sliding = cfg.layer_types[layer_idx] == SLIDING
         self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.query_pre_attn_scalar ** -0.5
+        self.sdpa = cfg.attn_implementation == "sdpa"
         D = cfg.hidden_size
         self.q_proj = nn.Linear(D, self.H * self.hd, bias=False)
         self.k_proj = nn.Linear(D, self.KV * self.hd, bias=False)
@@ -190,8 +239,8 @@ class Attention(nn.Module):
         if kv_cache is not None:  # the cache owns slots, window and padding: it hands back keys + the mask
             k, v, mask = kv_cache.update(self.layer_idx, k, v)  # [B, KV, S, hd] x2, [B, 1, T, S]
         if isinstance(mask, SharedPrefixLayout):  # packed prompt+completions stream (training only, see below)
-            return self.o_proj(attend_shared_prefix(q, k, v, mask, self.sliding, self.scale))  # [1, N, D]
-        return self.o_proj(attend(q, k, v, mask, self.scale))  # [B, T, D]
+            return self.o_proj(attend_shared_prefix(q, k, v, mask, self.sliding, self.scale, self.sdpa))  # [1, N, D]
+        return self.o_proj(attend(q, k, v, mask, self.scale, self.sdpa))  # [B, T, D]
 
 
 class MLP(nn.Module):
@@ -224,6 +273,8 @@ class Block(nn.Module):
 
 
 class Gemma3(nn.Module):
+    config_class = Gemma3Config  # what twice.hf builds from config.json (it never imports this module)
+
     def __init__(self, config: Gemma3Config):
         super().__init__()
         self.config = config
@@ -253,8 +304,16 @@ class Gemma3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        from twice.hf import from_pretrained  # lazy: twice.hf imports this module
-        return from_pretrained(path, dtype=dtype, device=device)
+        from twice.hf import from_pretrained  # lazy: importing the model needs no safetensors
+        return from_pretrained(cls, path, dtype=dtype, device=device)
+
+    def set_attn_implementation(self, impl: str) -> "Gemma3":
+        """"sdpa" (default: fused kernels) or "eager" (materialised scores, bit-exact with transformers' eager)."""
+        # a new config object: the old one may be shared (PRESETS, other models built from it)
+        self.config = dataclasses.replace(self.config, attn_implementation=impl)  # validates the name
+        for layer in self.layers:
+            layer.self_attn.sdpa = impl == "sdpa"
+        return self
 
     def save_pretrained(self, path, **kwargs):
         from twice.hf import save_pretrained
@@ -298,6 +357,8 @@ class Gemma3(nn.Module):
                 raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected {(B, T)} without cache")
             masks = {SLIDING: build_mask(attention_mask, B, T, cfg.sliding_window, dt, dev),
                      FULL: build_mask(attention_mask, B, T, None, dt, dev)}
+            if attention_mask is None:  # no padding: full layers need no mask tensor at all (SDPA is_causal)
+                masks[FULL] = CAUSAL
 
         for layer, kind in zip(self.layers, cfg.layer_types):
             cos, sin = rope[kind]
@@ -400,7 +461,7 @@ class SharedPrefixLayout:
     K: int
     P: int
     Tc: int
-    prefix_mask: dict          # sliding (bool) -> [1, 1, P, P] additive: prompt self-attention (causal, window)
+    prefix_mask: dict          # sliding (bool) -> [1, 1, P, P] additive (causal + window) or CAUSAL: prompt part
     completion_mask: dict      # sliding (bool) -> [G, 1, 1, 1, Tc, P + Tc] additive: [prompt keys ; own keys]
 
     @staticmethod
@@ -420,14 +481,48 @@ class SharedPrefixLayout:
                 ac = ac & (t[None, :] > t[:, None] - window)
             allowed = torch.cat([ap, ac[None].expand(G, Tc, Tc)], dim=-1)  # [G, Tc, P + Tc]
             cm[sliding] = torch.where(allowed, zero, neg)[:, None, None, None]  # [G, 1, 1, 1, Tc, P + Tc]
-            pm[sliding] = build_mask(None, 1, P, window if sliding else None, dtype, device)  # [1, 1, P, P]
+            # prompts are right-padded, so causal alone hides pad keys from real prompt queries
+            pm[sliding] = build_mask(None, 1, P, window, dtype, device) if sliding else CAUSAL  # [1, 1, P, P]
         return SharedPrefixLayout(G, K, P, Tc, pm, cm)
 
 
-def attend_shared_prefix(q, k, v, layout: SharedPrefixLayout, sliding: bool, scale: float):
+def attend_shared_prefix(q, k, v, layout: SharedPrefixLayout, sliding: bool, scale: float, sdpa: bool = True):
     """q [1, H, N, hd], k/v [1, KV, N, hd] of the packed stream (N = G*P + G*K*Tc) -> [1, N, H*hd].
 
-    Same math as `attend` on the K-times layout (scores in the model dtype, + mask, fp32 softmax, cast)."""
+    Same math as `attend` on the K-times layout. sdpa: each completion row attends over [its prompt's keys ; its
+    own keys] in one fused call per group; the prompt keys are copied to the group's K rows as one [K, KV, P+Tc,
+    hd] tensor (the K-times layout's keys, model dtype) instead of fp32 scores [G, KV, n, K, Tc, P+Tc] (at P = 6144,
+    Tc = 512, G = K = 8, n = 4, KV = 1, hd = 256, bf16: 3.5 GB of scores per layer vs 0.44 GB of keys + values).
+    eager: the materialised path (scores in the model dtype, + mask, fp32 softmax, cast), bit-exact reference."""
+    if not sdpa:
+        return _attend_shared_prefix_eager(q, k, v, layout, sliding, scale)
+    G, K, P, Tc = layout.G, layout.K, layout.P, layout.Tc
+    _, H, N, hd = q.shape
+    KV = k.shape[1]
+    S = G * P
+    # prompts: ordinary causal attention per group
+    qp = q[0, :, :S].reshape(H, G, P, hd).transpose(0, 1)  # [G, H, P, hd]
+    kp = k[0, :, :S].reshape(KV, G, P, hd).transpose(0, 1)  # [G, KV, P, hd]
+    vp = v[0, :, :S].reshape(KV, G, P, hd).transpose(0, 1)
+    out_p = attend(qp, kp, vp, layout.prefix_mask[sliding], scale).reshape(1, S, H * hd)
+    # completions: row (g, k) sees [prompt g ; completion (g, k)]; one call per group, its K rows as the batch, so
+    # the group's [Tc, P + Tc] mask broadcasts over K (a 5-D batch would drop torch's CPU flash kernel for math)
+    R = G * K
+    qc = q[0, :, S:].reshape(H, R, Tc, hd).transpose(0, 1)  # [R, H, Tc, hd]
+    kc = k[0, :, S:].reshape(KV, R, Tc, hd).transpose(0, 1)  # [R, KV, Tc, hd]
+    vc = v[0, :, S:].reshape(KV, R, Tc, hd).transpose(0, 1)
+    cm = layout.completion_mask[sliding]  # [G, 1, 1, 1, Tc, P + Tc]
+    outs = []
+    for g in range(G):
+        rows = slice(g * K, (g + 1) * K)
+        ka = torch.cat([kp[g:g + 1].expand(K, KV, P, hd), kc[rows]], dim=2)  # [K, KV, P + Tc, hd]
+        va = torch.cat([vp[g:g + 1].expand(K, KV, P, hd), vc[rows]], dim=2)
+        outs.append(sdpa_gqa(qc[rows], ka, va, cm[g, :, 0], scale))  # [K, H, Tc, hd]
+    out_c = torch.cat(outs).transpose(1, 2).reshape(1, R * Tc, H * hd)
+    return torch.cat([out_p, out_c], dim=1)  # [1, N, H*hd]
+
+
+def _attend_shared_prefix_eager(q, k, v, layout: SharedPrefixLayout, sliding: bool, scale: float):
     G, K, P, Tc = layout.G, layout.K, layout.P, layout.Tc
     _, H, N, hd = q.shape
     KV = k.shape[1]
@@ -437,7 +532,7 @@ def attend_shared_prefix(q, k, v, layout: SharedPrefixLayout, sliding: bool, sca
     qp = q[0, :, :S].reshape(H, G, P, hd).transpose(0, 1)  # [G, H, P, hd]
     kp = k[0, :, :S].reshape(KV, G, P, hd).transpose(0, 1)  # [G, KV, P, hd]
     vp = v[0, :, :S].reshape(KV, G, P, hd).transpose(0, 1)
-    out_p = attend(qp, kp, vp, layout.prefix_mask[sliding], scale).reshape(1, S, H * hd)
+    out_p = attend(qp, kp, vp, layout.prefix_mask[sliding], scale, sdpa=False).reshape(1, S, H * hd)
     # completions
     qc = q[0, :, S:].reshape(KV, n, G, K, Tc, hd).permute(2, 3, 0, 1, 4, 5)  # [G, K, KV, n, Tc, hd]
     kc = k[0, :, S:].reshape(KV, G, K, Tc, hd).permute(1, 2, 0, 3, 4)[:, :, :, None]  # [G, K, KV, 1, Tc, hd]

@@ -19,9 +19,12 @@ With old_logp None the ratio is exp(logp - logp.detach()): value 1, gradient = d
 gradient -A * d logp (paper Eq. 6 with the clip inactive).
 
 Aggregation `loss_norm` (n_i = tokens of sequence i, N = sequences, M = tokens, L = max_len):
-    seq_mean_token_mean  (1/N) sum_i (1/n_i) sum_t l_it      original GRPO / the paper's 1/K sum_k 1/|o_k|
-    token_mean           (1/M) sum_it l_it                   DAPO (no length bias between sequences)
+    seq_mean_token_mean  (1/N) sum_i (1/n_i) sum_t l_it      original GRPO (DeepSeekMath's 1/G sum_i 1/|o_i| sum_t)
+    token_mean           (1/M) sum_it l_it                   DAPO; also what the authors ran (TRL 0.16.1, their
+                                                              pin, takes the token mean over the micro-batch)
     constant             (1/(N L)) sum_it l_it               Dr. GRPO (no length, no std bias)
+None of these is "the paper's": TWiCE-Rec's Eq. 1/6 write the ratio of SEQUENCE probabilities averaged over the K
+outputs, with no 1/|o| at all; a per-token clipped loss has to pick one of the above.
 N and M default to this micro-batch's own counts. For gradient accumulation and data parallelism pass
 global_seqs / global_tokens = the totals over ALL micro-batches of the optimizer step and ALL ranks (all-reduced):
 then each call returns its exact share, and the shares SUM to the full-batch loss, whatever the split
@@ -43,7 +46,7 @@ class ObjectiveConfig:
     std_floor: float = 1e-3  # the std is floored at this before dividing (NeMo-RL #4161: fp32 residue blew advantages up ~4000x)
     eps_low: float = 0.2  # PPO clip: ratio >= 1 - eps_low
     eps_high: Optional[float] = None  # clip-higher (DAPO: 0.28); None = eps_low (symmetric, the paper)
-    loss_norm: Literal["seq_mean_token_mean", "token_mean", "constant"] = "seq_mean_token_mean"  # see twice/grpo.py
+    loss_norm: Literal["seq_mean_token_mean", "token_mean", "constant"] = "seq_mean_token_mean"  # see the module docstring (authors: token_mean)
     max_len: Optional[int] = None  # the constant normaliser L for loss_norm=constant (max completion tokens)
     beta: float = 0.0  # k3 KL coefficient to the reference policy; 0 = no reference forward at all
 
@@ -137,6 +140,7 @@ def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], advantages
             "clip_frac_low": mt(((ratio < 1 - eps_low) & (A < 0)).float()),  # clipped: no gradient from these
             "clip_frac_high": mt(((ratio > 1 + eps_high) & (A > 0)).float()),
             "ratio_mean": mt(ratio),
+            "ratio_min": ratio.masked_fill(m == 0, float("inf")).min(), "ratio_max": ratio.masked_fill(m == 0, float("-inf")).max(),
             "approx_kl": mt(ratio - 1 - log_ratio),  # k3 estimate of KL(pi_old || pi_theta)
             "kl": mt(kl) if kl is not None else logp.new_zeros(()),
             "adv_abs_mean": A.abs().mean(), "tokens": m.sum(),

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint folders in and out for twice.gemma3.Gemma3.
+"""Hugging Face checkpoint folders in and out for twice.gemma3.Gemma3 (imports torch + safetensors, not the model).
 
     python -c "from twice.gemma3 import Gemma3; m = Gemma3.from_pretrained('ckpt/gemma-3-1b-it'); \
                m.save_pretrained('/tmp/copy')"
@@ -15,6 +15,8 @@ so a load never holds two copies of the weights.
 Writes a folder that transformers 4.5x/5.x `Gemma3ForCausalLM.from_pretrained` (and vLLM) load: config.json with
 both the v4 and v5 keys, generation_config.json, model.safetensors (sharded with an index above max_shard_bytes),
 tokenizer.model. Everything is written to a temp dir first, then renamed into place.
+Imports are one-way: twice/gemma3.py calls into this module from `Gemma3.from_pretrained` / `save_pretrained`; this
+module never imports the model. The model class is handed in (`cls`, with `cls.config_class` for its config).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from twice.gemma3 import FULL, SLIDING, Gemma3, Gemma3Config
+# HF's layer_types strings (Gemma3Config.layer_types uses the same two, so they pass through unchanged)
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -57,8 +60,9 @@ def _rope_factor(params: dict | None, where: str) -> float:
     raise ValueError(f"{where}: rope_type {kind!r} is not supported (Gemma-3 uses 'default' or 'linear')")
 
 
-def config_from_hf(raw: dict, where: str = "config.json") -> Gemma3Config:
-    """HF config dict (text-only or multimodal, v4 or v5 keys) -> Gemma3Config; absent keys get HF defaults."""
+def config_from_hf(raw: dict, config_cls, where: str = "config.json"):
+    """HF config dict (text-only or multimodal, v4 or v5 keys) -> config_cls (Gemma3Config); absent keys get HF
+    defaults. config_cls is passed in so this module does not import the model."""
     text = raw
     if raw.get("model_type") == "gemma3" or "text_config" in raw:  # multimodal wrapper: settings under text_config
         text = dict(raw.get("text_config") or {})
@@ -102,13 +106,13 @@ def config_from_hf(raw: dict, where: str = "config.json") -> Gemma3Config:
         factor = _rope_factor(c.get("rope_scaling"), f"{where}: rope_scaling")
 
     try:
-        return Gemma3Config(**{k: c[k] for k in _PLAIN}, layer_types=list(layer_types), rope_theta=rope_theta,
+        return config_cls(**{k: c[k] for k in _PLAIN}, layer_types=list(layer_types), rope_theta=rope_theta,
                             rope_local_base_freq=rope_local, rope_scaling_factor=factor)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from e
 
 
-def config_to_hf(cfg: Gemma3Config, dtype: torch.dtype) -> dict:
+def config_to_hf(cfg, dtype: torch.dtype) -> dict:
     """Gemma3Config -> a text-only config.json that transformers 4.5x (v4 keys) and 5.x (layer_types) both read.
 
     rope_parameters (v5 form) is deliberately NOT written: 4.57 ignores it, and 5.x converts the legacy
@@ -156,7 +160,7 @@ SKIPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "mo
 LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
 
 
-def key_table(cfg: Gemma3Config, prefix: str = "model.") -> dict[str, str]:
+def key_table(cfg, prefix: str = "model.") -> dict[str, str]:
     """Expanded table {our name: checkpoint name} for every tensor of a model with this config."""
     out = {}
     for ours, theirs in KEY_TABLE.items():
@@ -186,13 +190,13 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def from_pretrained(path, dtype=torch.float32, device="cpu") -> Gemma3:
-    """HF folder -> Gemma3 in `dtype` on `device`, eval mode. Strict: every tensor accounted for, by name."""
+def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+    """HF folder -> a `cls` (Gemma3) in `dtype` on `device`, eval mode. Strict: every tensor accounted for, by name."""
     path = Path(path).expanduser()
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json")
-    config = config_from_hf(json.loads(cfg_file.read_text()), str(cfg_file))
+    config = config_from_hf(json.loads(cfg_file.read_text()), cls.config_class, str(cfg_file))
     files = _weight_files(path)
 
     prefix = next((p for p in PREFIXES if p + "embed_tokens.weight" in files), None)
@@ -209,7 +213,7 @@ def from_pretrained(path, dtype=torch.float32, device="cpu") -> Gemma3:
                        f"unexpected: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
 
     with torch.device("meta"):
-        model = Gemma3(config)
+        model = cls(config)
     expected_shapes = {n: p.shape for n, p in model.named_parameters()}
     by_file: dict[Path, list[str]] = {}
     for ours, theirs in table.items():
@@ -253,7 +257,7 @@ def _shards(table: dict[str, str], state: dict[str, torch.Tensor], max_shard_byt
     return shards
 
 
-def save_pretrained(model: Gemma3, path, max_shard_bytes: int = 2_000_000_000, tokenizer_path=None,
+def save_pretrained(model, path, max_shard_bytes: int = 2_000_000_000, tokenizer_path=None,
                     state_dict: dict | None = None):
     """Write an HF folder (config.json, generation_config.json, safetensors [+ index], tokenizer.model).
 

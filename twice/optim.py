@@ -55,7 +55,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr_rati
         return lr * (step + 1) / warmup_steps
     min_lr = lr * min_lr_ratio
     decay_steps = total_steps - 1 - warmup_steps
-    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - warmup_steps) / decay_steps)  # 0 -> 1
+    # one step after warmup (decay_steps 0): that step runs at the configured lr, there is nothing to decay towards
+    progress = 0.0 if decay_steps <= 0 else min(1.0, (step - warmup_steps) / decay_steps)  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 

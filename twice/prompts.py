@@ -160,17 +160,27 @@ def teacher_prompt(history_block: str, target_block: str, exemplars: list[dict])
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RQ2: the rationale-quality judge (paper: 0 incorrect, 1 correct + insufficient, 2 correct + acceptable,
-# 3 correct + satisfying). "Correct" = the recommended item exists in the catalogue (not hallucinated).
+# RQ2: the rationale-quality judge. The paper (Sec. "Rationale quality", RQ2): "The evaluation criteria are formulated
+# with a two-step approach: initially assessing correctness of the recommendation, followed by the assessment of
+# rationale quality. Correctness is defined by the inclusion of the recommended item in the item vocabulary set [...]
+# a four-level scoring system, i.e., 0: Incorrect, 1: Correct and Insufficient Rationale, 2: Correct and Acceptable
+# Rationale, 3: Correct and Satisfying Rationale." Step 1 (correctness) is a lookup, done in code (eval.run_judge:
+# an item outside the vocabulary scores 0 and is never sent); the judge does step 2 only and grades 1-3. The paper's
+# own judge prompt (its Appendix F) is not in the text we have, so only the rubric's words are the paper's.
+
+JUDGE_RUBRIC = {0: "Incorrect", 1: "Correct and Insufficient Rationale", 2: "Correct and Acceptable Rationale",
+                3: "Correct and Satisfying Rationale"}
 
 JUDGE_SYSTEM = "You are a strict evaluator of product-recommendation explanations."
 
 
-def judge_prompt(history_block: str, recommended_block: str, rationale: str, item_exists: bool) -> str:
+def judge_prompt(history_block: str, recommended_block: str, rationale: str) -> str:
+    """Step 2 of the paper's rubric for a recommendation already found correct (the item exists): grade 1-3."""
+    levels = "\n".join(f"{k}: {JUDGE_RUBRIC[k]}" for k in (1, 2, 3))
     return (
-        "Score the recommendation rationale below on this scale:\n"
-        "0: Incorrect (the recommended item does not exist in the catalogue, or the rationale contradicts the history)\n"
-        "1: Correct and Insufficient rationale\n2: Correct and Acceptable rationale\n3: Correct and Satisfying rationale\n"
-        f"The recommended item {'exists' if item_exists else 'does NOT exist'} in the catalogue.\n\n"
+        "The recommended item below exists in the item vocabulary, so the recommendation is Correct. Assess the "
+        "quality of its rationale: how well it explains, from the customer's purchase history, why this item fits. "
+        f"Score it on this scale:\n{levels}\n\n"
         f"[Purchase History]\n{history_block}\n\n[Recommended Item]\n{recommended_block}\n\n"
-        f"[Rationale]\n{clean(rationale, 4000)}\n\nAnswer with <score>N</score> and one sentence of justification.")
+        f"[Rationale]\n{clean(rationale, 4000)}\n\nAnswer with <score>N</score> (N = 1, 2 or 3) and one sentence of "
+        f"justification.")

@@ -24,9 +24,17 @@ Decisions the paper leaves open (documented here, tested in tests/test_rewards.p
     when the completion is not well formed (the authors' `re.search(r"<item_id>(.*?)</item_id>")`); the format
     rewards punish the bad format separately.
   * ITEM OUTSIDE THE CANDIDATES: when the prompt had a candidate list, an ID that is not among the candidates
-    never matches (rho_match = 0). Its rho_cf is whatever the caller's SASRec lookup returns (SASRec scores the
-    whole catalogue, as in the authors' code, which looks the title up in the full vocabulary), so a plausible
-    non-candidate can still earn rho_cf >= tau. A target that is not among its own candidates is a data error.
+    never matches (rho_match = 0). Its rho_cf depends on `cf_outside_candidates`: "score" (default, the authors':
+    SASRec scores the whole catalogue, their code looks the title up in the full vocabulary), so a plausible
+    non-candidate can still earn rho_cf >= tau without ever being right under the candidate-list metric; "zero":
+    rho_cf = 0 for it. A target that is not among its own candidates is a data error.
+  * WHICH HISTORY SASRec READS for rho_cf is the caller's (train_grpo.py, `cf_history`): "prompt" (default, the
+    authors': the items the prompt shows) or "full" (the split's whole history, SASRec's last maxlen items).
+
+The authors' effective format terms (their TRL reward functions, configs/ablations/authors.yaml; our tag names):
+    tag_presence   1 if BOTH pairs `<think>...</think>` and `<item>...</item>` occur, in either order, else 0
+    tag            0.25 per expected tag that occurs exactly once (= Eq. 4 as we read it; their tag count)
+    only_tags      1 if no tag other than the four expected ones occurs (`<b>`, `</answer>`, ... -> 0), else 0
 
 Registry: every reward has the signature `fn(ctx: RewardContext) -> float`; `compute_rewards(ctxs, weights)`
 sums the weighted components (YAML `rewards: {cg: 1.0, format: 1.0}`) and returns every component for logging,
@@ -36,8 +44,9 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 
 @dataclass
@@ -47,6 +56,10 @@ class RewardConfig:
     tau: float = 0.3  # Eq. 2 CF-confidence threshold (authors' code default 0.3)
     think_tag: str = "think"  # rationale tag name: <think>...</think>
     item_tag: str = "item"  # item tag name: <item>...</item>
+    cf_history: Literal["prompt", "full"] = "prompt"  # history SASRec reads for rho_cf: "prompt" = the items the prompt shows (the
+    #                             authors') | "full" = the split's whole history (last maxlen items)
+    cf_outside_candidates: Literal["score", "zero"] = "score"  # rho_cf of an answer outside the prompt's candidates: "score" = SASRec's
+    #                                       sigmoid as for any item (the authors') | "zero" = 0
 
 
 class Parsed(NamedTuple):
@@ -134,6 +147,23 @@ def format_reward(text: str, think_tag: str = "think", item_tag: str = "item") -
     return struct_reward(text, think_tag, item_tag) + tag_reward(text, think_tag, item_tag)
 
 
+def tag_presence_reward(text: str, think_tag: str = "think", item_tag: str = "item") -> float:
+    """1.0 iff an open...close pair of each expected tag occurs (order between the pairs free, repeats allowed)."""
+    ok = all(_between(text, f"<{t}>", f"</{t}>")[0] is not None for t in (think_tag, item_tag))
+    return 1.0 if ok else 0.0
+
+
+_ANY_TAG = re.compile(r"</?([A-Za-z_][\w.-]*)\s*/?>")
+
+
+def only_tags_reward(text: str, think_tag: str = "think", item_tag: str = "item") -> float:
+    """1.0 iff every tag-shaped token (`<name>`, `</name>`, `<name/>`) is one of the expected four."""
+    for m in _ANY_TAG.finditer(text):
+        if m.group(1) not in (think_tag, item_tag) or m.group(0).endswith("/>") or " " in m.group(0):
+            return 0.0
+    return 1.0
+
+
 # ---------------------------------------------------------------- registry: fn(ctx) -> float, switchable from YAML
 
 
@@ -147,6 +177,7 @@ class RewardContext:
     tau: float = 0.3
     think_tag: str = "think"
     item_tag: str = "item"
+    cf_outside_candidates: str = "score"  # "zero": rho_cf = 0 for an ID outside `candidates` (RewardConfig)
     parsed: Parsed = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -157,14 +188,22 @@ class RewardContext:
                 raise ValueError(f"RewardContext: target {self.target!r} is not among its own {len(self.candidates)} candidates")
 
 
-def _match(ctx: RewardContext) -> float:
+def outside_candidates(ctx: RewardContext) -> bool:
+    """The completion names an ID (non-empty) that is not among the prompt's candidates (False without a list)."""
     item = ctx.parsed.item
-    if item is not None and ctx.candidates is not None and normalize_item(item) not in ctx.candidates:
+    return (item is not None and bool(item.strip()) and ctx.candidates is not None
+            and normalize_item(item) not in ctx.candidates)
+
+
+def _match(ctx: RewardContext) -> float:
+    if outside_candidates(ctx):
         return 0.0  # outside the candidate set: never a match (module docstring)
-    return item_match(item, ctx.target)
+    return item_match(ctx.parsed.item, ctx.target)
 
 
 def _cf(ctx: RewardContext) -> float:
+    if ctx.cf_outside_candidates == "zero" and outside_candidates(ctx):
+        return 0.0
     return cf_reward(ctx.parsed.item, ctx.cf_logit)
 
 
@@ -179,6 +218,8 @@ REWARDS: dict[str, Callable[[RewardContext], float]] = {
     "format": lambda ctx: format_reward(ctx.completion, ctx.think_tag, ctx.item_tag),
     "struct": lambda ctx: struct_reward(ctx.completion, ctx.think_tag, ctx.item_tag),
     "tag": lambda ctx: tag_reward(ctx.completion, ctx.think_tag, ctx.item_tag),
+    "tag_presence": lambda ctx: tag_presence_reward(ctx.completion, ctx.think_tag, ctx.item_tag),
+    "only_tags": lambda ctx: only_tags_reward(ctx.completion, ctx.think_tag, ctx.item_tag),
 }
 
 

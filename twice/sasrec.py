@@ -8,7 +8,9 @@ product with the (shared) item embedding table. Trained by `train_sasrec.py`; us
 
 Losses (config `loss`), all on packed sequences (every position of a sequence predicts the next item in one
 forward, the original SASRec way):
-  - "bce": one uniformly sampled negative per position, binary cross-entropy (original SASRec).
+  - "bce": one sampled negative per position, binary cross-entropy (original SASRec). `neg_sampling: unseen`
+    draws it outside the user's whole training sequence (the original's `random_neq(1, n+1, set(seq))`;
+    train_sasrec.py passes that sequence as `exclude`), `uniform` from every other item.
   - "ce": full softmax over all items (SASRec+ of Klenitskiy & Vasilev, RecSys'23; RecBole's loss_type CE).
   - "sampled_softmax": softmax over the positive and `n_negatives` uniform negatives shared by the whole batch
     (one [N, K] matmul), for catalogs where the full [N, n_items] logits do not fit.
@@ -44,17 +46,24 @@ class SASRecConfig:
     inner: int = 256  # feed-forward width (RecBole: inner_size 256; original SASRec: = hidden)
     maxlen: int = 50  # longest history the model reads; longer histories keep the most recent maxlen items
     dropout: float = 0.2  # dropout on embeddings, attention probabilities, and residual branches
-    norm: str = "pre"  # "pre" (LN before each sublayer + final LN; stabler) or "post" (original Transformer/SASRec)
+    norm: str = "pre"  # "pre": x + Dropout(g(LN(x))) + final LN (the SASRec paper's block and its code) | "post":
+    #                    LN(x + Dropout(g(x))) (the original Transformer's; RecBole's SASRec)
     loss: str = "ce"  # "ce" (full softmax) | "bce" (1 sampled negative per position) | "sampled_softmax"
+    neg_sampling: str = "uniform"  # loss=bce: "unseen" = the negative is never in the user's training sequence
+    #                                (the original) | "uniform" = any item but the positive
     n_negatives: int = 256  # negatives shared by the batch for loss="sampled_softmax"
     init_std: float = 0.02  # std of the normal init of embeddings and linear weights
     ln_eps: float = 1e-8  # LayerNorm epsilon
+    item_ids_sha: str = ""  # fingerprint of the dataset's item id map (filled by train_sasrec.py; checked by
+    #                         check_dataset so a reward/eval never reads scores of another catalogue's ids)
 
     def __post_init__(self):
         if self.norm not in ("pre", "post"):
             raise ValueError(f"SASRecConfig.norm must be 'pre' or 'post', got {self.norm!r}")
         if self.loss not in ("ce", "bce", "sampled_softmax"):
             raise ValueError(f"SASRecConfig.loss must be 'ce', 'bce' or 'sampled_softmax', got {self.loss!r}")
+        if self.neg_sampling not in ("uniform", "unseen"):
+            raise ValueError(f"SASRecConfig.neg_sampling must be 'uniform' or 'unseen', got {self.neg_sampling!r}")
         if self.hidden % self.heads:
             raise ValueError(f"SASRecConfig.hidden ({self.hidden}) must be divisible by heads ({self.heads})")
 
@@ -170,9 +179,11 @@ class SASRec(nn.Module):
         return logits
 
     # ---------------------------------------------------------------- training loss
-    def forward(self, seq: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(self, seq: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None,
+                exclude: torch.Tensor | None = None):
         """Packed next-item loss. seq [B, L] inputs (left-padded), targets [B, L] next item at each slot
-        (0 = no target, ignored). Returns a scalar loss (mean over target positions)."""
+        (0 = no target, ignored). exclude [B, E] (0-padded): items a row's BCE negatives must avoid (its user's
+        training sequence), used when neg_sampling == "unseen". Returns a scalar loss (mean over target positions)."""
         h = self.hidden_states(seq)  # [B, L, D]
         valid = targets != 0
         h, pos = h[valid], targets[valid]  # [N, D], [N]
@@ -184,6 +195,13 @@ class SASRec(nn.Module):
             return F.cross_entropy(logits, pos)
         if self.cfg.loss == "bce":
             neg = torch.randint(1, V, pos.shape, device=pos.device, generator=generator)  # [N]
+            if self.cfg.neg_sampling == "unseen":
+                if exclude is None:
+                    raise ValueError("SASRec: neg_sampling='unseen' needs `exclude` (each row's training sequence)")
+                seen = torch.zeros(exclude.shape[0], V, dtype=torch.bool, device=pos.device)  # [B, V+1]
+                seen.scatter_(1, exclude.to(pos.device), True)
+                seen[:, 0] = False
+                neg = sample_unseen(neg, valid.nonzero()[:, 0], seen, generator)  # [N]
             pos_logit = (h * W[pos]).sum(-1)
             neg_logit = (h * W[neg]).sum(-1)
             keep = (neg != pos).float()  # a "negative" equal to the positive is not a negative
@@ -236,6 +254,63 @@ class SASRec(nn.Module):
                 raise ValueError(f"{w_path}: '{k}' has shape {tuple(v.shape)}, config expects {tuple(expected[k].shape)}")
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
+
+
+def sample_unseen(neg: torch.Tensor, row: torch.Tensor, seen: torch.Tensor, generator=None, rounds: int = 1000) -> torch.Tensor:
+    """neg [N] initial uniform draws in 1..V-1, row [N] which row of seen [B, V] (bool, True = that user has the
+    item) each draw belongs to -> [N], every draw redrawn until unseen (rejection sampling: uniform over the unseen
+    items). Vectorised over N; memory O(B * V), not O(N * V)."""
+    V = seen.shape[1]
+    for _ in range(rounds):
+        bad = seen[row, neg]  # [N]
+        if not bool(bad.any()):
+            return neg
+        neg = neg.masked_scatter(bad, torch.randint(1, V, (int(bad.sum()),), device=neg.device, generator=generator))
+    raise ValueError("SASRec: could not draw an unseen negative: some user has interacted with almost every item")
+
+
+def item_ids_sha(ds) -> str:
+    """Fingerprint of a dataset's item id map (idx -> id, in idx order): equal iff the SASRec ids mean the same items."""
+    import hashlib
+    return hashlib.sha256("\n".join(it.id for it in ds.items[1:]).encode()).hexdigest()[:16]
+
+
+def check_dataset(model: SASRec, ds, where: str) -> None:
+    """Refuse, in one line, a SASRec trained on another catalogue: a different item count or id map would make every
+    rho_cf (and the SASRec eval row) the score of some other item. A ConfigError (a ValueError): the scripts print
+    it as one line."""
+    from twice.config import ConfigError
+    c = model.cfg
+    if c.n_items != ds.n_items:
+        raise ConfigError(f"{where}: SASRec has {c.n_items} items but dataset {ds.root} has {ds.n_items}; "
+                         f"train SASRec on this dataset (python train_sasrec.py ... train.data_dir={ds.root})")
+    if c.item_ids_sha and c.item_ids_sha != item_ids_sha(ds):
+        raise ConfigError(f"{where}: SASRec's item id map (sha {c.item_ids_sha}) differs from dataset {ds.root}'s "
+                         f"({item_ids_sha(ds)}); train SASRec on this dataset")
+
+
+@torch.no_grad()
+def calibration(model: SASRec, histories: list[list[int]], tau: float = 0.3, seed: int = 0,
+                batch_size: int = 512) -> dict:
+    """How sigmoid(logit) behaves as a probability (the GRPO reward's rho_cf), over the given histories:
+    share of the unseen catalogue with rho_cf >= tau (mean over users), median rho_cf of one seeded random unseen
+    item per user, and SASRec's own top-1 unseen item's rho_cf (median and min over users)."""
+    dev = model.item_emb.weight.device
+    g = torch.Generator().manual_seed(seed)
+    share, rand, top1 = [], [], []
+    for s, e in _batches(len(histories), batch_size):
+        p = torch.sigmoid(model.score_all(left_pad(histories[s:e], model.cfg.maxlen).to(dev)).float()).cpu()  # [B, V+1]
+        seen = _seen_mask(histories[s:e], p.shape[1], "cpu")
+        seen[:, 0] = True
+        unseen = ~seen
+        share.append(((p >= tau) & unseen).sum(1) / unseen.sum(1).clamp(min=1))
+        top1.append(p.masked_fill(seen, -1.0).max(1).values)
+        r = torch.multinomial(unseen.float(), 1, generator=g)[:, 0]  # one uniform unseen item per user
+        rand.append(p.gather(1, r[:, None])[:, 0])
+    share, rand, top1 = torch.cat(share), torch.cat(rand), torch.cat(top1)
+    return {"tau": tau, "users": len(histories), "share_ge_tau": float(share.mean()),
+            "random_unseen_median": float(rand.median()), "random_unseen_ge_tau": float((rand >= tau).float().mean()),
+            "top1_median": float(top1.median()), "top1_min": float(top1.min())}
 
 
 def left_pad(histories: list[list[int]], maxlen: int) -> torch.Tensor:

@@ -25,8 +25,9 @@ class TaskConfig:
     max_history: int = 20             # most recent history items shown (older ones dropped first anyway)
     desc_chars: int = 200             # description chars per history item (shrunk first when over budget)
     review_chars: int = 200           # review chars per history item (shrunk first when over budget)
-    details_chars: int = 0            # details chars per item (0 = omit)
-    candidate_desc_chars: int = 0     # description chars per candidate (0 = title + id only)
+    details_chars: int = 0            # details chars per item, history and candidates alike (0 = omit)
+    candidate_desc_chars: int = 0     # description chars per candidate (0 = title + id only; the authors' prompts
+                                      #   show ~300 chars of description and of details for every candidate)
     domain: str = ""                  # e.g. "Grocery_and_Gourmet_Food"; shown in the instruction
     think_tag: str = "think"
     item_tag: str = "item"
@@ -67,7 +68,7 @@ def _history_block(ds, user, history_positions: list[int], cfg: TaskConfig, desc
 def _candidates_block(ds, candidates: list[int], cfg: TaskConfig) -> str:
     return "\n\n".join(prompts.render_item(ds.items[c].title, ds.items[c].id, ds.items[c].description,
                                            ds.items[c].details, desc_chars=cfg.candidate_desc_chars,
-                                           details_chars=0) for c in candidates)
+                                           details_chars=cfg.details_chars) for c in candidates)
 
 
 def _messages(system: str, user_text: str) -> list[dict]:
@@ -78,13 +79,17 @@ def _messages(system: str, user_text: str) -> list[dict]:
 # candidates
 
 def sample_candidates(ds, user, target: int, n_negatives: int, rng: random.Random) -> list[int]:
-    """Target + n negatives the user never interacted with, shuffled (target position uniform). Training only:
-    valid/test use the dataset's fixed candidate sets so every model is judged on the same lists."""
-    seen = set(user.items)
-    n_negatives = min(n_negatives, ds.n_items - len(seen))
+    """Target + n negatives the user never interacted with (nor in the part max_history cut off), drawn from
+    `ds.negative_pool` (the one eligibility rule, twice.data.negative_mask: items that look like targets, so the
+    ID format gives nothing away), shuffled (target position uniform). Training only: valid/test use the
+    dataset's fixed candidate sets so every model is judged on the same lists."""
+    seen = set(user.items) | set(getattr(user, "dropped", ()))
+    pool = getattr(ds, "negative_pool", None) or range(1, ds.n_items + 1)
+    if len(pool) - len(seen) < n_negatives:      # a lower bound on what is free: count exactly only when short
+        n_negatives = min(n_negatives, len(set(pool) - seen))
     negatives: set[int] = set()
     while len(negatives) < n_negatives:
-        c = rng.randint(1, ds.n_items)
+        c = pool[rng.randrange(len(pool))]
         if c not in seen:
             negatives.add(c)
     cands = sorted(negatives) + [target]
@@ -148,7 +153,7 @@ def describe_example(ds, item_idx: int, cfg: TaskConfig) -> Example:
 def encode_example(tokenizer, ex: Example, max_len: int | None = None) -> tuple[list[int], list[int]]:
     """-> (input_ids, loss_mask). Loss covers exactly the response tokens and the closing <end_of_turn>."""
     prompt_ids = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True)
-    response_ids = tokenizer.encode(ex.response) + [tokenizer.end_of_turn_id]
+    response_ids = encode_response(tokenizer, ex.response) + [tokenizer.end_of_turn_id]
     ids = prompt_ids + response_ids
     mask = [0] * len(prompt_ids) + [1] * len(response_ids)
     if max_len is not None and len(ids) > max_len:
@@ -156,5 +161,37 @@ def encode_example(tokenizer, ex: Example, max_len: int | None = None) -> tuple[
     return ids, mask
 
 
+def encode_response(tokenizer, response: str) -> list[int]:
+    """A response's token ids as SFT trains on them: the WHOLE text in one encode, so tokens merge across the tags
+    (`...</think><item>...` -> 'think', '><', 'item'). eval.py's exact ranking scores candidates through this."""
+    return tokenizer.encode(response)
+
+
 def prompt_ids(tokenizer, ex: Example) -> list[int]:
     return tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the authors' prompts, verbatim (a dataset dir built from source "official")
+
+# the authors' answer format: <think>..</think> <item_nm>title</item_nm> <item_id>ASIN</item_id>
+AUTHORS_TAGS = Tags("think", "item_id")
+
+
+def authors_prompts(ds) -> dict[int, Example]:
+    """user idx -> the authors' released test prompt for that user, verbatim: their system prompt and user turn
+    exactly as in amazon_<D>_llm_test*.json (no re-rendering, no token budget: ~7k Gemma tokens each). Parse
+    completions with AUTHORS_TAGS. The candidates are checked against the dir's candidates_test.jsonl (the same
+    lists in the same order) so a verbatim prompt is scored against the list it shows."""
+    if ds.meta.get("source") != "official":
+        raise ValueError(f"{ds.root}: the authors' prompts exist only in a dataset dir built from source 'official'")
+    sets = {cs.user: cs for cs in ds.candidates("test")}
+    out = {}
+    for n, r in enumerate(ds.examples("test"), 1):
+        u = r.get("user")
+        if u not in sets or sets[u].candidates != r["candidates"] or sets[u].target != r["target"]:
+            raise ValueError(f"{ds.root / 'examples_test.jsonl'}:{n}: user {u} does not match candidates_test.jsonl")
+        out[u] = Example(task="reason", messages=_messages(r["system"], r["input"]), target_id=r["target_id"],
+                         candidate_ids=[ds.items[c].id for c in r["candidates"]], user=u, history=list(r["history"]))
+    return out

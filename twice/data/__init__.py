@@ -4,8 +4,11 @@
     ds = load_dataset("data/ml-100k")                                  # read (this file)
 
 A dataset dir holds (one JSON object per line; item/user indices are 1-based, 0 is padding):
-    items.jsonl              line k holds item idx k+1: {"idx", "id", "title", "description", "details"}
-    users.jsonl              {"idx", "id", "items", "ratings", "reviews", "timestamps"}, items chronological
+    items.jsonl              line k holds item idx k+1: {"idx", "id", "title", "description", "details"[,
+                             "source_id"]}; all-numeric ids are zero-padded to one width (fixed_width_ids),
+                             "source_id" keeps the source's spelling
+    users.jsonl              {"idx", "id", "items", "ratings", "reviews", "timestamps"[, "dropped"]}, items
+                             chronological; "dropped" (max_history > 0): items of the cut-off older interactions
     candidates_valid.jsonl   {"user", "target", "candidates"}  target + N negatives, seeded order
     candidates_test.jsonl    idem
     stats.json, meta.json    counts and filtered counts; source, resolved config, text caps, version
@@ -17,12 +20,13 @@ train target = items[-3] (history items[:-3]); SASRec trains on prefixes of item
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 RATING_WORDS = {1: "Terrible", 2: "Bad", 3: "Okay", 4: "Good", 5: "Excellent"}
 WORD_RATINGS = {w: r for r, w in RATING_WORDS.items()}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: numeric ids zero-padded, negatives from the eligible items only, users.jsonl 'dropped'
 SPLITS = ("train", "valid", "test")
 # offset of the target from the end of the sequence, per split
 _SPLIT_BACK = {"test": 1, "valid": 2, "train": 3}
@@ -58,6 +62,7 @@ class Item:
     title: str
     description: str = ""
     details: dict[str, str] = field(default_factory=dict)
+    source_id: str = ""          # the id as the source spells it, when `id` was zero-padded (else = id)
 
 
 @dataclass
@@ -68,6 +73,7 @@ class User:
     ratings: list[int | None]
     reviews: list[str]
     timestamps: list[int]
+    dropped: list[int] = field(default_factory=list)   # items of interactions max_history cut off (never negatives)
 
 
 @dataclass
@@ -90,6 +96,46 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# which items may be a negative: ONE rule, used by build.py / official.py (valid and test lists) and by
+# tasks.sample_candidates (SFT and GRPO lists) through Dataset.negative_pool
+
+def id_shape(item_id: str) -> tuple[str, int]:
+    """An ID's format: character class (digits / alnum / other) and length. "B00A000001" -> ("alnum", 10)."""
+    kind = "digits" if item_id.isdigit() else "alnum" if item_id.isalnum() else "other"
+    return kind, len(item_id)
+
+
+def item_kind(item_id: str, description: str, details: dict) -> tuple:
+    """What a model could tell from the item's text alone: its ID format and whether it has metadata."""
+    return id_shape(item_id), bool(description or details)
+
+
+def negative_mask(kinds: list[tuple], targets) -> list[bool]:
+    """kinds[k] = item_kind of item idx k (kinds[0] unused) -> mask[k]: item k may be a sampled negative.
+    An item is eligible iff some target item has its kind. Why: on the authors' release every target has an ASIN
+    and metadata while 3,259 of 6,149 vocab items have a bare-number ID and no text, so negatives drawn from the
+    whole vocab let "pick the ASIN-looking ID" beat chance; candidates must differ only in what they are."""
+    allowed = {kinds[t] for t in targets}
+    return [False] + [k in allowed for k in kinds[1:]]
+
+
+def split_targets(seqs) -> set[int]:
+    """The items that are ever a train / valid / test target (the last 3 of each sequence)."""
+    return {x for s in seqs for x in s[-3:]}
+
+
+def fixed_width_ids(ids: list[str]) -> list[str]:
+    """All-numeric item IDs zero-padded to one width ("7" -> "0007" when the largest has 4 digits). Why: the
+    exact-ranking score is a summed log-likelihood over the ID's tokens, and Gemma's tokenizer spends one token
+    per digit, so a 1-digit ID would be scored over fewer tokens than a 4-digit one (a length bias, not a
+    preference). Non-numeric IDs (ASINs) are returned unchanged."""
+    if not ids or not all(s.isdigit() for s in ids):
+        return list(ids)
+    w = max(len(s) for s in ids)
+    return [s.zfill(w) for s in ids]
+
+
 class Dataset:
     """A loaded dataset dir. `items[idx]` is item idx (`items[0]` is None: padding). `users` is a plain list with
     `users[k].idx == k + 1` (use `user(idx)`); `history`, `target` and candidate sets take the user *idx*."""
@@ -101,20 +147,30 @@ class Dataset:
                 raise FileNotFoundError(f"{self.root}: not a dataset dir (missing {name}); "
                                         f"build one with `python -m twice.data prepare cfg.yaml`")
         self.meta = json.loads((self.root / "meta.json").read_text())
+        if self.meta.get("format_version", 0) < FORMAT_VERSION:
+            print(f"[twice.data] WARNING: {self.root} was built by an older twice (format_version "
+                  f"{self.meta.get('format_version')} < {FORMAT_VERSION}: numeric ids unpadded, negatives from every "
+                  f"item, max_history cut-offs not excluded); rebuild it with `python -m twice.data prepare`",
+                  file=sys.stderr)
         stats = self.root / "stats.json"
         self.stats = json.loads(stats.read_text()) if stats.exists() else {}
         self.items: list[Item | None] = [None]
         for k, r in enumerate(_read_jsonl(self.root / "items.jsonl")):
             if r["idx"] != k + 1:
                 raise ValueError(f"{self.root / 'items.jsonl'}:{k + 1}: idx {r['idx']} != {k + 1}")
-            self.items.append(Item(r["idx"], r["id"], r["title"], r.get("description", ""), r.get("details", {})))
+            self.items.append(Item(r["idx"], r["id"], r["title"], r.get("description", ""), r.get("details", {}),
+                                   r.get("source_id", r["id"])))
         self.users: list[User] = []
         for k, r in enumerate(_read_jsonl(self.root / "users.jsonl")):
             if r["idx"] != k + 1:
                 raise ValueError(f"{self.root / 'users.jsonl'}:{k + 1}: idx {r['idx']} != {k + 1}")
-            self.users.append(User(r["idx"], r["id"], r["items"], r["ratings"], r["reviews"], r["timestamps"]))
+            self.users.append(User(r["idx"], r["id"], r["items"], r["ratings"], r["reviews"], r["timestamps"],
+                                   r.get("dropped", [])))
         self.item_by_id: dict[str, int] = {it.id: it.idx for it in self.items[1:]}
         self._candidates: dict[str, list[CandidateSet]] = {}
+        mask = negative_mask([None] + [item_kind(it.id, it.description, it.details) for it in self.items[1:]],
+                             split_targets(u.items for u in self.users))
+        self.negative_pool: list[int] = [k for k, ok in enumerate(mask) if ok]   # item idx a negative may be
 
     @property
     def n_items(self) -> int:

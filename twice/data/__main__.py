@@ -3,6 +3,7 @@
     python -m twice.data prepare configs/data/ml-100k.yaml [key=value ...]
     python -m twice.data prepare configs/data/amazon.yaml raw_dir=~/amazon2023 domain=All_Beauty out_dir=data/beauty
     python -m twice.data prepare configs/data/official.yaml raw_dir=../shared/data/twice_official_sample
+    python -m twice.data audit data/ml-100k [--full DIR]     # are the candidate lists fair? (twice/data/audit.py)
 """
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ def prepare(cfg: DataConfig):
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["audit"] and len(argv) in (2, 4) and (len(argv) == 2 or argv[2] == "--full"):
+        import json
+        from twice.data import load_dataset
+        from twice.data.audit import audit
+        print(json.dumps(audit(load_dataset(argv[1]), load_dataset(argv[3]) if len(argv) == 4 else None), indent=2))
+        return 0
     if not argv or argv[0] != "prepare":
         print(__doc__, file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from twice.config import to_dict
-from twice.data import FORMAT_VERSION, DataConfig
+from twice.data import FORMAT_VERSION, DataConfig, fixed_width_ids, item_kind, negative_mask, split_targets
 
 SPLIT_CODES = {"valid": 1, "test": 2}
 
@@ -97,12 +97,18 @@ def chronological(rows: np.ndarray, u: np.ndarray, ts: np.ndarray, max_history: 
 # ----------------------------------------------------------------------------------------------------------------
 # candidate sets
 
-def sample_negatives(rng: np.random.Generator, n_items: int, exclude: set[int], n: int,
+def sample_negatives(rng: np.random.Generator, pool, exclude: set[int], n: int,
                      cum_weights: np.ndarray | None) -> list[int]:
-    """n distinct item idx in 1..n_items, none in `exclude`; uniform, or popularity via integer cumulative weights
-    (ints only, so the draw is bit-identical on every machine). Rejection in vectorised rounds; exact fallback."""
-    if n_items - len(exclude) < n:
-        raise DataError(f"only {n_items - len(exclude)} items outside a user's sequence, need {n} negatives")
+    """n distinct item idx from `pool` (the eligible items, data.negative_mask; an int N means all of 1..N), none in
+    `exclude`; uniform, or popularity via integer cumulative weights aligned with the pool (ints only, so the draw
+    is bit-identical on every machine). Rejection in vectorised rounds; exact fallback. With every item eligible
+    the draws equal those of sampling 1..N directly (pool[k] = k + 1)."""
+    pool = np.arange(1, pool + 1) if isinstance(pool, (int, np.integer)) else np.asarray(pool)
+    free = len(pool) - len(exclude)           # a lower bound; count exactly only when it is short
+    if free < n:
+        free = len(set(pool.tolist()) - set(exclude))
+    if free < n:
+        raise DataError(f"only {free} eligible items outside a user's sequence, need {n} negatives")
     out: list[int] = []
     seen = set(exclude)
     if n == 0:
@@ -110,34 +116,37 @@ def sample_negatives(rng: np.random.Generator, n_items: int, exclude: set[int], 
     for _ in range(64):
         m = 2 * (n - len(out)) + 8
         if cum_weights is None:
-            draw = rng.integers(1, n_items + 1, size=m)
+            draw = pool[rng.integers(0, len(pool), size=m)]
         else:
-            draw = np.searchsorted(cum_weights, rng.integers(0, int(cum_weights[-1]), size=m), side="right") + 1
+            draw = pool[np.searchsorted(cum_weights, rng.integers(0, int(cum_weights[-1]), size=m), side="right")]
         for x in draw.tolist():
             if x not in seen:
                 seen.add(x)
                 out.append(x)
                 if len(out) == n:
                     return out
-    # the user covers most of the (weighted) catalog: draw exactly from what is left
-    allowed = np.array([x for x in range(1, n_items + 1) if x not in seen])
+    # the user covers most of the (weighted) pool: draw exactly from what is left
+    keep = np.array([x not in seen for x in pool.tolist()])
+    allowed = pool[keep]
     if cum_weights is None:
         p = None
     else:
-        w = np.diff(np.r_[0, cum_weights])[allowed - 1].astype(np.float64)
+        w = np.diff(np.r_[0, cum_weights])[keep].astype(np.float64)
         p = w / w.sum()
     out += rng.choice(allowed, size=n - len(out), replace=False, p=p).tolist()
     return out
 
 
-def candidate_set(seed: int, user: int, split: str, seq: list[int], n_items: int, n_neg: int,
-                  cum_weights: np.ndarray | None) -> dict:
-    """Target + n_neg negatives never in the user's whole sequence, shuffled with the target's slot uniform.
-    The generator is seeded from (seed, user idx, split) alone, so a set does not depend on the other users."""
+def candidate_set(seed: int, user: int, split: str, seq: list[int], pool, n_neg: int,
+                  cum_weights: np.ndarray | None, exclude=()) -> dict:
+    """Target + n_neg negatives from `pool` (see sample_negatives) never in the user's whole sequence nor in
+    `exclude` (items of the user's interactions that max_history cut off), shuffled with the target's slot
+    uniform. The generator is seeded from (seed, user idx, split) alone, so a set does not depend on the other
+    users."""
     back = {"valid": 2, "test": 1}[split]
     target = seq[len(seq) - back]
     rng = np.random.default_rng([seed, user, SPLIT_CODES[split]])
-    negs = sample_negatives(rng, n_items, set(seq), n_neg, cum_weights)
+    negs = sample_negatives(rng, pool, set(seq) | set(exclude), n_neg, cum_weights)
     pos = int(rng.integers(0, n_neg + 1))
     return {"user": user, "target": target, "candidates": negs[:pos] + [target] + negs[pos:]}
 
@@ -226,6 +235,7 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
     filtered["kcore_items"] = items0 - len(np.unique(i[rows]))
     filtered["kcore_passes"] = passes
     n1 = len(rows)
+    rows_kcore = rows
     rows = chronological(rows, u, ts, cfg.max_history)
     filtered["max_history_interactions"] = n1 - len(rows)
 
@@ -238,15 +248,21 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
 
     # items: metadata for kept items only
     kept_item_ids = [inter.item_ids[c] for c in icodes[iorder]]     # position k -> item idx k+1
+    shown_ids = fixed_width_ids(kept_item_ids)                      # numeric ids at one width ("0007")
     source.load_meta(kept_item_ids, cfg)
     no_meta = 0
+    kinds: list = [None]                                            # item idx -> item_kind (negative eligibility)
     with open(tmp / "items.jsonl", "w", encoding="utf-8") as f:
         for k, iid in enumerate(kept_item_ids):
             m = source.item(iid)
             if m is None:
                 no_meta += 1
                 m = {"title": iid, "description": "", "details": {}}
-            f.write(json.dumps({"idx": k + 1, "id": iid, **m}, ensure_ascii=False) + "\n")
+            kinds.append(item_kind(shown_ids[k], m.get("description", ""), m.get("details", {})))
+            rec = {"idx": k + 1, "id": shown_ids[k], **m}
+            if shown_ids[k] != iid:
+                rec["source_id"] = iid                              # the id as the source spells it
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     filtered["items_without_meta"] = no_meta
     if no_meta:
         log(f"{no_meta} of {n_items} items have no metadata: title = their id")
@@ -266,6 +282,7 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
     bounds = np.r_[0, np.cumsum(np.bincount(uu, minlength=n_users + 1)[1:])]
     lengths = np.diff(bounds)
     flat = item_idx[i[rows_u]].astype(np.int32)          # [interactions] every user's sequence, back to back
+    dropped = dropped_items(rows_kcore, rows, u, i, ts, user_idx, item_idx)   # user idx -> items cut by max_history
     train_counts = np.zeros(n_items + 1, dtype=np.int64)
     with open(tmp / "users.jsonl", "w", encoding="utf-8") as f:
         for k in range(n_users):
@@ -276,17 +293,23 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
                    "ratings": [source.rating(x) for x in r.tolist()],
                    "reviews": [source.review(x) for x in r.tolist()],
                    "timestamps": ts[r].tolist()}
+            if cfg.max_history > 0:
+                rec["dropped"] = dropped.get(k + 1, [])
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     source.close()
     filtered.update({k: v for k, v in getattr(source, "counts", {}).items() if k not in filtered})
 
-    # candidate sets
-    cum = None if cfg.negative_sampling == "uniform" else np.cumsum(train_counts[1:] + 1)
+    # candidate sets: negatives from the eligible items only (data.negative_mask: the targets' ID format and
+    # metadata), never an item of the user's whole sequence, including what max_history cut off
+    mask = negative_mask(kinds, split_targets(flat[bounds[k]:bounds[k + 1]].tolist() for k in range(n_users)))
+    pool = np.flatnonzero(mask)
+    filtered["negative_pool"] = len(pool)
+    cum = None if cfg.negative_sampling == "uniform" else np.cumsum(train_counts[pool] + 1)
     # ^ popularity weight = train-part count + 1, so items never in a train part can still be drawn
     for split in ("valid", "test"):
         _write_jsonl(tmp / f"candidates_{split}.jsonl",
-                     (candidate_set(cfg.seed, k + 1, split, flat[bounds[k]:bounds[k + 1]].tolist(), n_items,
-                                    cfg.n_negatives, cum) for k in range(n_users)))
+                     (candidate_set(cfg.seed, k + 1, split, flat[bounds[k]:bounds[k + 1]].tolist(), pool,
+                                    cfg.n_negatives, cum, dropped.get(k + 1, ())) for k in range(n_users)))
 
     n_inter = int(lengths.sum())
     stats = {"users": n_users, "items": n_items, "interactions": n_inter,
@@ -298,6 +321,20 @@ def _build_into(cfg: DataConfig, source, tmp: Path) -> None:
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     write_meta(tmp, cfg, extra=getattr(source, "meta_info", lambda: {})())
     log(f"{name}: {n_users} users, {n_items} items, {n_inter} interactions in {time.time() - t0:.1f}s")
+
+
+def dropped_items(rows_all: np.ndarray, rows_kept: np.ndarray, u, i, ts, user_idx, item_idx) -> dict[int, list[int]]:
+    """user idx -> the catalog items (idx) of that user's interactions that max_history cut off, oldest first.
+    Why: they are items the user touched, so they must not be sampled as negatives either."""
+    cut = np.setdiff1d(rows_all, rows_kept)
+    if not len(cut):
+        return {}
+    cut = cut[np.lexsort((cut, ts[cut], u[cut]))]
+    out: dict[int, list[int]] = {}
+    for uu, ii in zip(user_idx[u[cut]].tolist(), item_idx[i[cut]].tolist()):
+        if ii:                                   # 0: the item is not in the catalog (only in cut interactions)
+            out.setdefault(uu, []).append(ii)
+    return out
 
 
 def write_meta(tmp: Path, cfg: DataConfig, extra: dict | None = None) -> None:

@@ -21,8 +21,14 @@ What is mapped:
     An item never shown with an ASIN keeps its vocab number as id (counted in stats.json).
   - users.jsonl: one user per test record, items = history + target; ratings and reviews parsed from the history
     blocks (rating words -> 1..5; the target has none); timestamps = positions (the release has no times).
+    Task-2/3 records get `user` = the test user whose sequence they prefix (the release lines up by index:
+    train record k = the first items of test user k), so SFT prompts show that user's reviews and ratings and
+    the same history block as the user's eval prompt; joined / unjoined / review-mismatch counts in stats.json.
     candidates_test.jsonl = the authors' 30 candidates in their order; candidates_valid.jsonl is sampled by us
-    (the release has none) exactly like build.py does (n_negatives, negative_sampling, seed).
+    (the release has none) exactly like build.py does (n_negatives, negative_sampling, seed, eligible items only).
+    The authors' test lists are NOT uniform samples: 95 of 100 are the target + 29 items of one fixed 30-item
+    pool, 23 users have own history items among the negatives, "pick the odd one out" gets HR@1 95/100
+    (audit_candidates; stats.json "test_candidates_audit"). Use them to check the import, never for headline numbers.
 """
 from __future__ import annotations
 
@@ -33,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from twice.data import WORD_RATINGS, DataConfig
+from twice.data import WORD_RATINGS, DataConfig, item_kind, negative_mask, split_targets
+from twice.data.audit import audit_candidates
 from twice.data.build import DataError, _write_jsonl, candidate_set, commit_dir, log, write_meta
 
 TASK_FILES = {"task1": "llm_train", "task2": "llm_train_case_2", "task3": "llm_train_case_1", "test": "llm_test"}
@@ -138,6 +145,7 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
     examples: dict[str, list] = {t: [] for t in TASK_FILES}
     users: list[dict] = []
     cand_test: list[dict] = []
+    train_blocks: dict[int, tuple[int, list[dict]]] = {}     # id(task-2/3 example) -> (record index, history blocks)
     for task in ("task1", "task2", "task3", "test"):
         for where, k, ex in parsed[task]:
             if task != "task1":
@@ -152,6 +160,8 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
                     asin_idx.setdefault(b["id"], idx)
             hist_blocks = ex.pop("_hist_blocks", None)
             examples[task].append(ex)
+            if task in ("task2", "task3"):
+                train_blocks[id(ex)] = (k, hist_blocks)
             if task == "test":
                 uid = len(users) + 1
                 ex["user"] = uid
@@ -160,6 +170,8 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
                               "reviews": [b["review"] or "" for b in hist_blocks] + [""],
                               "timestamps": list(range(len(ex["history"]) + 1))})
                 cand_test.append({"user": uid, "target": ex["target"], "candidates": ex["candidates"]})
+
+    join_users(examples, users, train_blocks, counts)
 
     items = []
     for idx in range(1, n_items + 1):
@@ -180,9 +192,15 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
         counts_train = np.zeros(n_items + 1, dtype=np.int64)
         for u in users:
             counts_train[u["items"][:-2]] += 1
-        cum = None if cfg.negative_sampling == "uniform" else np.cumsum(counts_train[1:] + 1)
+        # negatives only from items that look like the targets (data.negative_mask): here the ones with an ASIN
+        # and metadata, not the vocab's bare-number, text-less items
+        mask = negative_mask([None] + [item_kind(it["id"], it["description"], it["details"]) for it in items],
+                             split_targets(u["items"] for u in users))
+        pool = np.flatnonzero(mask)
+        counts["negative_pool"] = len(pool)
+        cum = None if cfg.negative_sampling == "uniform" else np.cumsum(counts_train[pool] + 1)
         _write_jsonl(tmp / "candidates_valid.jsonl",
-                     (candidate_set(cfg.seed, u["idx"], "valid", u["items"], n_items, cfg.n_negatives, cum)
+                     (candidate_set(cfg.seed, u["idx"], "valid", u["items"], pool, cfg.n_negatives, cum)
                       for u in users if len(u["items"]) >= 2))
         for task, exs in examples.items():
             _write_jsonl(tmp / f"examples_{task}.jsonl", exs)
@@ -192,7 +210,11 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
                  "sparsity": 1.0 - n_inter / max(1, len(users) * n_items),
                  "seq_len": {"min": int(lengths.min()), "max": int(lengths.max()), "mean": float(lengths.mean()),
                              "median": float(np.median(lengths))},
-                 "examples": {t: len(e) for t, e in examples.items()}, "filtered": counts}
+                 "examples": {t: len(e) for t, e in examples.items()}, "filtered": counts,
+                 # the released test lists are not uniform samples (audit_candidates): a caveat for every number
+                 "test_candidates_audit": {k: v for k, v in audit_candidates(
+                     [(c["target"], c["candidates"], u["items"][:-1]) for c, u in zip(cand_test, users)]).items()
+                     if k != "pool"}}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         mapping = __doc__.split("What is mapped:")[1]
         write_meta(tmp, cfg, extra={"official": {"vocab": str(vocab_path), "mapping": mapping}})
@@ -200,9 +222,50 @@ def import_official(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    audit = stats["test_candidates_audit"]
+    if audit and audit["odd_one_out_hr1"] > 2 * audit["chance_hr1"]:
+        log(f"WARNING: the released test candidate lists are not uniform: picking the candidate outside the "
+            f"{audit['candidates']} most frequent negatives gets HR@1 {audit['odd_one_out_hr1']:.2f} (chance "
+            f"{audit['chance_hr1']:.3f}); do not report headline numbers on candidates_test.jsonl of this dir")
     log(f"official import: {n_items} items, {len(users)} test users, "
         + ", ".join(f"{len(e)} {t}" for t, e in examples.items()))
     return out
+
+
+def join_users(examples: dict, users: list[dict], train_blocks: dict, counts: dict) -> None:
+    """Give each task-2/3 record the test user it belongs to (`ex["user"]`), so SFT renders that user's reviews and
+    ratings (train_sft.record_user) and its prompt shows the same history block as the eval prompt of the user.
+    The release lines up by index (train record k = the first items of test user k); the user of the same index
+    is taken when the record's history + target is a prefix of its sequence, else the one user whose sequence it
+    prefixes (ambiguous or none: left unjoined and counted). Reviews/ratings that disagree with the record's own
+    history blocks are counted (the test record's are used)."""
+    by_index = {u["id"]: u for u in users}
+    for task in ("task2", "task3"):
+        joined = unjoined = text_mismatch = touched = 0
+        for ex in examples[task]:
+            k, blocks = train_blocks[id(ex)]
+            seq = ex["history"] + [ex["target"]]
+
+            def fits(u):
+                return u["items"][:len(seq)] == seq and len(u["items"]) > len(seq)
+            u = by_index.get(f"official-test-{k}")
+            if u is None or not fits(u):
+                found = [v for v in users if fits(v)]
+                u = found[0] if len(found) == 1 else None
+            if u is None:
+                unjoined += 1
+                continue
+            ex["user"] = u["idx"]
+            joined += 1
+            touched += len((set(ex["candidates"]) - {ex["target"]}) & set(u["items"]))   # the authors' negatives
+            text_mismatch += any((b["review"] or "") != u["reviews"][p] or WORD_RATINGS.get(b["rating"] or "") !=
+                                 u["ratings"][p] for p, b in enumerate(blocks))
+        counts[f"{task}_joined_users"] = joined
+        counts[f"{task}_unjoined"] = unjoined
+        counts[f"{task}_review_mismatch"] = text_mismatch
+        counts[f"{task}_touched_negatives"] = touched    # their list's negatives the user touched (sample: 5)
+        if unjoined:
+            log(f"{task}: {unjoined} of {joined + unjoined} records match no test user: trained without reviews")
 
 
 def parse_rec(r: dict, task: str, learn) -> dict:
@@ -261,3 +324,4 @@ def convert_item_knowledge(r: dict, by_title: dict, info: dict) -> dict:
                      "details": parse_details(m.group(3).strip())}
     return {"task": "task1", "system": r.get("system_prompt", ""), "input": r["input"], "output": r["output"],
             "output_raw": r["output"], "item": idx, "title": title, "target_id": m.group(1).strip() if m else None}
+
