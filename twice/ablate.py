@@ -177,7 +177,8 @@ def make_instance(ds, user: int, t: int, H: int, n_neg: int, rng: random.Random)
             negs.add(c)
     cands = sorted(negs) + [u.items[t]]
     rng.shuffle(cands)
-    return {"user": user, "history": u.items[max(0, t - H):t], "target": u.items[t], "candidates": cands}
+    return {"user": user, "history": u.items[max(0, t - H):t], "full": u.items[:t], "target": u.items[t],
+            "candidates": cands}
 
 
 def valid_instances(ds, n: int, H: int) -> list[dict]:
@@ -382,14 +383,16 @@ def run_grpo(cfg: BenchConfig, name: str, seed: int, root: Path) -> dict:
                               temperature=g.temperature, seeds=(seed * 7919 + step) * 4096)
         # ---- 2. rewards (twice.rewards): rho_cf from SASRec's logit of the named item given the history
         with torch.no_grad():
-            logits = sas.score_all(left_pad([x["history"] for x in insts], sas.cfg.maxlen))  # [P, n_items + 1]
+            seen = [x["history"] if rew.cf_history == "prompt" else x["full"] for x in insts]  # what SASRec reads
+            logits = sas.score_all(left_pad(seen, sas.cfg.maxlen))  # [P, n_items + 1]
         ctxs = []
         for r, text in enumerate(res.texts):
             x = insts[r // g.group_size]
             item = parse_completion(text).item
             idx = ds.item_by_id.get(normalize_item(item)) if item else None
             ctxs.append(RewardContext(text, ds.items[x["target"]].id, [ds.items[c].id for c in x["candidates"]],
-                                      float(logits[r // g.group_size, idx]) if idx else None, rew.lam, rew.tau))
+                                      float(logits[r // g.group_size, idx]) if idx else None, rew.lam, rew.tau,
+                                      cf_outside_candidates=rew.cf_outside_candidates))
         rewards, parts = compute_rewards(ctxs, rew.weights)
         # ---- 3. advantages (twice.grpo)
         adv, st = group_advantages(torch.tensor(rewards), g.group_size, obj.scale_rewards, obj.adv_eps, obj.std_floor)
