@@ -140,7 +140,8 @@ def main(cfg: BuildConfig) -> dict:
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "asked": len(reqs), "kept": step_kept,
                                     "seconds": round(time.perf_counter() - t0, 3), "kept_total": stats["kept"],
-                                    "done": stats["done"], "failed_requests": failed}) + "\n")
+                                    "done": stats["done"], "failed_requests": failed,
+                                    "compute_dtype": getattr(teacher, "compute_dtype", None)}) + "\n")
             bar.set_postfix(kept=stats["kept"], dropped=sum(stats["dropped"].values()), failed=failed)
     finally:
         bar.close()

@@ -141,7 +141,8 @@ class EvalConfig:
     # "ours": prompts rendered by twice.tasks (what SFT/GRPO trained on); "authors": the authors' released test prompts
     # verbatim (a dataset dir built from source "official", split test; answers parsed with <think>/<item_id>)
     prompts: str = "ours"
-    dtype: str = "auto"               # model dtype: auto = bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"               # compute dtype (twice/precision.py): auto = bf16 on GPUs and AMX/AVX512-BF16
+                                      #   CPUs, else fp32; float32 | bfloat16 | float16 force one
     batch_size: int = 8               # prompts per generate() call
     threads: int = 0                  # torch CPU threads (0 = torch default)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -273,12 +274,10 @@ def candidate_continuations(tok, rationale: str, candidate_ids: list[str], tags)
     return full[0][:p], conts
 
 
-def _parse_dtype(name: str, device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype: expected auto/float32/bfloat16/float16, got {name!r}")
-    return getattr(torch, name)
+def _parse_dtype(name: str, device, checkpoint=None) -> torch.dtype:
+    from twice.precision import resolve_dtype
+    return resolve_dtype(name, device, "dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                         checkpoint=checkpoint)
 
 
 def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list, info) -> list[dict]:
@@ -291,7 +290,7 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
         raise FileNotFoundError(f"models.{name}.path={spec.path}: no tokenizer.model there (an HF folder from "
                                 f"`python -m twice.convert` or a run's final/ is expected)")
     tok = Tokenizer.from_pretrained(path, tags=(cfg.task.think_tag, cfg.task.item_tag))
-    model = Gemma3.from_pretrained(path, dtype=_parse_dtype(cfg.dtype, info.device), device=info.device).eval()
+    model = Gemma3.from_pretrained(path, dtype=_parse_dtype(cfg.dtype, info.device, path), device=info.device).eval()
     engine = Engine(model, tok)
     authors = authors_prompts(ds) if cfg.prompts == "authors" else None   # user -> the released prompt, verbatim
     tags = AUTHORS_TAGS if authors else cfg.task.tags
@@ -788,7 +787,9 @@ def main(argv: list[str]) -> dict | None:
     t0 = time.time()
     results: dict = {"split": cfg.split, "n_users": U, "n_candidates": len(all_sets[0].candidates),
                      "data_dir": cfg.data_dir, "complete": False, "models": {},
-                     "baselines": {"random": random_baseline([len(cs.candidates) for cs in all_sets], cfg)}}
+                     "baselines": {"random": random_baseline([len(cs.candidates) for cs in all_sets], cfg)},
+                     "compute_dtype": {n: str(_parse_dtype(cfg.dtype, info.device, s.path)).removeprefix("torch.")
+                                       for n, s in cfg.models.items()}}
     per_model: dict[str, tuple[str, torch.Tensor]] = {}   # per-user rows, for the paired tests
     finished = load_finished(out_dir, cfg, all_sets)
     if info.is_main:   # results.md exists only for a COMPLETE run (the pipeline's done-check reads it)

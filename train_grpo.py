@@ -39,7 +39,7 @@ from typing import Literal, Optional, Union
 import torch
 from tqdm import tqdm
 
-from twice import dist
+from twice import dist, precision
 from twice.checkpoint import export_hf, load_latest, rewrite_metrics, save_checkpoint
 from twice.config import ConfigError, parse_args, save_config
 from twice.data import load_dataset
@@ -61,9 +61,10 @@ from twice.tokenizer import Tokenizer
 @dataclass
 class ModelConfig:
     path: str = ""                      # HF folder: the SFT run's final/ (variant E) or the base model (variant C)
-    dtype: str = "float32"              # parameter dtype; keep float32 under FSDP2 (bf16 compute comes from its
-                                        # mixed-precision policy on GPU, fp32 master weights); bfloat16 for 1-proc runs
-    gradient_checkpointing: bool = False  # recompute each block in backward (activation memory ~ one block)
+    dtype: str = "auto"                 # compute dtype (twice/precision.py): auto = bf16 on GPUs and AMX/AVX512-BF16
+                                        #   CPUs, else fp32; float32 forces fp32 everywhere. Trainable weights and
+                                        #   AdamW state stay fp32 either way (LoRA A/B; FSDP2 / MasterAdamW masters)
+    gradient_checkpointing: bool = True   # recompute each block in backward (activation memory ~ one block)
 
 
 @dataclass
@@ -151,7 +152,7 @@ def check_config(cfg: GRPORunConfig) -> None:
                      ("rollout.prompts_per_step >= 1", c.rollout.prompts_per_step >= 1),
                      ("rollout.prefill_chunk >= 1 or null", c.rollout.prefill_chunk is None or c.rollout.prefill_chunk >= 1),
                      ("optim.micro_batch_size >= 1", c.optim.micro_batch_size >= 1), ("optim.mu >= 1", c.optim.mu >= 1),
-                     ("model.dtype in float32|bfloat16", c.model.dtype in ("float32", "bfloat16")),
+                     ("model.dtype in auto|bfloat16|float32", c.model.dtype in precision.CHOICES),
                      ("rollout.split in train|valid", c.rollout.split in ("train", "valid")),
                      ("steps >= 1", c.steps >= 1),
                      ("rollout.max_new_tokens >= 1", c.rollout.max_new_tokens == "auto" or c.rollout.max_new_tokens >= 1),
@@ -390,7 +391,8 @@ def open_run(cfg: GRPORunConfig, info):
 def build_policy(cfg: GRPORunConfig, dev):
     """Model (+ LoRA, + FSDP2), reference, optimizer: same seed on every rank before wrapping."""
     dist.seed_everything(cfg.seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    compute = precision.resolve_dtype(cfg.model.dtype, dev, "model.dtype", checkpoint=cfg.model.path)
+    dtype = precision.param_dtype(compute, dist.is_distributed())
     model = Gemma3.from_pretrained(cfg.model.path, dtype=dtype, device=dev)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     ref_model = None
@@ -398,11 +400,11 @@ def build_policy(cfg: GRPORunConfig, dev):
         ref_model = (copy.deepcopy(model) if cfg.reference.source == "auto"
                      else Gemma3.from_pretrained(cfg.reference.source, dtype=dtype, device=dev))
         ref_model.requires_grad_(False).eval()
-        ref_model = dist.wrap_fsdp(ref_model)
+        ref_model = dist.wrap_fsdp(ref_model, mixed_precision=precision.fsdp_mixed(compute))
     if cfg.lora.enabled:
         apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),
                    dropout=cfg.lora.dropout, seed=cfg.seed)
-    model = dist.wrap_fsdp(model)
+    model = dist.wrap_fsdp(model, mixed_precision=precision.fsdp_mixed(compute))
     opt = build_adamw(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
     return model, ref_model, opt
 
@@ -686,6 +688,8 @@ def step_record(c: Ctx, step: int, sc: Scored, ps: Passes, res, skipped: int, up
         **{f"time/{k}": v for k, v in times.items()},
         "tokens_per_s/sample": float(lens_t[0]) / max(times["sample"], 1e-9),
         "tokens_per_s/step": float(lens_t[0]) / max(times["step"], 1e-9),
+        "compute_dtype": precision.dtype_name(precision.resolve_dtype(c.cfg.model.dtype, c.info.device,
+                                                                      checkpoint=c.cfg.model.path)),
     }
 
 

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from twice import dist
+from twice import dist, precision
 from twice.checkpoint import export_hf, load_latest, rewrite_metrics, save_checkpoint
 from twice.config import ConfigError, parse_args, save_config
 from twice.logsink import LogConfig, open_sinks
@@ -73,8 +73,9 @@ TASKS = ("describe", "recommend", "reason")
 @dataclass
 class ModelConfig:
     path: str = ""                      # HF folder (python -m twice.convert ..., or google/gemma-3-1b-it downloaded)
-    dtype: str = "float32"              # parameter dtype. Keep float32: on GPU FSDP2's policy computes in bf16 with
-                                        #   fp32 master weights; on CPU everything is fp32. bfloat16 = pure bf16
+    dtype: str = "auto"                 # compute dtype (twice/precision.py): auto = bf16 on GPUs and AMX/AVX512-BF16
+                                        #   CPUs, else fp32; float32 forces fp32 everywhere. Trainable weights and
+                                        #   AdamW state stay fp32 either way (LoRA A/B; FSDP2 / MasterAdamW masters)
     gradient_checkpointing: bool = True  # recompute each block in backward (activation memory ~ one block)
 
 
@@ -151,7 +152,7 @@ def expand_paths(c: SFTConfig) -> None:
 
 def check_config(c: SFTConfig) -> None:
     rules = [("model.path is set", bool(c.model.path)), ("data_dir is set", bool(c.data_dir)),
-             ("model.dtype in float32|bfloat16", c.model.dtype in ("float32", "bfloat16")),
+             ("model.dtype in auto|bfloat16|float32", c.model.dtype in precision.CHOICES),
              ("export_dtype in float32|bfloat16", c.export_dtype in ("float32", "bfloat16")),
              ("optim.batch_size >= 1", c.optim.batch_size >= 1),
              ("optim.micro_batch_tokens >= max_seq_len", c.optim.micro_batch_tokens >= c.max_seq_len),
@@ -430,13 +431,14 @@ def main(argv: list[str]) -> dict:
 
     # ---- model (+ LoRA, + FSDP2): the SAME seed on every rank before wrapping (FSDP2 never syncs initial weights)
     dist.seed_everything(cfg.seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-    model = Gemma3.from_pretrained(cfg.model.path, dtype=dtype, device=dev)  # also the frozen base for resume
+    compute = precision.resolve_dtype(cfg.model.dtype, dev, "model.dtype", checkpoint=cfg.model.path)
+    model = Gemma3.from_pretrained(cfg.model.path, dtype=precision.param_dtype(compute, dist.is_distributed()),
+                                   device=dev)  # also the frozen base for resume
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     if cfg.lora.enabled:
         apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),
                    dropout=cfg.lora.dropout, seed=cfg.seed)
-    model = dist.wrap_fsdp(model)
+    model = dist.wrap_fsdp(model, mixed_precision=precision.fsdp_mixed(compute))
     model.train()
     opt = build_adamw(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -537,7 +539,7 @@ def main(argv: list[str]) -> dict:
                "lr": lr, "grad_norm": float(gnorm), "examples": int(counts[3]), "skipped": int(counts[0]),
                "truncated": int(counts[1]), "response_tokens": int(tot_tok), "tokens": int(counts[2]),
                "micro_batches": n_pass, "time": dt, "tokens_per_s": float(counts[2]) / max(dt, 1e-9),
-               "peak_mem_mb": peak_memory_mb(dev)}
+               "peak_mem_mb": peak_memory_mb(dev), "compute_dtype": precision.dtype_name(compute)}
         done = step + 1 == total
         if (cfg.eval.every and (step + 1) % cfg.eval.every == 0) or done:
             if val:

@@ -1,6 +1,8 @@
-"""One GRPO step, ours (train_grpo.py) vs TRL's GRPOTrainer, same model / prompts / K / completion length, this CPU.
+"""One GRPO step, ours (train_grpo.py) in bf16 and fp32 vs TRL's GRPOTrainer in bf16, same model / prompts / K /
+completion length, this CPU.
 
     python bench/grpo.py                                   # ours here, TRL in /work/bench-venv-trl (see below)
+    python bench/grpo.py --dtypes float32,bfloat16 --trl-dtype bfloat16   # the defaults, spelled out
     python bench/grpo.py --steps 3 --K 8 --prompts 2 --new 32 --hidden 256 --layers 6    # the README numbers
     python bench/grpo.py --small-vocab                     # old mode: the fixture's ~940-id tokenizer, head_dim 64
 
@@ -11,14 +13,21 @@ model so both sides read the same file. At this vocab the [tokens x V] log-prob 
 which a ~940-id vocab (--small-vocab) hides. Note: TRL >= 1.x scores through a chunked LM head too (no full [N, V]
 logits); on CPU (no Triton) it scores every position, prompt included, in [<=4096 tokens, 32768 ids] fp32 tiles.
 
-TRL lives ONLY in a separate venv (python -m venv /work/bench-venv-trl; pip install torch==2.13.0 trl transformers
-datasets sentencepiece protobuf); this script re-runs itself there with --trl-worker. Each configuration runs in its
+TRL lives ONLY in a separate venv; this script re-runs itself there with --trl-worker. To share the main venv's torch
+and transformers instead of downloading them again:
+    python -m venv /work/bench-venv-trl
+    echo $VIRTUAL_ENV/lib/python3.11/site-packages > /work/bench-venv-trl/lib/python3.11/site-packages/main.pth
+    /work/bench-venv-trl/bin/pip install trl
+Without that venv the TRL column is skipped with a message saying so. Each configuration runs in its
 own fresh process; we report the median seconds per step over the steps after the first (warm-up), the phase
 breakdown (ours), and the process's peak RSS (VmHWM). Same random Gemma-3 (saved with save_pretrained, loaded by
 transformers for TRL), same prompt token ids (TRL gets them through a word-level tokenizer whose words are our
 token ids, so tokenisation cannot differ; its reward decodes them with our tokenizer), K completions per prompt, max
-completion length N, full fine-tuning, beta 0, one optimizer step per rollout, temperature 1, no top-k/top-p, fp32,
-1 thread per process. Timings on a shared machine are noisy: run it when `uptime` is low, compare ratios.
+completion length N, full fine-tuning, beta 0, one optimizer step per rollout, temperature 1, no top-k/top-p,
+1 thread per process. Dtypes (--dtypes): ours runs its `model.dtype` policy (twice/precision.py: bf16 = bf16 weights
+and compute, fp32 master weights + AdamW state in MasterAdamW); TRL in bf16 (--trl-dtype) = transformers' Trainer
+with bf16=True (CPU autocast over fp32 weights: its mixed precision), or fp32.
+Timings on a shared machine are noisy: run it when `uptime` is low, compare ratios.
 """
 from __future__ import annotations
 
@@ -78,22 +87,23 @@ def setup(work: Path, args) -> dict:
     return paths
 
 
-def our_overrides(paths: dict, run_dir: Path, args, shared: bool) -> list[str]:
+def our_overrides(paths: dict, run_dir: Path, args, shared: bool, dtype: str = "float32") -> list[str]:
     from grpo_fixture import overrides
     return overrides(paths, run_dir, model="bench_model", steps=args.steps, threads=1, shared_prefix=shared,
+                     **{"model.dtype": dtype},
                      **{"rollout.group_size": args.K, "rollout.prompts_per_step": args.prompts,
                         "rollout.max_new_tokens": args.new, "rollout.stop_strings": "[]",
                         "optim.micro_batch_size": args.K, "rewards.weights": "{cg: 1.0, format: 1.0}",
                         "log_every": 1, "rollout.log_completions": 0})
 
 
-def run_ours(paths: dict, work: Path, args, shared: bool) -> dict:
-    run_dir = work / f"ours_{'shared' if shared else 'naive'}"
+def run_ours(paths: dict, work: Path, args, shared: bool, dtype: str = "float32") -> dict:
+    run_dir = work / f"ours_{'shared' if shared else 'naive'}_{dtype}"
     code = ("import sys, json; sys.path[:0] = [%r, %r]; import train_grpo; train_grpo.main(json.loads(sys.argv[1])); "
             "print('VMHWM', next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
             % (str(ROOT), str(ROOT / "tests")))
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    ov = our_overrides(paths, run_dir, args, shared)
+    ov = our_overrides(paths, run_dir, args, shared, dtype)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code, json.dumps(ov)], capture_output=True, text=True, env=env)
     if res.returncode:
@@ -160,12 +170,14 @@ def trl_worker(spec: dict) -> None:
         def on_step_end(self, a, s, c, **kw):
             times.append(time.time() - self.t)
 
+    # fp32 weights; bf16 = the Trainer's CPU autocast (its mixed precision: fp32 master weights, bf16 matmuls)
     model = AutoModelForCausalLM.from_pretrained(spec["model"], torch_dtype=torch.float32, attn_implementation="eager")
+    bf16 = spec.get("dtype") == "bfloat16"
     K, P = spec["K"], spec["prompts_per_step"]
     cfg = GRPOConfig(output_dir=spec["out"], per_device_train_batch_size=P * K, num_generations=K,
                      max_completion_length=spec["new"], learning_rate=1e-3, beta=0.0, loss_type="grpo",
                      scale_rewards="group", max_steps=spec["steps"], logging_steps=1, report_to=[], use_cpu=True,
-                     bf16=False, save_strategy="no", temperature=1.0, top_p=1.0, seed=0, shuffle_dataset=False,
+                     bf16=bf16, save_strategy="no", temperature=1.0, top_p=1.0, seed=0, shuffle_dataset=False,
                      gradient_accumulation_steps=1, num_iterations=1, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=cfg, train_dataset=ds, processing_class=tok,
                           callbacks=[Timer()])
@@ -176,7 +188,7 @@ def trl_worker(spec: dict) -> None:
 
 def run_trl(paths: dict, work: Path, args, prompts) -> dict:
     spec = {"model": paths["bench_model"], "prompts": prompts, "K": args.K, "prompts_per_step": args.prompts,
-            "new": args.new, "steps": args.steps, "out": str(work / "trl"), "root": str(ROOT),
+            "new": args.new, "steps": args.steps, "out": str(work / "trl"), "root": str(ROOT), "dtype": args.trl_dtype,
             "vocab_size": json.load(open(Path(paths["bench_model"]) / "config.json"))["vocab_size"]}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PYTHONPATH", None)
@@ -213,6 +225,9 @@ def main():
     ap.add_argument("--tokenizer", default="~/.cache/twice/gemma-3-270m/tokenizer.model",
                     help="Gemma-3's 262,144-id tokenizer.model (default mode; head_dim 256 as in gemma-3-270m)")
     ap.add_argument("--trl-python", default="/work/bench-venv-trl/bin/python")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="our compute dtypes, side by side (model.dtype)")
+    ap.add_argument("--trl-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--no-layout", action="store_true", help="skip ours with the shared prefix off")
     ap.add_argument("--trl-worker", default=None)
     args = ap.parse_args()
     if args.trl_worker:
@@ -232,9 +247,18 @@ def main():
           f"TRL >= 1.x: chunked LM head, which on CPU scores every position, prompt included, in [<=4096, 32768] tiles); "
           f"weights + grads + AdamW state, same on both sides: {16 * paths['n_params'] / 2**20:.0f} MiB", flush=True)
     rows = {}
-    for name, fn in [("ours (shared prefix)", lambda: run_ours(paths, work, args, True)),
-                     ("ours (shared prefix off)", lambda: run_ours(paths, work, args, False)),
-                     ("TRL GRPOTrainer", lambda: run_trl(paths, work, args, prompts))]:
+    dtypes = args.dtypes.split(",")
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    runs = [(f"ours {short[d]} (shared prefix)", lambda d=d: run_ours(paths, work, args, True, d)) for d in dtypes]
+    if not args.no_layout:
+        runs.append((f"ours {short[dtypes[0]]} (prefix off)", lambda: run_ours(paths, work, args, False, dtypes[0])))
+    trl_name = f"TRL GRPOTrainer {short[args.trl_dtype]}"
+    have_trl = Path(args.trl_python).is_file()
+    if have_trl:
+        runs.append((trl_name, lambda: run_trl(paths, work, args, prompts)))
+    else:
+        print(f"TRL: skipped: no {args.trl_python} (see the module docstring to make that venv)")
+    for name, fn in runs:
         t1 = time.time()
         try:
             rows[name] = fn()
@@ -244,7 +268,8 @@ def main():
             print(f"TRL: could not run ({e})")
         print(f"  {name}: process wall {time.time() - t1:.0f}s", flush=True)
     base = {"ours": import_baseline_mib(sys.executable, "import train_grpo", str(ROOT)),
-            "TRL": import_baseline_mib(args.trl_python, "import trl, transformers; from trl import GRPOTrainer", "/tmp")}
+            "TRL": import_baseline_mib(args.trl_python, "import trl, transformers; from trl import GRPOTrainer", "/tmp")
+            if have_trl else float("nan")}
     for name, r in rows.items():
         r["rss_above_import"] = r["peak_rss_mib"] - base["TRL" if name.startswith("TRL") else "ours"]
     print(f"\nimport-only peak RSS: ours {base['ours']:.0f} MiB, TRL {base['TRL']:.0f} MiB")
@@ -254,13 +279,23 @@ def main():
               else "n/a (not exposed by TRL)")
         print(f"{name:28s} {r['s_per_step']:8.2f} {r['peak_rss_mib']:13.0f} {r['rss_above_import']:12.0f} "
               f"{r['completion_len']:9.1f}   {ph}")
-    ours, off = rows["ours (shared prefix)"], rows["ours (shared prefix off)"]
-    print(f"\nshared prefix: update phase {off['update'] / ours['update']:.2f}x faster, step {off['s_per_step'] / ours['s_per_step']:.2f}x")
-    if "TRL GRPOTrainer" in rows:
-        trl = rows["TRL GRPOTrainer"]
-        print(f"vs TRL: {trl['s_per_step'] / ours['s_per_step']:.2f}x faster per step, peak RSS ratio ours/TRL "
-              f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f} (above the import floor: "
-              f"{ours['rss_above_import'] / trl['rss_above_import']:.2f})")
+    first = rows[f"ours {short[dtypes[0]]} (shared prefix)"]
+    off = rows.get(f"ours {short[dtypes[0]]} (prefix off)")
+    if off:
+        print(f"\nshared prefix ({short[dtypes[0]]}): update phase {off['update'] / first['update']:.2f}x faster, "
+              f"step {off['s_per_step'] / first['s_per_step']:.2f}x")
+    last = rows[f"ours {short[dtypes[-1]]} (shared prefix)"]
+    if len(dtypes) > 1:
+        ph = " / ".join(f"{first[k] / max(last[k], 1e-9):.2f}x" for k in ("sample", "logprobs", "update"))
+        print(f"ours {short[dtypes[-1]]} vs {short[dtypes[0]]}: {first['s_per_step'] / last['s_per_step']:.2f}x faster per "
+              f"step (target bf16 vs fp32 >= 3x; phases sample / logp / update {ph}), peak RSS "
+              f"{last['peak_rss_mib'] / first['peak_rss_mib']:.2f}x")
+    if trl_name in rows:
+        trl = rows[trl_name]
+        same = rows.get(f"ours {short[args.trl_dtype]} (shared prefix)", last)
+        print(f"vs {trl_name}: ours {short[args.trl_dtype]} {trl['s_per_step'] / same['s_per_step']:.2f}x faster per step, "
+              f"peak RSS ratio ours/TRL {same['peak_rss_mib'] / trl['peak_rss_mib']:.2f} (above the import floor: "
+              f"{same['rss_above_import'] / trl['rss_above_import']:.2f})")
     print(f"(total bench wall {time.time() - t0:.0f}s; work dir {work})")
 
 

@@ -1,10 +1,12 @@
 """SFT step throughput (tokens/s) and peak memory (RSS) on CPU: Gemma-3-270m + LoRA (r 8, q/k/v/o/gate/up/down) at a
 fixed batch, our training step (fused response-only loss, per-block activation checkpointing) against peers measured
 in the same run: the same step without checkpointing, and the naive loss (full [B, T, V] logits + F.cross_entropy).
-Each variant runs in its own child process so its peak RSS (ru_maxrss) is its own.
+Every variant runs in each compute dtype (--dtypes, default fp32 and bf16: frozen base in that dtype, fp32 LoRA
+adapters and AdamW state, twice/precision.py), same threads, and the bf16 / fp32 ratios are printed side by side.
+Each (variant, dtype) runs in its own child process so its peak RSS (ru_maxrss) is its own.
 
     python bench/sft.py                                  # real 270m from ~/.cache/twice/gemma-3-270m if converted
-    python bench/sft.py --batch 4 --seq 256 --resp 64 --steps 3 --threads 2
+    python bench/sft.py --batch 4 --seq 256 --resp 64 --steps 3 --threads 2 --variants fused+ckpt,fused
     python bench/sft.py --mfu-only                       # just print the GPU MFU formula (Gemma-3-1B, 4k prompts)
 
 Converting the real model first: `python -m twice.convert gemma-3-270m`. Without it a random model of the 270m
@@ -75,6 +77,7 @@ def child(args) -> dict:
 
     from twice.gemma3 import PRESETS, Gemma3
     from twice.lora import apply_lora
+    from twice.precision import NAMES
     from twice.optim import build_adamw, clip_grad_norm_
     import train_sft as S
 
@@ -82,8 +85,9 @@ def child(args) -> dict:
     path = Path(os.path.expanduser(args.model))
     real = (path / "config.json").is_file()
     torch.manual_seed(0)
-    model = Gemma3.from_pretrained(path) if real else Gemma3.from_config(PRESETS["gemma-3-270m"])
-    apply_lora(model, r=8, alpha=16)
+    dt = NAMES[args.dtype]
+    model = Gemma3.from_pretrained(path, dtype=dt) if real else Gemma3.from_config(PRESETS["gemma-3-270m"], dtype=dt)
+    apply_lora(model, r=8, alpha=16)  # adapters fp32 whatever the base dtype
     model.gradient_checkpointing = args.variant == "fused+ckpt"
     model.train()
     opt = build_adamw(model, lr=1e-5)
@@ -94,9 +98,9 @@ def child(args) -> dict:
     y = torch.full((B, T), -100, dtype=torch.long)
     y[:, T - R - 1:T - 1] = x[:, T - R:]  # the last R tokens of each row are the "response"
     n = (y != -100).sum()
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for step in range(args.steps + 1):  # step 0 warms up (allocator, first-call overheads)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if args.variant == "naive":
             logits = model(x)  # [B, T, V]: 4 x 256 x 262144 fp32 = 1 GiB, plus its gradient
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
@@ -109,10 +113,12 @@ def child(args) -> dict:
         opt.zero_grad(set_to_none=True)
         if step > 0:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)  # CPU seconds: less sensitive to a shared box than wall time
         losses.append(float(loss.detach()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": args.variant, "real_model": real, "tokens_per_s": B * T / statistics.median(times),
-            "step_s": statistics.median(times), "peak_rss_mb": peak, "rss_after_load_mb": rss_loaded,
+    return {"variant": args.variant, "dtype": args.dtype, "real_model": real,
+            "tokens_per_s": B * T / statistics.median(times), "step_s": statistics.median(times),
+            "step_cpu_s": statistics.median(cpu), "peak_rss_mb": peak, "rss_after_load_mb": rss_loaded,
             "train_peak_over_load_mb": peak - rss_loaded, "losses": losses}
 
 
@@ -125,11 +131,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default="fused+ckpt,fused,naive")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes of the frozen base, side by side")
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--mfu-only", action="store_true")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        args.variant = args.child
+        args.variant, args.dtype = args.child.split(":")
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
     if args.mfu_only:
@@ -137,21 +145,37 @@ def main() -> None:
         return
     print(f"SFT step on CPU: Gemma-3-270m + LoRA r8 (7 projections), batch {args.batch} x {args.seq} tokens "
           f"({args.resp} response tokens per row), {args.threads} threads, median of {args.steps} steps after 1 "
-          f"warm-up", flush=True)
-    res = {}
+          f"warm-up; dtypes {args.dtypes}", flush=True)
+    res, by_dtype = {}, {}
+    dtypes = args.dtypes.split(",")
     for v in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--child", v] + [a for a in sys.argv[1:]]
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if p.returncode != 0 or line is None:
-            print(f"{v}: FAILED\n{p.stderr[-3000:]}")
-            continue
-        r = res[v] = json.loads(line[7:])
-        print(f"  {v:11s} {r['tokens_per_s']:8.1f} tok/s  step {r['step_s']:6.2f}s  "
+        for d in dtypes:
+            cmd = [sys.executable, __file__, "--child", f"{v}:{d}"] + [a for a in sys.argv[1:]]
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if p.returncode != 0 or line is None:
+                print(f"{v} {d}: FAILED\n{p.stderr[-3000:]}")
+                continue
+            r = by_dtype[(v, d)] = json.loads(line[7:])
+            if d == dtypes[0]:
+                res[v] = r  # the vs-naive comparisons below use the first dtype
+            print(f"  {v:11s} {d:9s} {r['tokens_per_s']:8.1f} tok/s  step {r['step_s']:6.2f}s "
+                  f"({r['step_cpu_s']:6.2f} CPU-s)  "
               f"peak RSS {r['peak_rss_mb']:7.0f} MB "
               f"(+{r['train_peak_over_load_mb']:.0f} MB over the loaded model)  loss {r['losses'][0]:.4f} -> "
-              f"{r['losses'][-1]:.4f}{'' if r['real_model'] else '  [RANDOM 270m-shaped model: not converted]'}",
-              flush=True)
+                  f"{r['losses'][-1]:.4f}{'' if r['real_model'] else '  [RANDOM 270m-shaped model: not converted]'}",
+                  flush=True)
+    if len(dtypes) > 1:
+        a, b = dtypes[1], dtypes[0]
+        print(f"  {a} vs {b}, same threads (target for bf16 vs fp32: >= 3x tokens/s, peak RSS not above):")
+        for v in args.variants.split(","):
+            if (v, a) in by_dtype and (v, b) in by_dtype:
+                ra, rb = by_dtype[(v, a)], by_dtype[(v, b)]
+                print(f"    {v:11s} {ra['tokens_per_s'] / rb['tokens_per_s']:5.2f}x tokens/s "
+                      f"({rb['step_cpu_s'] / ra['step_cpu_s']:.2f}x in CPU seconds), peak RSS "
+                      f"{ra['peak_rss_mb']:.0f} vs {rb['peak_rss_mb']:.0f} MB "
+                      f"({ra['peak_rss_mb'] / rb['peak_rss_mb']:.2f}x), "
+                      f"step-0 loss {ra['losses'][0]:.4f} vs {rb['losses'][0]:.4f}")
     if "naive" in res:
         base = res["naive"]
         for v, r in res.items():

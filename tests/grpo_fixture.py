@@ -107,7 +107,8 @@ def overrides(paths: dict, run_dir, model: str = "warm", **kw) -> list[str]:
     base = {"run_dir": str(run_dir), "model.path": paths[model], "data_dir": paths["data"],
             "sasrec_dir": paths["sasrec"], "rollout.group_size": 4, "rollout.prompts_per_step": 2,
             "rollout.max_new_tokens": 14, "optim.micro_batch_size": 4, "optim.lr": 1e-3, "lora.enabled": False,
-            "steps": 1, "checkpoint_every": 0, "threads": 1, "rewards.weights": "{format: 1.0}"}
+            "steps": 1, "checkpoint_every": 0, "threads": 1, "rewards.weights": "{format: 1.0}",
+            "model.dtype": "float32"}  # exact 1-proc == FSDP2 / resume comparisons; bf16: tests/test_precision.py
     base.update({f"task.{k}": v for k, v in TASK.items()})
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]

@@ -98,7 +98,8 @@ def overrides(paths: dict, run_dir, **kw) -> list[str]:
             "mix.t3_source": paths["rationales"], "optim.lr": 3e-3, "optim.batch_size": 6,
             "optim.micro_batch_tokens": 2048, "optim.warmup_steps": 1, "optim.max_grad_norm": 1.0,
             "max_seq_len": 1024, "model.gradient_checkpointing": True, "steps": 4, "checkpoint_every": 2,
-            "eval.every": 2, "eval.loss_users": 4, "eval.hr_users": 2, "eval.max_new_tokens": 8}
+            "eval.every": 2, "eval.loss_users": 4, "eval.hr_users": 2, "eval.max_new_tokens": 8,
+            "model.dtype": "float32"}  # exact 1-proc == FSDP2 / resume comparisons; bf16: tests/test_precision.py
     base.update({f"task.{k}": v for k, v in TASK.items()})
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]

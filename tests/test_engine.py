@@ -8,9 +8,11 @@ is always the model's own cache-less forward (masks built by gemma3.build_mask, 
 tests/test_gemma3.py).
 """
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from twice.engine import Engine, KVCache, sample_tokens
 from twice.gemma3 import Gemma3, PRESETS
@@ -317,3 +319,213 @@ def test_compaction_changes_nothing(engine, monkeypatch):
     assert len({len(t) for t in a.tokens}) > 2  # rows really finished at different steps
     for x, y in zip(a.logprobs, b.logprobs):
         assert x == pytest.approx(y, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scripted streams: a fake model whose next token is a fixed function of the current one
+
+class ScriptedModel(torch.nn.Module):
+    """Deterministic "model": the logits after token i are 50 at succ[i] and 0 elsewhere (a one-hot hidden state
+    through an identity tied head), so greedy and T=1 sampling both follow the script exactly (the other tokens
+    carry e^-50 of mass). It speaks the cache protocol (one full-attention layer, 1 head of dim 1) like Gemma3."""
+
+    def __init__(self, succ: dict[int, int], vocab: int):
+        super().__init__()
+        self.config = SimpleNamespace(layer_types=["full_attention"], sliding_window=4, num_key_value_heads=1,
+                                      head_dim=1, vocab_size=vocab, pad_token_id=0, final_logit_softcapping=None)
+        self.embed_tokens = torch.nn.Embedding(vocab, vocab)
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(torch.eye(vocab))
+        nxt = torch.arange(vocab)
+        for a, b in succ.items():
+            nxt[a] = b
+        self.register_buffer("nxt", nxt)
+
+    def forward(self, ids, position_ids=None, kv_cache=None, return_hidden=True):
+        B, T = ids.shape
+        z = torch.zeros(B, 1, T, 1)
+        kv_cache.update(0, z, z)  # advances the slot counter like a real one-layer model
+        return F.one_hot(self.nxt[ids], self.config.vocab_size).float() * 50.0  # [B, T, V]
+
+
+class ScriptTokenizer:
+    """Decodes each scripted id to its text piece; 1 and 106 are stop ids (special: decode to nothing)."""
+    stop_ids = [1, 106]
+
+    def __init__(self, pieces: dict[int, str]):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special=True):
+        return "".join(self.pieces.get(i, "") for i in ids)
+
+
+def stop_scripts():
+    """One script per (gap g in 1..3, lead o in 0..15, split of "</item>" into 1..3 tokens): o filler tokens, the
+    stop string (the last split's completing token also carries a newline, which the text must drop), g tokens of
+    extra text ("<item>" pieces), then <end_of_turn> (106). Chains share their tails (the successor map is all
+    the "model" knows), which keeps the vocabulary, and so the one-hot head, small. Script s starts after its
+    prompt token."""
+    succ, pieces, scripts = {}, {}, []
+    nid = iter(range(200, 10 ** 6))
+    item = [next(nid) for _ in range(3)]  # item[k] = "<item>" with k more to go before the stop id
+    for k, i in enumerate(item):
+        pieces[i], succ[i] = "<item>", (item[k - 1] if k else 106)
+    splits = [["</item>"], ["</it", "em>"], ["<", "/ite", "m>"], ["</item", ">\n"]]  # last: text after it in-token
+    for g in (1, 2, 3):
+        for parts in splits:
+            chain = [next(nid) for _ in range(15)] + [next(nid) for _ in parts] + [item[g - 1]]  # 15 fillers first
+            pieces.update(zip(chain[:15], ["x"] * 15))
+            pieces.update(zip(chain[15:-1], parts))
+            succ.update(zip(chain[:-1], chain[1:]))
+            for o in range(16):
+                start = next(nid)
+                succ[start] = chain[15 - o]
+                scripts.append((start, o + len(parts)))  # prompt token, tokens kept (through the stop string)
+    return succ, pieces, scripts, next(nid)
+
+
+@pytest.mark.parametrize("check_every", list(range(1, 17)))
+def test_stop_string_beats_later_stop_id(check_every):
+    """A stop id 1-3 tokens after `</item>` never keeps the text between them, whatever the check cadence and
+    the row's position relative to the scans: the earliest of (stop string, stop id, length) wins."""
+    succ, pieces, scripts, V = stop_scripts()
+    eng = Engine(ScriptedModel(succ, V), ScriptTokenizer(pieces))
+    prompts = [[2, s] for s, _ in scripts]
+    for T in (0.0, 1.0):
+        res = eng.generate(prompts, max_new_tokens=30, temperature=T, stop_strings=["</item>"], seeds=0,
+                           check_every=check_every)
+        for (s, n), toks, text, why in zip(scripts, res.tokens, res.texts, res.stop_reasons):
+            assert len(toks) == n and text.endswith("</item>") and why == "stop_string", (s, toks, text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The draw itself (issue 10 items 2-4)
+
+def test_former_zero_width_bin_is_drawable():
+    """On a 262,144-token vocabulary a token of probability 1.7e-10 sitting after half the mass had a zero-width
+    bin under the fp32 cumsum (no uniform could reach it); the float64 two-level search hits it with the uniform
+    that falls in its bin, and still never returns a zero-probability (banned) token."""
+    V, j = 262144, 200_000
+    logits = torch.zeros(1, V)
+    logits[0, j] = -10.0  # p_j = e^-10 / V ~ 1.7e-10, far below half an fp32 step (3e-8) of the running sum
+    logits[0, j + 1] = float("-inf")  # a banned neighbour: must never absorb the bin
+    p = torch.softmax(logits.double(), -1)[0]
+    c = torch.cumsum(p, 0)
+    u = ((c[j - 1] + p[j] / 2) / c[-1]).reshape(1)  # the middle of token j's bin
+    tok, logp, full = sample_tokens(logits, u, temperature=1.0, top_k=None, top_p=1.0)
+    assert tok.item() == j
+    assert logp.item() == pytest.approx(math.log(p[j].item()), abs=1e-4)
+    cdf32 = torch.cumsum(torch.softmax(logits, -1), -1)[0]  # what the fp32 draw saw: no room for j at all
+    assert cdf32[j] == cdf32[j - 1]
+    # neighbours of the bin, and the two ends of [0, 1), land on real tokens
+    for uu in (c[j - 1] / c[-1] - 1e-12, (c[j] + p[j + 2] / 2) / c[-1], 0.0, 1 - 2 ** -53):
+        t = sample_tokens(logits, torch.tensor([uu], dtype=torch.float64), 1.0, None, 1.0)[0].item()
+        assert t != j + 1 and p[t] > 0
+
+
+@pytest.mark.parametrize("V,block", [(40, 8), (45, 8), (40, 1024)])  # two-level (padded), single level
+def test_draw_frequencies_chi_square(V, block):
+    """Seeded per-row generators, as generate() draws them: token counts match the distribution (Pearson
+    chi-square below its 99.9% quantile), through both the two-level search and the single-level one."""
+    from twice.engine import _inverse_cdf
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(V, generator=g) * 1.5, -1)
+    n = 40000
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    tok = _inverse_cdf(p.expand(n, V).contiguous(), u, block=block)[:, 0]
+    counts = torch.bincount(tok, minlength=V).double()
+    expected = p.double() * n
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    crit = {39: 72.05, 44: 78.75}[V - 1]  # scipy.stats.chi2.ppf(0.999, V - 1)
+    assert chi2 < crit, chi2
+    assert len(counts) == V  # padding never drawn
+
+
+def test_head_accumulates_fp32_with_bf16_weights(monkeypatch):
+    """bf16 weights: the sampler's logits are the fp32-accumulated head (error ~1e-6 against float64), and its
+    log-probs equal the trainer's fused kernel (kernels.token_logprobs) on the same hidden states. A bf16 head
+    rounds each logit to 8 bits (errors ~3e-2 at these magnitudes)."""
+    from kernels import token_logprobs
+    import twice.engine as E
+    monkeypatch.setattr(E, "HEAD_CHUNK", 100)  # 512 rows in chunks of 100: the last one partial
+    torch.manual_seed(0)
+    m = Gemma3.from_config(PRESETS["tiny"], dtype=torch.bfloat16, std=1.0).eval()
+    eng = Engine(m)
+    h = torch.randn(6, m.config.hidden_size).to(torch.bfloat16)
+    W = m.embed_tokens.weight
+    ref = h.double() @ W.double().T  # [6, V]: bf16 products are exact, the sum is what fp32 must keep
+    got = eng._logits(h)
+    assert got.dtype == torch.float32
+    assert (got.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert (F.linear(h, W).double() - ref).abs().max() > 1e-2  # the old bf16 head really was off
+    y = torch.randint(0, W.shape[0], (6,))
+    lp = torch.log_softmax(got, -1).gather(1, y[:, None])[:, 0]
+    torch.testing.assert_close(lp, token_logprobs(h, W, y).float(), atol=2e-5, rtol=0)
+
+
+def test_never_samples_outside_tokenizer_or_image_ids(tmp_path):
+    """A model with 64 more embedding rows than its tokenizer (like Gemma-3 4B's image rows): ids the tokenizer
+    cannot decode are never drawn, greedy or sampled (without the ban a random model draws them often and decode
+    raises), and neither are image pieces; decodable specials (<unusedN>, <eos>, <end_of_turn>) stay drawable."""
+    from twice.engine import never_sample_mask
+    from twice.gemma3 import Gemma3Config
+    from twice.tokenizer import Tokenizer
+    tok = Tokenizer.train_tiny(tmp_path, ["a tiny corpus of words for a tiny tokenizer, twice"] * 20, vocab_size=400)
+    V = tok.vocab_size + 64
+    cfg = Gemma3Config(**{**PRESETS["tiny"].__dict__, "vocab_size": V})
+    torch.manual_seed(0)
+    m = Gemma3.from_config(cfg, std=0.02).eval()  # near-uniform logits: every id is likely somewhere
+    banned = set(never_sample_mask(tok, V).nonzero()[:, 0].tolist())
+    assert banned == set(range(tok.vocab_size, V))  # the tiny tokenizer has no image pieces
+    image = SimpleNamespace(vocab_size=8, special_ids={1, 3, 5}, id_to_piece=lambda i: {
+        1: "<eos>", 3: "<start_of_image>", 5: "<image_soft_token>"}[i])
+    assert never_sample_mask(image, 10).nonzero()[:, 0].tolist() == [3, 5, 8, 9]
+    eng = Engine(m, tok)
+    res = eng.generate([[2, 10, 11]], num_samples=8, max_new_tokens=24, temperature=1.0, stop_ids=[], seeds=0)
+    drawn = {t for row in res.tokens for t in row}
+    assert drawn.isdisjoint(banned) and len(res.texts) == 8
+    assert all(a >= b for row_a, row_b in zip(res.logprobs, res.full_logprobs) for a, b in zip(row_a, row_b))
+    m.embed_tokens.weight.data[V - 1] *= 100  # make an undecodable id the clear argmax: greedy must skip it
+    g = eng.greedy([[2, 10, 11]], max_new_tokens=6, stop_ids=[])
+    assert set(g.tokens[0]).isdisjoint(banned)
+    free = Engine(m).generate([[2, 10, 11]], num_samples=8, max_new_tokens=24, temperature=1.0, stop_ids=[], seeds=0)
+    assert any(t in banned for row in free.tokens for t in row)  # the same draw without a tokenizer hits them
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Static (graph-capturable) decode (issue 14 item 1)
+
+def test_static_decode_equals_recompute_past_window(model):
+    """The static cache (whole-buffer attention under on-device masks, index_copy_ writes, device slot counter)
+    gives the tokens of cache-less recomputation far past the sliding window, with left-padded rows."""
+    res = Engine(model, decode="static").greedy([P1, P2], max_new_tokens=14, stop_ids=[])
+    for prompt, toks in zip([P1, P2], res.tokens):
+        assert toks == naive_greedy(model, prompt, 14)
+
+
+def test_static_decode_equals_eager(model, engine):
+    """Sampled (top-k/top-p, stops, finished rows kept in the batch) == the eager reference with compaction."""
+    kw = dict(num_samples=3, max_new_tokens=16, temperature=1.0, top_k=40, top_p=0.9, seeds=5,
+              stop_ids=list(range(3, 512, 5)), check_every=2)
+    a = engine.generate([P1, P2, P3], **kw)
+    b = Engine(model, decode="static").generate([P1, P2, P3], **kw)
+    assert a.tokens == b.tokens and a.stop_reasons == b.stop_reasons
+    assert len({len(t) for t in a.tokens}) > 2  # rows really finished at different steps
+    for x, y in zip(a.full_logprobs + a.logprobs, b.full_logprobs + b.logprobs):
+        assert x == pytest.approx(y, abs=1e-5)
+    with pytest.raises(ValueError, match="decode"):
+        Engine(model, decode="graph")
+
+
+@pytest.mark.slow  # one inductor compilation of the tiny model's decode step (~1-2 min on a 2-core box)
+def test_compiled_decode_equals_eager(model, engine):
+    """torch.compile(mode="reduce-overhead") of the static step (inductor on CPU): same tokens at T=0 and T=1,
+    log-probs within fp32 tolerance of the eager reference."""
+    eng = Engine(model, decode="compiled")
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=50)):
+        kw.update(num_samples=2, max_new_tokens=10, stop_ids=[], seeds=3)
+        a = engine.generate([P1, P3], **kw)
+        b = eng.generate([P1, P3], **kw)
+        assert a.tokens == b.tokens
+        for x, y in zip(a.full_logprobs + a.logprobs, b.full_logprobs + b.logprobs):
+            assert x == pytest.approx(y, abs=1e-4)

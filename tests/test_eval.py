@@ -218,8 +218,11 @@ def _run(world, out, *extra):
     argv = ["run_dir=" + str(out), "data_dir=" + world["data"], "sasrec_dir=" + world["sasrec"],
             "models.base.path=" + world["model"], "models.plain.path=" + world["model"],
             "models.plain.reasoning=false", "greedy.max_new_tokens=6", "sampling.max_new_tokens=5",
-            "sampling.num_samples=3", "sampling.ks=[1,3]", "exact.constrained=true", "batch_size=4", *TASK, *extra]
-    return ev.main(argv)
+            "sampling.num_samples=3", "sampling.ks=[1,3]", "exact.constrained=true", "batch_size=4",
+            "dtype=float32", *TASK, *extra]  # fp32: scores are compared with fp32 full forwards
+    res = ev.main(argv)
+    assert set(res["compute_dtype"].values()) == {"float32"}  # results.json: the dtype that computed each row
+    return res
 
 
 def test_eval_end_to_end_files_and_consistency(world, tmp_path):
@@ -442,7 +445,7 @@ def test_two_ranks_equal_one_process(world, tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     argv = ["data_dir=" + world["data"], "sasrec_dir=" + world["sasrec"],
             "models={base: {path: " + world["model"] + "}}", "greedy.max_new_tokens=4", "sampling.enabled=false",
-            "exact.constrained=true", "batch_size=4", *TASK]
+            "exact.constrained=true", "batch_size=4", "dtype=float32", *TASK]  # bf16 sums depend on batch shapes
     one = ev.main(["run_dir=" + str(tmp_path / "one"), *argv])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "eval.py"), "run_dir=" + str(tmp_path / "two"), *argv]

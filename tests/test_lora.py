@@ -154,3 +154,22 @@ def test_export_hf_merges_adapters(tmp_path):
     back = Gemma3.from_pretrained(out)
     assert torch.allclose(back(IDS), want, atol=1e-5, rtol=0)
     assert lora_modules(model)  # the training model is left as it was
+
+
+def test_merge_keeps_an_update_bf16_cannot_represent():
+    """A bf16 base + a small fp32 adapter update: the merged weight must not round the update away (it did: W + dW
+    cast back to bf16 restored most entries to the base value). Changed weights stay fp32, untouched ones bf16."""
+    model = apply_lora(tiny(), r=4, alpha=16).to(torch.bfloat16)
+    for m in lora_modules(model):
+        m.lora_A.data, m.lora_B.data = m.lora_A.float(), torch.full_like(m.lora_B, 1e-4, dtype=torch.float32)
+    sd = model.state_dict()
+    merged = merge_lora_state_dict(sd, scale=16 / 4)
+    m0 = lora_modules(model)[0]
+    name = next(n for n, m in model.named_modules() if m is m0) + ".weight"
+    want = sd[name].double() + 4 * (m0.lora_B.double() @ m0.lora_A.double())
+    assert merged[name].dtype == torch.float32
+    assert (merged[name].double() - want).abs().max() < 1e-6          # the update is there, to fp32 accuracy
+    assert (merged[name].bfloat16().double() - want).abs().max() > 1e-5  # what a bf16 cast would have lost
+    untouched = [k for k in merged if "lora" not in k and k not in {n + ".weight" for n, m in model.named_modules()
+                                                                    if m in lora_modules(model)}]
+    assert untouched and all(merged[k].dtype == torch.bfloat16 for k in untouched if merged[k].is_floating_point())

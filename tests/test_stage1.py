@@ -126,7 +126,7 @@ def serve(backend, **kw):
 
 def config(world, run_dir, base_url, **teacher) -> br.BuildConfig:
     t = dict(backend="api", base_url=base_url + "/v1", model="test", temperature=0.7, max_tokens=8, concurrency=2,
-             timeout_s=10.0, max_retries=2, backoff_s=0.01)
+             timeout_s=10.0, max_retries=2, backoff_s=0.01, dtype="float32")  # local: as the fp32 served model
     t.update(teacher)
     return br.BuildConfig(data_dir=str(world["data"]), run_dir=str(run_dir), n_users=0, seed=0, chunk=4,
                           teacher=TeacherConfig(**t),

@@ -8,6 +8,8 @@ Pieces (nouns only; the loops that use them live in train_grpo.py / eval.py / be
   KVCache       preallocated per layer. Global layers: [B, KV, max_len, hd], slot s at index s. Sliding layers: a
                 ring buffer of R = min(W, max_len) slots, slot s at index s % R. Implements the model's protocol
                 `k_all, v_all, mask = cache.update(layer_idx, k, v)`; masks are built once per step per layer kind.
+  StaticKVCache the decode-only, graph-capturable view of a filled KVCache (Engine(decode="static"|"compiled")):
+                fixed shapes, device slot counter, index_copy_ writes, masks built on device, no compaction.
   sample_tokens one vectorised sampling step (temperature, top-k, top-p) driven by per-row uniforms.
   Engine        generate(): prefill every prompt ONCE (left-padded batch), fan the cache out to K rows, decode with
                 one seeded generator per output row; score(): log-likelihood of N continuations of one prompt
@@ -22,9 +24,13 @@ Conventions (documented once, here):
     overwritten slot s-W is out of the window anyway). A multi-token step (prefill, or a teacher-forced
     continuation) attends over [ring ; the T new keys] under the window mask and only then writes the last
     min(T, R) new keys into the ring: dropping keys before attention corrupts early queries (gemma3.md §5, mlxcel#405).
-  - Reproducibility: output row r draws its uniforms from its own torch.Generator seeded with seeds[r]
-    (prompt-major rows: r = prompt_i * K + k), all up front, and samples by inverse CDF. So a row's tokens do not
-    depend on which other rows share the batch (up to float reassociation in batched matmuls).
+  - Reproducibility: output row r draws its float64 uniforms from its own torch.Generator seeded with seeds[r]
+    (prompt-major rows: r = prompt_i * K + k), all up front, and samples by a float64 inverse CDF (_inverse_cdf:
+    every token of non-negligible probability has a bin). So a row's tokens do not depend on which other rows
+    share the batch (up to float reassociation in batched matmuls).
+  - Never drawn: ids the tokenizer cannot decode (embedding rows beyond its vocabulary) and image pieces
+    (never_sample_mask); they leave the processed distribution only, full_logprobs keep them.
+  - Head: fp32 accumulation and fp32 logits whatever the weight dtype (Engine._logits), as the trainer's kernel.
   - Log-probs, both per generated token:
       logprobs      the sampler's: log-softmax of the PROCESSED logits (logits / T, then top-k, then top-p
                     renormalised) at the sampled token -- the exact probability the token was drawn with.
@@ -33,18 +39,22 @@ Conventions (documented once, here):
                     top_k/top_p are off; their gap is the truncation bias (grpo.md §9.6) and is worth logging.
     Greedy (temperature == 0): logprobs are 0 (a point mass) and full_logprobs use T = 1.
   - Stops: a row finishes on a stop id (the stop token is kept, mask 1) or when a stop string appears in its decoded
-    text (kept up to and including the token that completes the string), or at max_new_tokens. Between host syncs
-    (every `check_every` steps) finished rows keep running in the static-shape batch with their outputs masked; at
-    a sync, once a quarter of the batch has finished, the finished rows are compacted out of the cache
-    (`compact=True`); the loop exits once all rows are done. Rows never interact, so compaction changes no result.
+    text (kept up to and including the token that completes the string; the text is cut after the string), or at
+    max_new_tokens, whichever comes first -- also when a stop id follows a stop string before the next scan.
+    Between host syncs (every `check_every` steps) finished rows keep running in the static-shape batch with their
+    outputs masked; at a sync, once a quarter of the batch has finished, the finished rows are compacted out of
+    the cache (`compact=True`); the loop exits once all rows are done. Rows never interact, so compaction changes
+    no result.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function as span  # named phases for bench/generate.py (~1 us when not profiling)
 
 from kernels import token_logprobs
 from twice.gemma3 import FULL, SLIDING  # the layer kinds of Gemma3Config.layer_types
@@ -77,6 +87,18 @@ class KVCache:
                       else start.to(device=device, dtype=torch.long))  # [B]
         self.pos = 0  # Python int: every row shares it, so the decode loop never syncs to read it
         self._masks = {}  # kind -> mask for the current step (built by the first layer of that kind)
+        self._init_decode_masks()
+
+    def _init_decode_masks(self):
+        """Decode-step masks without per-step construction: a single-token query sees every written slot (causal
+        for free), so a global layer's mask is a prefix view of one per-row pad bias [B, 1, 1, max_len] built
+        here; a sliding layer's ring mask is all zeros once every ring slot holds a real token of every row."""
+        slots = torch.arange(self.max_len, device=self.device)
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._pad_bias = torch.where(slots[None] >= self.start[:, None], zero,
+                                     torch.finfo(self.dtype).min)[:, None, None]  # [B, 1, 1, max_len]
+        self._ring_zero = torch.zeros(self.batch_size, 1, 1, self.ring, dtype=self.dtype, device=self.device)
+        self._max_start = int(self.start.max()) if self.batch_size else 0  # one host read per cache, not per step
 
     @property
     def past_len(self) -> int:  # the model reads this when called without position_ids
@@ -117,7 +139,7 @@ class KVCache:
                 vc[:, :, idx] = v[:, :, T - n:]
         mask = self._masks.get(kind)
         if mask is None:
-            mask = self._masks[kind] = self._build_mask(kind, T)
+            mask = self._masks[kind] = self._decode_mask(kind) if T == 1 else self._build_mask(kind, T)
         if layer_idx == self.n_layers - 1:  # the step is over: advance and forget this step's masks
             self.pos += T
             self._masks = {}
@@ -137,6 +159,15 @@ class KVCache:
             return new
         return torch.cat([(p - 1) - (p - 1 - j) % R, new])  # ring before writing (negative = never written)
 
+    def _decode_mask(self, kind: str):
+        """The [B, 1, 1, S] mask of a single-token step at slot pos (== _build_mask(kind, 1)), mostly a view."""
+        p = self.pos
+        if kind == FULL:
+            return self._pad_bias[..., :p + 1]
+        if p - self.ring + 1 >= self._max_start:  # ring slots hold slots p-R+1..p, all real for every row
+            return self._ring_zero
+        return self._build_mask(kind, 1)
+
     def _build_mask(self, kind: str, T: int):
         q = torch.arange(self.pos, self.pos + T, device=self.device)[:, None]  # [T, 1] query slots
         ks = self._key_slots(kind, T)[None, :]  # [1, S]
@@ -155,6 +186,7 @@ class KVCache:
         self.start = self.start.index_select(0, idx)
         self.batch_size = idx.shape[0]
         self._masks = {}
+        self._init_decode_masks()
 
     # ---- group fan-out -------------------------------------------------------------------------------------
     def fan_out(self, K: int, max_len: int) -> "KVCache":
@@ -176,25 +208,79 @@ class KVCache:
         return new
 
 
+class StaticKVCache:
+    """The decode-only, graph-capturable view of a filled KVCache: every shape fixed for the whole decode.
+
+    Takes over the KVCache's buffers (no copy). The slot counter `pos` is a device tensor [1] (advanced in place by
+    the last layer), writes are index_copy_ at pos (pos % R in the ring), and each step attends over the WHOLE
+    buffer (max_len slots for global layers, R for sliding ones) under a mask built on device from pos and
+    `start`: unwritten and pad slots get finfo.min, so they weigh exactly 0 after the softmax. No Python int
+    changes between steps and nothing syncs with the host, so a step can be traced once (torch.compile, CUDA
+    graphs). Rows are never compacted: finished rows keep decoding pad tokens, masked out of the results."""
+
+    def __init__(self, cache: KVCache):
+        self.layer_types, self.window, self.n_layers = cache.layer_types, cache.window, cache.n_layers
+        self.k, self.v, self.start = cache.k, cache.v, cache.start
+        self.batch_size, self.max_len, self.ring = cache.batch_size, cache.max_len, cache.ring
+        self.dtype, self.device = cache.dtype, cache.device
+        self.pos = torch.full((1,), cache.pos, dtype=torch.long, device=cache.device)  # [1] next slot
+        self.slots = {FULL: torch.arange(self.max_len, device=self.device),
+                      SLIDING: torch.arange(self.ring, device=self.device)}
+        self._masks = {}
+
+    def position_ids(self, T: int = 1):
+        if T != 1:
+            raise ValueError("StaticKVCache decodes one token per step")
+        return (self.pos[None, :] - self.start[:, None]).clamp_min(0)  # [B, 1]
+
+    def _mask(self, kind: str):
+        p, j = self.pos, self.slots[kind]  # [1], [S]
+        ks = j if kind == FULL else p - (p - j) % self.ring  # absolute slot held by each key column
+        allowed = (ks <= p) & (ks >= 0) & (ks[None] >= self.start[:, None])  # [B, S]; ring slots are in-window
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, torch.finfo(self.dtype).min)[:, None, None]  # [B, 1, 1, S]
+
+    def update(self, layer_idx: int, k, v):
+        """k, v: [B, KV, 1, hd] -> (k_all, v_all [B, KV, S, hd] (the whole buffer), mask [B, 1, 1, S])."""
+        kind = self.layer_types[layer_idx]
+        idx = self.pos if kind == FULL else self.pos % self.ring
+        self.k[layer_idx].index_copy_(2, idx, k)
+        self.v[layer_idx].index_copy_(2, idx, v)
+        mask = self._masks.get(kind)
+        if mask is None:
+            mask = self._masks[kind] = self._mask(kind)
+        if layer_idx == self.n_layers - 1:
+            self.pos.add_(1)
+            self._masks = {}
+        return self.k[layer_idx], self.v[layer_idx], mask
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling: one vectorised step
 
 def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float, banned=None):
-    """logits [B, V] (any float dtype), u [B] uniforms in [0, 1) -> (tokens [B], logprobs [B], full_logprobs [B]).
-    banned: optional token ids [n] removed from the processed distribution (min_new_tokens bans the stop ids);
-    full_logprobs still use the untouched distribution, which is what the trainer sees.
+    """logits [B, V] (any float dtype), u [B] uniforms in [0, 1) (float64 for full resolution) -> (tokens [B],
+    logprobs [B], full_logprobs [B]). banned: token ids [n] (long) or a mask [V] (bool, True = banned) removed
+    from the processed distribution (ids outside the tokenizer, image pieces, and the stop ids before
+    min_new_tokens); full_logprobs still use the untouched distribution, which is what the trainer sees.
 
-    Order as in HF: temperature, then top-k, then top-p (keep the smallest prefix of the sorted distribution whose
-    mass reaches top_p; the top token always stays). Sampling is by inverse CDF over the kept tokens with the row's
-    own uniform, so no RNG state is shared between rows. See the module docstring for the two log-probs."""
+    Order as in HF: temperature, then top-k (one partial selection, no full-vocabulary sort), then top-p on the k
+    kept (keep the smallest prefix of the sorted distribution whose mass reaches top_p; the top token always
+    stays); a full sort happens only for top-p without top-k. Sampling is by inverse CDF over the kept tokens with
+    the row's own uniform, in float64 (see _inverse_cdf), so no RNG state is shared between rows and every token
+    of non-negligible probability can be drawn. See the module docstring for the two log-probs."""
     x = logits.float()
+    if banned is not None:
+        banned = banned[None] if banned.dtype == torch.bool else banned
+        ban = (lambda t: t.masked_fill(banned, float("-inf"))) if banned.dtype == torch.bool else \
+            (lambda t: t.index_fill(1, banned, float("-inf")))
     if temperature == 0:  # greedy: point mass
-        tok = (x if banned is None else x.index_fill(1, banned, float("-inf"))).argmax(-1)
+        tok = (x if banned is None else ban(x)).argmax(-1)
         full = x.gather(1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
         return tok, torch.zeros_like(full), full
     x = x / temperature  # [B, V]
     full_lse = torch.logsumexp(x, -1)  # [B]
-    xs = x if banned is None else x.index_fill(1, banned, float("-inf"))
+    xs = x if banned is None else ban(x)
     idx = None
     if top_k is not None and 0 < top_k < x.shape[-1]:
         vals, idx = torch.topk(xs, top_k, dim=-1)  # [B, k], sorted descending
@@ -208,13 +294,51 @@ def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float
         drop = (torch.cumsum(probs, -1) - probs) >= top_p
         vals = vals.masked_fill(drop, float("-inf"))
     lse = torch.logsumexp(vals, -1, keepdim=True)  # [B, 1]
-    cdf = torch.cumsum(torch.exp(vals - lse), -1)  # [B, n]
-    # first j with cdf[j] > u * total: a zero-probability token is never chosen (its cdf equals its left neighbour's)
-    j = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).clamp_max(cdf.shape[-1] - 1)
+    j = _inverse_cdf(torch.exp(vals - lse), u)  # [B, 1]
     logp = (vals.gather(1, j) - lse)[:, 0]
     tok = (idx.gather(1, j) if idx is not None else j)[:, 0]
     full = x.gather(1, tok[:, None])[:, 0] - full_lse
     return tok, logp, full
+
+
+def _search(cdf, target):
+    """cdf [B, n] float64 non-decreasing, target [B] -> first j [B, 1] with cdf[j] > target. The target is clamped
+    into [0, cdf[-1]) first, so a zero-probability bin (cdf[j] == cdf[j-1]) can never be returned, whatever the
+    rounding of the running sums."""
+    top = cdf[:, -1]
+    t = torch.minimum(target.clamp_min(0), top * (1 - 2.0 ** -50))
+    return torch.searchsorted(cdf, t[:, None], right=True)
+
+
+def _inverse_cdf(p, u, block: int = 1024):
+    """p [B, n] fp32 probabilities (any positive scale), u [B] uniforms -> j [B, 1], drawn with P(j) = p_j / sum p.
+
+    Why float64 and two levels: an fp32 running sum over 262,144 tokens gives every token below half an fp32 step
+    of the sum (~3e-8 near 1) a zero-width bin -- on Gemma-3 at T = 1 most of the vocabulary could never be drawn.
+    Here the search runs in float64 over the sums of `block`-token blocks, then over the running sum of the chosen
+    block alone, so a token's bin is lost only below 2^-53 of its own block's mass (and the block's below 2^-53 of
+    the total): nothing with a probability that could ever matter. Cost: one fp64 reduction over [B, n] plus a
+    cumsum over [B, n / block] and [B, block], instead of a full-width cumsum."""
+    B, n = p.shape
+    u = u.to(torch.float64)
+    if n <= block:
+        cdf = p.double().cumsum(-1)
+        return _search(cdf, u * cdf[:, -1])
+    nb = -(-n // block)
+    pb = (p if nb * block == n else F.pad(p, (0, nb * block - n))).view(B, nb, block)  # pads: probability 0
+    bsum = pb.sum(-1, dtype=torch.float64)  # [B, nb]
+    bcdf = bsum.cumsum(-1)
+    target = u * bcdf[:, -1]
+    bi = _search(bcdf, target)  # [B, 1] block index
+    rem = target - (bcdf.gather(1, bi) - bsum.gather(1, bi))[:, 0]  # mass left to walk inside the block
+    inner = pb[torch.arange(B, device=p.device), bi[:, 0]].double().cumsum(-1)  # [B, block]
+    return bi * block + _search(inner, rem)
+
+
+def _cut_after_stop(text: str, stop_strings) -> str:
+    """text up to the end of its earliest-ending stop string (unchanged if none occurs)."""
+    ends = [text.find(s) + len(s) for s in stop_strings if s in text]
+    return text[:min(ends)] if ends else text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,28 +366,96 @@ class GenerationResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Engine
 
+STATIC_BUCKET = 256  # static decode: cache slots rounded up to a multiple of this (fewer shapes to compile)
+HEAD_CHUNK = 2048  # vocabulary rows of the head upcast per matmul for non-fp32 weights (5 MB fp32 at D = 640)
+# Gemma-3 image pieces: a text policy must never emit them (the ids exist for the vision tower's soft tokens)
+_NEVER_PIECE = re.compile(r"<start_of_image>|<end_of_image>|<image_soft_token>")
+
+
+def never_sample_mask(tokenizer, n_rows: int, device="cpu"):
+    """[n_rows] bool, True for ids the sampler must never draw, or None when nothing is banned (no tokenizer).
+    Ids >= tokenizer.vocab_size: the embedding can be larger than the tokenizer (Gemma-3 4B: 262,208 rows vs
+    262,144 pieces; the extra rows serve image soft tokens) and such an id cannot even be decoded. Image pieces
+    inside the tokenizer are banned too. Nothing else: every ban truncates the policy the trainer scores over the
+    full vocabulary, so decodable text-side specials (<unusedN>, <mask>, <eos>, <end_of_turn>, ...) stay drawable."""
+    V = getattr(tokenizer, "vocab_size", None)
+    if V is None:
+        return None
+    mask = torch.zeros(n_rows, dtype=torch.bool)
+    mask[min(V, n_rows):] = True
+    specials = getattr(tokenizer, "special_ids", ())
+    bad = [i for i in specials if i < n_rows and _NEVER_PIECE.fullmatch(tokenizer.id_to_piece(i))]
+    mask[bad] = True
+    return mask.to(device) if bool(mask.any()) else None
+
 class Engine:
-    def __init__(self, model, tokenizer=None, prefill_chunk: int | None = None):
+    def __init__(self, model, tokenizer=None, prefill_chunk: int | None = None, decode: str = "eager",
+                 compile: bool = False):
         """prefill_chunk: run prompt prefills in chunks of this many slots (bounds the [P, H, T, T] attention
-        scores of long prompts; the cache attends each chunk over [ring ; chunk]). None = one pass."""
+        scores of long prompts; the cache attends each chunk over [ring ; chunk]). None = one pass.
+        decode: "eager" (the reference: growing key views, compaction of finished rows), "static" (StaticKVCache:
+        fixed shapes, no host sync in a step, no compaction) or "compiled" (the static step through
+        torch.compile(mode="reduce-overhead"): CUDA graphs on GPU, inductor on CPU; compiled once per batch
+        shape, so the first call pays the compilation). compile=True is shorthand for decode="compiled"."""
+        decode = "compiled" if compile else decode
+        if decode not in ("eager", "static", "compiled"):
+            raise ValueError(f"Engine: decode must be eager, static or compiled (got {decode!r})")
         self.model, self.tokenizer = model, tokenizer
         self.prefill_chunk = prefill_chunk
+        self.decode = decode
+        self._compiled_step = None
         self.config = model.config
         w = model.embed_tokens.weight
         self.dtype, self.device = w.dtype, w.device
         self.pad_id = getattr(self.config, "pad_token_id", 0) or 0
+        self.never = never_sample_mask(tokenizer, w.shape[0], self.device)  # [V] bool or None
+        self._wbuf = None  # fp32 staging buffer of the head (non-fp32 weights), allocated on first use
 
     # ---- small helpers -----------------------------------------------------------------------------------
     def _logits(self, h):
-        """h [..., D] final normed hidden -> fp32 logits [..., V] (tied head). Computing the head ourselves lets the
-        prefill skip the [B, T, V] logits of every prompt position."""
-        logits = F.linear(h, self.model.embed_tokens.weight).float()
+        """h [B, D] final normed hidden -> fp32 logits [B, V] (tied head). Computing the head ourselves lets the
+        prefill skip the [B, T, V] logits of every prompt position.
+
+        Accumulated and returned in fp32 whatever the weight dtype, like the trainer's kernel (kernels/logprobs.py
+        upcasts W chunk by chunk): a bf16 output would round each logit to 8 bits (+-0.06 at |z| = 30), a gap to
+        the trainer's log-probs that is rounding, not policy mismatch. Without a bf16 x bf16 -> fp32 matmul on
+        CPU, W is upcast HEAD_CHUNK rows at a time into one reused buffer (it stays in cache), so the step reads
+        W once, in its own dtype, as a bf16 matmul would."""
+        W = self.model.embed_tokens.weight.detach()  # [V, D]; the sampler never needs a graph
+        if W.dtype == torch.float32:
+            logits = F.linear(h.float(), W)
+        else:
+            V, D = W.shape
+            C = min(HEAD_CHUNK, V)
+            if self._wbuf is None or self._wbuf.shape != (C, D) or self._wbuf.device != W.device:
+                self._wbuf = torch.empty(C, D, dtype=torch.float32, device=W.device)
+            h32 = h.float()
+            logits = torch.empty(h.shape[0], V, dtype=torch.float32, device=W.device)
+            buf_t = self._wbuf.t()  # [D, C] view
+            for wc, out in zip(W.split(C), logits.split(C, dim=1)):  # two ops per chunk: upcast, matmul
+                if wc.shape[0] == C:
+                    self._wbuf.copy_(wc)
+                    torch.mm(h32, buf_t, out=out)
+                else:  # the last, partial chunk
+                    self._wbuf[:wc.shape[0]].copy_(wc)
+                    torch.mm(h32, buf_t[:, :wc.shape[0]], out=out)
         c = getattr(self.config, "final_logit_softcapping", None)
         return torch.tanh(logits / c) * c if c else logits
 
     def _forward(self, ids, cache):
         """One cached forward of ids [B, T] -> final hidden [B, T, D]."""
         return self.model(ids, position_ids=cache.position_ids(ids.shape[1]), kv_cache=cache, return_hidden=True)
+
+    def _static_step(self, ids, cache):
+        """One decode step on a StaticKVCache: ids [B, 1] -> fp32 logits [B, V]. Traceable: fixed shapes, no sync."""
+        return self._logits(self._forward(ids, cache)[:, -1])
+
+    def _step_fn(self):
+        if self.decode != "compiled":
+            return self._static_step
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._static_step, mode="reduce-overhead", dynamic=False)
+        return self._compiled_step
 
     def _left_pad(self, prompts):
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -316,19 +508,26 @@ class Engine:
         dev = self.device
 
         # all uniforms up front, one generator per row: row r's sample never depends on the batch it sits in
-        u = torch.empty(rows, max(N, 1), device=dev)
+        u = torch.empty(rows, max(N, 1), dtype=torch.float64, device=dev)  # float64: see _inverse_cdf
         for r, s in enumerate(seeds):
             g = torch.Generator(device=dev).manual_seed(int(s))
-            u[r] = torch.rand(max(N, 1), generator=g, device=dev)
+            u[r] = torch.rand(max(N, 1), generator=g, device=dev, dtype=torch.float64)
 
         L = max(len(p) for p in prompts)
-        if K == 1:  # nothing to share: prefill straight into a cache with room for the new tokens
-            cache, logits = self.prefill(prompts, max_len=L + N)
-        else:  # each prompt once, then its cache copied to its K rows (once)
-            small, logits = self.prefill(prompts)
-            cache = small.fan_out(K, L + N)  # [rows]
-            del small
+        static = self.decode != "eager"
+        # static decode: cache length bucketed to a multiple of 256, so one compiled step serves many prompt lengths
+        S = -(-(L + N) // STATIC_BUCKET) * STATIC_BUCKET if static else L + N
+        with span("engine.prefill"):
+            if K == 1:  # nothing to share: prefill straight into a cache with room for the new tokens
+                cache, logits = self.prefill(prompts, max_len=S)
+            else:  # each prompt once, then its cache copied to its K rows (once)
+                small, logits = self.prefill(prompts)
+                cache = small.fan_out(K, S)  # [rows]
+                del small
         logits = logits.repeat_interleave(K, 0)  # [rows, V]
+        if static:  # fixed shapes from here on: finished rows stay in the batch (masked), never compacted
+            cache, compact, step = StaticKVCache(cache), False, self._step_fn()
+            cur = torch.empty(rows, 1, dtype=torch.long, device=dev)  # [rows, 1] the step's input tokens
 
         out_tok = torch.full((rows, N), self.pad_id, dtype=torch.long, device=dev)
         out_lp = torch.zeros(rows, N, device=dev)
@@ -337,69 +536,89 @@ class Engine:
         done = torch.zeros(rows, dtype=torch.bool, device=dev)
         reason_id = torch.zeros(rows, dtype=torch.bool, device=dev)  # ended on a stop id
         stop_t = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+        ban = self.never  # [V] bool or None: ids the tokenizer cannot decode, image/placeholder ids
+        ban_early = ban  # before min_new_tokens the stop ids are banned too; both masks built once per call
+        if min_new_tokens > 0 and len(stop_ids):
+            ban_early = torch.zeros(logits.shape[-1], dtype=torch.bool, device=dev) if ban is None else ban.clone()
+            ban_early[stop_t] = True
         str_reason = [None] * rows  # host-side stop-string results: row -> kept length
         checked = [0] * rows  # tokens of each row already scanned for stop strings
         act = torch.arange(rows, device=dev)  # output rows still in the decode batch (all, until compaction)
         steps = 0
         for t in range(N):
-            banned = stop_t if t < min_new_tokens and len(stop_ids) else None
-            tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p, banned)  # [n] each
-            live = ~done[act]
-            out_tok[act, t] = torch.where(live, tok, self.pad_id)
-            out_lp[act, t] = torch.where(live, lp, 0.0)
-            out_full[act, t] = torch.where(live, full, 0.0)
-            if len(stop_ids):
-                hit = live & torch.isin(tok, stop_t)
-                length[act] = torch.where(hit, t + 1, length[act])
-                reason_id[act] |= hit
-                done[act] |= hit
+            with span("engine.sample"):  # draw + per-row bookkeeping, all on device
+                tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p,
+                                              ban_early if t < min_new_tokens else ban)  # [n] each
+                live = ~done[act]
+                out_tok[act, t] = torch.where(live, tok, self.pad_id)
+                out_lp[act, t] = torch.where(live, lp, 0.0)
+                out_full[act, t] = torch.where(live, full, 0.0)
+                if len(stop_ids):
+                    hit = live & torch.isin(tok, stop_t)
+                    length[act] = torch.where(hit, t + 1, length[act])
+                    reason_id[act] |= hit
+                    done[act] |= hit
             steps = t + 1
             if steps == N:
                 break
             if steps % check_every == 0:  # the only host syncs of the loop
-                if stop_strings:
-                    self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
-                keep = ~done[act]
-                n_keep = int(keep.sum())
-                if n_keep == 0:
-                    break
-                if compact and n_keep <= 0.75 * len(act):  # drop finished rows once a quarter of the batch is done
-                    idx = keep.nonzero()[:, 0]
-                    cache.select(idx)
-                    act = act[idx]
-            h = self._forward(out_tok[act, t:t + 1], cache)  # [n, 1, D]; finished, uncompacted rows feed pad
-            logits = self._logits(h[:, -1])
+                with span("engine.sync"):
+                    if stop_strings:
+                        self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
+                    keep = ~done[act]
+                    n_keep = int(keep.sum())
+                    if n_keep == 0:
+                        break
+                    if compact and n_keep <= 0.75 * len(act):  # drop finished rows once a quarter has finished
+                        idx = keep.nonzero()[:, 0]
+                        cache.select(idx)
+                        act = act[idx]
+            if static:
+                with span("engine.forward"):  # forward + head in one traced step
+                    cur.copy_(out_tok[:, t:t + 1])  # one fixed input tensor: no recompile per N (strides)
+                    logits = step(cur, cache)
+                    if self.decode == "compiled":
+                        logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
+                continue
+            with span("engine.forward"):
+                h = self._forward(out_tok[act, t:t + 1], cache)  # [n, 1, D]; finished, uncompacted rows feed pad
+            with span("engine.head"):
+                logits = self._logits(h[:, -1])
         if stop_strings:  # rows can still complete a stop string in the steps since the last check
             self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
-        return self._collect(out_tok, out_lp, out_full, length, reason_id, str_reason, steps)
+        return self._collect(out_tok, out_lp, out_full, length, reason_id, str_reason, steps, stop_strings)
 
     def _scan_stop_strings(self, out_tok, steps, done, length, stop_strings, str_reason, checked):
-        """Host-side: find the first token at which a stop string appears in each live row's decoded text.
+        """Host-side: find the first token at which a stop string appears in each row's decoded text.
 
+        Scans every row with tokens not yet scanned: live rows up to `steps`, and rows that ended on a stop id
+        since the last scan up to their stop token -- a stop string written before that stop id must win (the
+        earliest of stop string, stop id and length ends the row), else the text between them would be kept.
         Only a tail is decoded: a new occurrence ends after checked[r] and spans at most 4 tokens per character
         (byte-fallback pieces), plus one token of slack because decoding drops a slice's leading space."""
-        live = (~done).nonzero()[:, 0].tolist()
-        if not live:
+        end = length.clamp_max(steps).tolist()  # live rows: steps; rows ended on a stop id: their stop token
+        rows_ = [r for r in range(len(end)) if str_reason[r] is None and checked[r] < end[r]]
+        if not rows_:
             return
         span = 4 * max(len(s) for s in stop_strings) + 1
-        lo = max(0, min(checked[r] for r in live) - span)
-        rows = out_tok[live, lo:steps].tolist()
+        lo = max(0, min(checked[r] for r in rows_) - span)
+        toks = out_tok[rows_, lo:steps].tolist()
         dec = self.tokenizer.decode
-        for r, row in zip(live, rows):
-            a = max(0, checked[r] - span)  # absolute index where this row's tail starts
-            tail = row[a - lo:]
+        for r, row in zip(rows_, toks):
+            c0, checked[r] = checked[r], end[r]
+            a = max(0, c0 - span)  # absolute index where this row's tail starts
+            tail = row[a - lo:end[r] - lo]
             if not any(s in dec(tail) for s in stop_strings):
-                checked[r] = steps
                 continue
-            # smallest n whose prefix holds a stop string; prefixes up to checked[r] were already clean
-            for n in range(max(checked[r], a + 1), steps + 1):
+            # smallest n whose prefix holds a stop string; prefixes up to c0 were already clean
+            for n in range(max(c0, a + 1), end[r] + 1):
                 if any(s in dec(tail[:n - a]) for s in stop_strings):
                     break
             str_reason[r] = n
             length[r] = n
             done[r] = True
 
-    def _collect(self, out_tok, out_lp, out_full, length, reason_id, str_reason, steps):
+    def _collect(self, out_tok, out_lp, out_full, length, reason_id, str_reason, steps, stop_strings=()):
         N = out_tok.shape[1]
         length = length.clamp_max(steps).cpu()
         mask = torch.arange(N)[None, :] < length[:, None]  # [rows, N]
@@ -412,6 +631,9 @@ class Engine:
                    for r in range(len(lens))]
         tokens = [tok[r, :n].tolist() for r, n in enumerate(lens)]
         texts = [self.tokenizer.decode(t) for t in tokens] if self.tokenizer is not None else None
+        for r in range(len(lens)):  # the token completing a stop string may carry more text ("m>\n"): cut it
+            if str_reason[r] is not None:
+                texts[r] = _cut_after_stop(texts[r], stop_strings)
         return GenerationResult(
             tokens=tokens, logprobs=[lp[r, :n].tolist() for r, n in enumerate(lens)],
             full_logprobs=[full[r, :n].tolist() for r, n in enumerate(lens)], stop_reasons=reasons, texts=texts,

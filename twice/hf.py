@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -190,6 +191,18 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+def stored_float32(path) -> int:
+    """Number of float32-stored tensors in an HF folder's weights (headers only: no tensor is read). Our exports store
+    a tensor in the source model's dtype only where that is exact, so a fine-tune's changed weights are the float32
+    ones (twice.checkpoint.export_hf); twice.precision's `auto` will not round them to bf16."""
+    path = Path(path).expanduser()
+    n = 0
+    for file in sorted(set(_weight_files(path).values())):
+        with safe_open(file, framework="pt") as f:
+            n += sum(f.get_slice(k).get_dtype() == "F32" for k in f.keys())
+    return n
+
+
 def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
     """HF folder -> a `cls` (Gemma3) in `dtype` on `device`, eval mode. Strict: every tensor accounted for, by name."""
     path = Path(path).expanduser()
@@ -218,7 +231,7 @@ def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
     by_file: dict[Path, list[str]] = {}
     for ours, theirs in table.items():
         by_file.setdefault(files[theirs], []).append(ours)
-    state = {}
+    state, rounded = {}, [0, 0]  # fp32-stored values that change when loaded as bf16, of all fp32-stored values
     for file, names in by_file.items():
         with safe_open(file, framework="pt") as f:  # one tensor in memory at a time, converted, then kept
             for ours in names:
@@ -227,6 +240,16 @@ def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
                     raise ValueError(f"{file.name}: {table[ours]} has shape {tuple(t.shape)}, expected "
                                      f"{tuple(expected_shapes[ours])} from config.json")
                 state[ours] = t.to(device=device, dtype=dtype)
+                if t.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16):
+                    low, flat = state[ours].reshape(-1), t.reshape(-1)
+                    for i in range(0, flat.numel(), 1 << 22):  # in chunks: no second full-size fp32 copy at load
+                        rounded[0] += int((low[i:i + (1 << 22)].to("cpu", torch.float32)
+                                           != flat[i:i + (1 << 22)]).sum())
+                    rounded[1] += t.numel()
+    if rounded[0]:  # e.g. a merged fine-tune exported in fp32: updates below bf16's resolution are rounded away
+        print(f"WARNING: {path}: {rounded[0] / rounded[1]:.0%} of its float32 weights change when loaded as "
+              f"{str(dtype).removeprefix('torch.')} (small fine-tuning updates may be rounded away; dtype: float32 "
+              f"keeps them)", file=sys.stderr, flush=True)
     for head in (h for h in LM_HEADS if h in files):  # tied: must be the embedding, or logits would silently differ
         with safe_open(files[head], framework="pt") as f:
             t = f.get_tensor(head).to(device=device, dtype=dtype)

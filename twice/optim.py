@@ -22,6 +22,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from twice.precision import MasterAdamW
+
 
 def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     """[{params with ndim>=2, weight_decay}, {params with ndim<2, 0.0}], trainable params only."""
@@ -37,12 +39,16 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 
 
 def build_adamw(named_params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-    """torch AdamW (decoupled decay) over `named_params` = model.named_parameters() (or a module).
+    """torch AdamW (decoupled decay) over `named_params` = model.named_parameters() (or a module); MasterAdamW
+    (twice/precision.py: fp32 master copies and fp32 moments) when some trainable parameter is not fp32.
     The initial lr is stored as each group's `initial_lr`; set_lr() overwrites `lr` every step."""
     if isinstance(named_params, nn.Module):
         named_params = named_params.named_parameters()
     groups = param_groups(named_params, weight_decay)
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    # bf16 trainable parameters (a full fine-tune computing in bf16 in one process) get fp32 masters + fp32 state
+    low = any(p.dtype != torch.float32 for g in groups for p in g["params"])
+    cls = MasterAdamW if low else torch.optim.AdamW
+    opt = cls(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     for g in opt.param_groups:
         g["initial_lr"] = lr
     return opt

@@ -249,7 +249,7 @@ class TeacherConfig:
     max_retries: int = 4          # api: retries on 429 / 5xx / timeouts (exponential backoff with jitter)
     backoff_s: float = 1.0        # api: first retry waits ~backoff_s, doubling
     model_path: str = ""          # local: HF-format folder (python -m twice.convert ..., an SFT final/, ...)
-    dtype: str = "float32"        # local: float32 | bfloat16
+    dtype: str = "auto"           # local: auto (bf16 on AMX/AVX512-BF16 CPUs, twice/precision.py) | float32 | bfloat16
     batch_size: int = 8           # local: prompts per Engine.generate call
     prefill: str = ""             # local: text the answer starts with, e.g. "<rationale>" (the model continues
                                   #   inside the tag instead of choosing a format; the prefix is part of the text parsed)
@@ -286,6 +286,8 @@ class LocalTeacher:
                 raise ValueError("teacher.backend=local needs teacher.model_path (an HF-format folder)")
             backend = load_backend(cfg.model_path, cfg.dtype)
         self.backend, self.cfg = backend, cfg
+        engine_dtype = getattr(getattr(backend, "engine", None), "dtype", None)  # recorded in metrics.jsonl
+        self.compute_dtype = str(engine_dtype).removeprefix("torch.") if engine_dtype is not None else None
         self.name = f"local:{os.path.basename(os.path.normpath(cfg.model_path)) or backend.name}"
 
     def preflight(self):

@@ -503,12 +503,11 @@ def sasrec_scorer(sasrec_dir: str, data_dir: str):
     return score
 
 
-def load_backend(model_dir: str, dtype: str = "float32", name: str | None = None) -> EngineBackend:
-    import torch
-
+def load_backend(model_dir: str, dtype: str = "auto", name: str | None = None) -> EngineBackend:
     from twice.gemma3 import Gemma3
+    from twice.precision import resolve_dtype
     from twice.tokenizer import Tokenizer
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    dt = resolve_dtype(dtype, "cpu", "dtype", checkpoint=os.path.expanduser(model_dir))  # twice/precision.py
     model = Gemma3.from_pretrained(os.path.expanduser(model_dir), dtype=dt).eval()
     return EngineBackend(model, Tokenizer.from_pretrained(os.path.expanduser(model_dir)),
                          name=name or os.path.basename(os.path.normpath(model_dir)))
@@ -521,7 +520,8 @@ def main(argv=None):
     ap.add_argument("--data", default="", help="dataset dir mapping item ids for --sasrec")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto = bfloat16 on AMX/AVX512-BF16 CPUs, else float32")
     ap.add_argument("--api-key-env", default="", help="env var holding a bearer key clients must send")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--max-batch", type=int, default=ServeConfig.max_batch)
