@@ -514,8 +514,10 @@ def main(argv: list[str]) -> int:
         f"{before['valid_rate']:.3f} "
         f"({time.time() - t_all:.0f} s so far)")
 
-    # results.jsonl: one line per (variant, seed), reused when the run's resolved config and grpo.py are unchanged
-    code = key([(Path(__file__).parent / f).read_text() for f in ("grpo.py", "rewards.py")])
+    # results.jsonl: one line per (variant, seed), reused while the run's resolved config and the code it runs
+    # (grpo.py, rewards.py, the sampler, the model, this file) are unchanged
+    code = key([(Path(__file__).parent / f).read_text() for f in ("grpo.py", "rewards.py", "engine.py", "gemma3.py",
+                                                                   "ablate.py")])
     res_path = root / "results.jsonl"
     done = {}
     if res_path.exists():
