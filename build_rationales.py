@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from twice.config import parse_args, save_config
+from twice.config import ConfigError, check_inputs, parse_args, save_config
 from twice.data import load_dataset
 from twice.fileio import write_json_atomic
 from twice.llm_api import LLMError
@@ -69,6 +69,9 @@ def instance_seed(seed: int, user: int) -> int:
 
 
 def main(cfg: BuildConfig) -> dict:
+    check_inputs(("data_dir", cfg.data_dir, "dataset"),  # before the teacher loads: one line naming the field
+                 ("rationale.exemplars", cfg.rationale.exemplars if cfg.rationale.n_shots else "", "file"),
+                 ("teacher.model_path", cfg.teacher.model_path if cfg.teacher.backend == "local" else "", "model"))
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
@@ -111,8 +114,11 @@ def main(cfg: BuildConfig) -> dict:
         for step, start in enumerate(range(0, len(todo), cfg.chunk)):
             t0 = time.perf_counter()
             reqs = [build_request(ds, u, cfg.rationale, exemplars) for u in todo[start:start + cfg.chunk]]
+            # the bar advances per instance as the teacher answers (per request for an API teacher, per engine
+            # batch of teacher.batch_size for a local one), not once per chunk
             results = teacher.complete([r["messages"] for r in reqs], [instance_seed(cfg.seed, r["user"]) for r in reqs],
-                                       requests=reqs)
+                                       requests=reqs,
+                                       on_result=lambda i, res: isinstance(res, LLMError) or bar.update(1))
             asked += len(reqs)
             step_kept = 0
             for req, res in zip(reqs, results):
@@ -135,7 +141,6 @@ def main(cfg: BuildConfig) -> dict:
                 done.add(req["user"])
                 tot["tokens"][0] += res.prompt_tokens
                 tot["tokens"][1] += res.completion_tokens
-                bar.update(1)
             stats = write_stats(run, users, done, tot, asked, failed)
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "asked": len(reqs), "kept": step_kept,
@@ -168,5 +173,7 @@ def write_stats(run: Path, users: list[int], done: set[int], tot: dict, asked: i
 if __name__ == "__main__":
     try:
         main(parse_args(BuildConfig, sys.argv[1:]))
+    except ConfigError as e:  # a misspelled key, a missing input: one line, before any model is loaded
+        raise SystemExit(f"build_rationales.py: error: {e}") from None
     except LLMError as e:
-        raise SystemExit(f"build_rationales: teacher error: {e}") from None
+        raise SystemExit(f"build_rationales.py: teacher error: {e}") from None

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from twice import dist, precision
 from twice.checkpoint import export_hf, load_latest, rewrite_metrics, save_checkpoint
-from twice.config import ConfigError, parse_args, save_config
+from twice.config import ConfigError, check_inputs, parse_args, save_config
 from twice.data import load_dataset
 from twice.engine import Engine
 from twice.gemma3 import Gemma3, SharedPrefix
@@ -78,7 +78,7 @@ class RolloutConfig:
     budget_quantile: float = 0.95       # "auto": this quantile (nearest rank) of those lengths
     temperature: float = 1.0            # sampling temperature; the trainer's log-probs use the same temperature
     top_k: Optional[int] = None         # None = off. top-k/top-p make the sampler's policy differ from the trained
-    top_p: float = 1.0                  #   one (grpo.md 9.6): logp_gap_sampler and is_ratio_seq_min show by how much
+    top_p: float = 1.0                  #   one: logp_gap_sampler and is_ratio_seq_min show by how much
     stop_strings: list[str] = field(default_factory=lambda: ["</item>"])  # stop once the answer is closed
     reasoning: bool = True              # T3 prompts (<think> then <item>); False: T2 item-only prompts (RQ6 (C);
                                         #   then drop the think-tag format terms, e.g. rewards.weights={cg: 1.0})
@@ -86,6 +86,9 @@ class RolloutConfig:
     log_completions: int = 4            # completions per step dumped to completions.jsonl (rank 0's first rows)
     prefill_chunk: Optional[int] = None  # prefill prompts in chunks of this many tokens (bounds attention memory
                                         #   of long prompts, e.g. 2048 for 6k-token prompts); None = one pass
+    decode: str = "eager"               # eager (the reference) | static (fixed-shape KV cache, no host sync per
+                                        #   step) | compiled (static + torch.compile reduce-overhead: CUDA graphs on
+                                        #   GPU; check with `python bench/gpu.py` first, not yet run on a GPU)
 
 
 @dataclass
@@ -151,6 +154,7 @@ def check_config(cfg: GRPORunConfig) -> None:
                      ("rollout.group_size >= 1", c.rollout.group_size >= 1),
                      ("rollout.prompts_per_step >= 1", c.rollout.prompts_per_step >= 1),
                      ("rollout.prefill_chunk >= 1 or null", c.rollout.prefill_chunk is None or c.rollout.prefill_chunk >= 1),
+                     ("rollout.decode in eager|static|compiled", c.rollout.decode in ("eager", "static", "compiled")),
                      ("optim.micro_batch_size >= 1", c.optim.micro_batch_size >= 1), ("optim.mu >= 1", c.optim.mu >= 1),
                      ("model.dtype in auto|bfloat16|float32", c.model.dtype in precision.CHOICES),
                      ("rollout.split in train|valid", c.rollout.split in ("train", "valid")),
@@ -467,15 +471,16 @@ def build_prompts(c: Ctx, step: int) -> tuple[list[Group], int]:
     return groups, skipped
 
 
-def sample(c: Ctx, model, groups: list[Group], step: int):
-    """K completions per prompt; weights gathered ONCE for the whole rollout (collective: every rank enters)."""
+def sample(c: Ctx, model, engine: Engine, groups: list[Group], step: int):
+    """K completions per prompt; weights gathered ONCE for the whole rollout (collective: every rank enters). One
+    engine for the run: a compiled decode step (rollout.decode) is traced once, not once per rollout."""
     ro, K = c.cfg.rollout, c.cfg.rollout.group_size
     model.eval()
     with torch.no_grad(), dist.unsharded(model):
         res = None
         if groups:
             seeds = [row_seed(c.cfg.seed, step, g.prompt_idx, k) for g in groups for k in range(K)]
-            res = Engine(model, c.tok, prefill_chunk=ro.prefill_chunk).generate(
+            res = engine.generate(
                 [g.prompt for g in groups], num_samples=K, max_new_tokens=ro.max_new_tokens,
                 temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p, stop_strings=ro.stop_strings, seeds=seeds)
     model.train()
@@ -721,6 +726,8 @@ def log_completions(cfg: GRPORunConfig, comp_f, step: int, groups: list[Group], 
 def main(argv: list[str]) -> dict:
     cfg = parse_args(GRPORunConfig, argv)
     check_config(cfg)
+    check_inputs(("model.path", cfg.model.path, "model"), ("data_dir", cfg.data_dir, "dataset"),
+                 ("sasrec_dir", cfg.sasrec_dir, "sasrec"))  # before any model load: one line naming the field
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     info = dist.init_distributed()
@@ -728,6 +735,7 @@ def main(argv: list[str]) -> dict:
     model, ref_model, opt = build_policy(cfg, info.device)
     c = load_inputs(cfg, info, run_dir, log)
     start = resume(c, model, opt)
+    engine = Engine(model, c.tok, prefill_chunk=cfg.rollout.prefill_chunk, decode=cfg.rollout.decode)
     metrics_f = JsonlWriter(run_dir / "metrics.jsonl", info.is_main)
     comp_f = JsonlWriter(run_dir / "completions.jsonl", info.is_main)
     log(f"GRPO: {len(c.users)} users, K={cfg.rollout.group_size}, {cfg.rollout.prompts_per_step} prompts/step over "
@@ -741,7 +749,7 @@ def main(argv: list[str]) -> dict:
         t_step = now()
         groups, skipped = build_prompts(c, step)                            # 1. this rank's prompts
         t0 = now()
-        res = sample(c, model, groups, step)                                # 2. K completions each
+        res = sample(c, model, engine, groups, step)                        # 2. K completions each
         t_sample, t0 = now() - t0, now()
         sc = score(c, groups, res)                                          # 3. rewards -> global advantages
         ps = plan_passes(c, groups, res)                                    # 4. micro-batches, same count per rank

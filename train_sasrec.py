@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from twice.config import ConfigError, parse_args, save_config
+from twice.config import ConfigError, check_inputs, parse_args, save_config
 from twice.data import load_dataset
 from twice.dist import cleanup, init_distributed
 from twice.fileio import write_json_atomic
@@ -137,6 +137,7 @@ def metric_value(res: dict, name: str) -> float:
 def main(argv: list[str]) -> dict:
     cfg = parse_args(Config, argv)
     tc = cfg.train
+    check_inputs(("train.data_dir", tc.data_dir, "dataset"))  # one line naming the field, not a traceback
     info = init_distributed()  # torchrun env -> process group (gloo on CPU, nccl on GPU); world 1 without it
     rank, world, device, master = info.rank, info.world_size, info.device, info.is_main
     if tc.threads:

@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from twice import dist, precision
 from twice.checkpoint import export_hf, load_latest, rewrite_metrics, save_checkpoint
-from twice.config import ConfigError, parse_args, save_config
+from twice.config import ConfigError, InputError, check_inputs, parse_args, save_config
 from twice.logsink import LogConfig, open_sinks
 from twice.data import User, load_dataset
 from twice.engine import Engine
@@ -137,7 +137,7 @@ class SFTConfig:
     steps: int = 0                      # ... or in optimizer steps when > 0 (overrides epochs)
     checkpoint_every: int = 100         # optimizer steps between checkpoints (0 = only the final one)
     keep_checkpoints: int = 3           # keep the last N checkpoint dirs
-    export_dtype: str = "float32"       # dtype of final/ weights: float32 | bfloat16
+    export_dtype: str = "auto"          # dtype of final/ weights: auto (the base folder's, bf16 for Gemma-3) | float32 | bfloat16
     seed: int = 0
     threads: int = 0                    # torch CPU threads (0 = torch default)
 
@@ -153,7 +153,7 @@ def expand_paths(c: SFTConfig) -> None:
 def check_config(c: SFTConfig) -> None:
     rules = [("model.path is set", bool(c.model.path)), ("data_dir is set", bool(c.data_dir)),
              ("model.dtype in auto|bfloat16|float32", c.model.dtype in precision.CHOICES),
-             ("export_dtype in float32|bfloat16", c.export_dtype in ("float32", "bfloat16")),
+             ("export_dtype in auto|float32|bfloat16", c.export_dtype in ("auto", "float32", "bfloat16")),
              ("optim.batch_size >= 1", c.optim.batch_size >= 1),
              ("optim.micro_batch_tokens >= max_seq_len", c.optim.micro_batch_tokens >= c.max_seq_len),
              ("mix weights >= 0", min(c.mix.describe, c.mix.recommend, c.mix.reason) >= 0),
@@ -238,11 +238,16 @@ def build_pools(ds, cfg: SFTConfig) -> tuple[dict[str, list], dict]:
     if m.reason > 0:
         path = ds.root / "examples_task3.jsonl" if m.t3_source == "official" else Path(m.t3_source)
         if not path.is_file():
-            raise FileNotFoundError(f"mix.t3_source: {path} does not exist")
+            raise InputError(f"mix.t3_source: {path} does not exist")
         pools["reason"], stats["t3_skipped"] = load_records(path, "reason", ds)
     for t in TASKS:
         if getattr(m, t) > 0 and not pools[t]:
-            raise ValueError(f"mixture weight {t}={getattr(m, t)} but its pool is empty (data_dir={cfg.data_dir})")
+            src = (f"mix.t3_source={m.t3_source}" if t == "reason" else f"data_dir={cfg.data_dir}, " + (
+                f"mix.t2_source={m.t2_source}" if t == "recommend" else f"mix.describe_min_chars={m.describe_min_chars}"))
+            skipped = stats.get({"reason": "t3_skipped", "recommend": "t2_skipped"}.get(t, ""), 0)
+            raise InputError(f"mix.{t}={getattr(m, t)} but its pool is empty ({src}"
+                             + (f"; {skipped} bad line(s) skipped" if skipped else "") + "): "
+                             + ("set mix.reason=0 to train T1 + T2 only" if t == "reason" else "set its weight to 0"))
     return pools, stats
 
 
@@ -412,6 +417,13 @@ def main(argv: list[str]) -> dict:
     cfg = parse_args(SFTConfig, argv)
     expand_paths(cfg)
     check_config(cfg)
+    check_inputs(("model.path", cfg.model.path, "model"), ("data_dir", cfg.data_dir, "dataset"),  # before the model
+                 ("mix.t3_source", cfg.mix.t3_source if cfg.mix.reason > 0 and cfg.mix.t3_source != "official"
+                  else "", "file"))
+    if cfg.mix.reason > 0 and cfg.mix.t3_source != "official" and not any(
+            ln.strip() for ln in open(cfg.mix.t3_source, encoding="utf-8", errors="replace")):
+        raise InputError(f"mix.t3_source: {cfg.mix.t3_source} has no records (stage 1 kept no rationale?): "
+                         f"set mix.reason=0 to train T1 + T2 only")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     info = dist.init_distributed()
@@ -562,8 +574,8 @@ def main(argv: list[str]) -> dict:
     bar.close()
 
     # ---- final model as an HF folder (LoRA merged), tokenizer copied
-    export_hf(model, run_dir / "final", dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.export_dtype],
-              tokenizer_path=Path(cfg.model.path) / "tokenizer.model")
+    export_hf(model, run_dir / "final", tokenizer_path=Path(cfg.model.path) / "tokenizer.model",
+              dtype={"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.export_dtype])
     log(f"done: {run_dir / 'final'}")
     if metrics_f:
         metrics_f.close()

@@ -13,7 +13,7 @@ Gradient (per row i; z = h W^T / T, lse = log sum_j e^{z_j}, p = e^{z - lse}, g_
   5. dh = (dz / T) W and dW = (dz / T)^T h; chunked over V, each dW slice is written once and dh accumulates in fp32.
 Only lse and H ([N] fp32) are saved; the logits are recomputed tile by tile in backward.
 
-Two implementations, same contract (see ../shared/reference/logprob_kernels.md for the survey and the memory math):
+Two implementations, same contract (memory and time against a naive log_softmax: bench/logprobs.py):
   * "torch": pure PyTorch, two-level chunked (vocab outer, tokens inner) with an online (m, s, t) logsumexp/entropy in fp32.
     Runs everywhere; it is what trains on CPU. Transient memory is a few [rows, vocab-chunk] fp32 tiles (<= ~64 MB).
   * "triton": kernels/logprobs_triton.py (split-V forward partials merged deterministically, a dz kernel per vocab slice

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import dist_worker as W
 from twice import checkpoint as C
+from twice.config import ConfigError
 from twice.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_bad_inputs_fail_clearly_before_writing(tmp_path):
     other = W.build_model(lora=False)  # no adapters: the key table does not match
     with pytest.raises(KeyError, match="model.safetensors"):
         load_checkpoint(path, other, None)
-    with pytest.raises(FileNotFoundError, match="meta.json"):
+    with pytest.raises(C.CheckpointError, match="step_000007/meta.json: missing"):
         load_checkpoint(tmp_path / "step_000007", model, opt)
 
 
@@ -148,3 +149,94 @@ def test_rewrite_metrics_drops_lines_after_the_checkpoint(tmp_path, capsys):
     assert "dropping a torn line" in capsys.readouterr().err
     C.rewrite_metrics(tmp_path / "absent.jsonl", 2)  # a fresh run dir: nothing to do
     assert not (tmp_path / "absent.jsonl").exists()
+
+
+def _weights_after(model, opt, step):
+    W.run_random(model, opt, step - 1, step, N, W.seed_streams(step), {"rows_seen": 0})
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_corrupt_latest_falls_back_to_the_newest_intact(tmp_path, capsys):
+    """meta.json records every file's size and sha256; a truncated or altered file is named and skipped."""
+    model, opt = fresh()
+    saved = {}
+    for step in (1, 2, 3):
+        saved[step] = _weights_after(model, opt, step)
+        save_checkpoint(tmp_path, step, model, opt, data={"step": step})
+    meta = json.loads((tmp_path / "step_000003" / "meta.json").read_text())
+    assert set(meta["files"]) == {"model.safetensors", "optim.pt", "rng_rank0.pt"}
+    f3 = tmp_path / "step_000003" / "model.safetensors"
+    assert meta["files"]["model.safetensors"]["bytes"] == f3.stat().st_size
+    assert C.checkpoint_problem(tmp_path / "step_000003") is None
+
+    # truncated (the issue's case: a copy cut short) -> named, step 2 is loaded
+    f3.write_bytes(f3.read_bytes()[: f3.stat().st_size // 2])
+    m2, o2 = fresh(init_seed=3)
+    st = load_latest(tmp_path, m2, o2)
+    err = capsys.readouterr().err
+    assert st["step"] == 2 and st["data"] == {"step": 2}
+    assert all(torch.equal(m2.state_dict()[k], v) for k, v in saved[2].items())
+    assert f"{tmp_path / 'step_000003' / 'model.safetensors'}: " in err and "recorded" in err
+    assert "resuming from step_000002" in err
+
+    # same size, one byte changed -> the hash catches it
+    f2 = tmp_path / "step_000002" / "optim.pt"
+    data = bytearray(f2.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f2.write_bytes(bytes(data))
+    assert "optim.pt: sha256 differs" in C.checkpoint_problem(tmp_path / "step_000002")
+    assert load_latest(tmp_path, m2, o2)["step"] == 1
+    assert "step_000002/optim.pt: sha256 differs" in capsys.readouterr().err
+
+    # asked for a bad one directly, or none intact: one CheckpointError naming the file (a ConfigError: the
+    # scripts print it as one line)
+    with pytest.raises(C.CheckpointError, match=r"step_000003/model.safetensors: \d+ bytes"):
+        load_checkpoint(tmp_path / "step_000003", m2, o2)
+    (tmp_path / "step_000001" / "rng_rank0.pt").unlink()
+    with pytest.raises(C.CheckpointError, match=r"no intact checkpoint \(3 found; newest: .*step_000003/model"):
+        load_latest(tmp_path, m2, o2)
+    assert issubclass(C.CheckpointError, ConfigError)
+
+
+def test_checkpoint_and_export_files_follow_the_umask(tmp_path):
+    """safetensors/mkstemp/mkdtemp create 0600/0700; outputs get what open()/mkdir() give under the umask."""
+    model, opt = fresh()
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "ck", 1, model, opt)
+        for f in path.iterdir():
+            assert oct(f.stat().st_mode & 0o777) == oct(0o644), f
+        assert oct(path.stat().st_mode & 0o777) == oct(0o755)
+        out = C.export_hf(model, tmp_path / "final")     # the issue: final/ was 0700, model.safetensors 0600
+        assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+        for f in out.iterdir():
+            assert oct(f.stat().st_mode & 0o777) == oct(0o644), f
+    finally:
+        os.umask(old)
+
+
+def test_export_keeps_the_source_dtype(tmp_path):
+    """Trained in fp32 on CPU from a bf16 folder (Gemma-3 releases, our converted 270m): final/ is bf16 again (half the
+    disk of the issue's fp32 folders), unless a dtype is asked for."""
+    from twice.gemma3 import PRESETS, Gemma3
+    torch.manual_seed(0)
+    Gemma3.from_config(PRESETS["tiny"]).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    model = Gemma3.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    assert C.source_dtype(model) == torch.bfloat16
+    out = C.export_hf(model, tmp_path / "final")
+    sd = load_file(out / "model.safetensors")
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    src = load_file(tmp_path / "src" / "model.safetensors")
+    assert all(torch.equal(sd[k], src[k]) for k in src)   # bf16 -> fp32 -> bf16 is lossless
+    sd32 = load_file(C.export_hf(model, tmp_path / "f32", dtype=torch.float32) / "model.safetensors")
+    assert {v.dtype for v in sd32.values()} == {torch.float32}
+    # a weight training changed below bf16's resolution stays fp32 (bf16 would round the update away); the rest bf16
+    w = model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        w.add_(w.abs().max() * 1e-4)
+    sdt = load_file(C.export_hf(model, tmp_path / "tuned") / "model.safetensors")
+    changed = [k for k, v in sdt.items() if v.dtype == torch.float32]
+    assert len(changed) == 1 and "layers.0.mlp.down_proj" in changed[0]
+    assert torch.equal(sdt[changed[0]], w.detach())
+    assert all(torch.equal(sdt[k], src[k]) for k in src if k != changed[0])

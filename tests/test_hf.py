@@ -2,7 +2,7 @@
 
     pytest tests/test_hf.py -q
 
-Fixture recipe: ../shared/reference/gemma3.md §8 (random norm weights, window 4 < 13 tokens, KV < heads,
+Fixture recipe (random norm weights, window 4 < 13 tokens, KV < heads,
 query_pre_attn_scalar != head_dim, linear scaling on global layers, H*hd != D, sqrt(48) inexact in bf16).
 One random model, written in four forms: what transformers writes (v5 config), the Hub's v4 config keys,
 sharded, and multimodal-prefixed with a sparse text_config (two prefixes).
@@ -287,7 +287,7 @@ HUB_1B = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "
           "rope_theta": 1000000, "rope_local_base_freq": 10000, "rope_scaling": None,
           "max_position_embeddings": 32768, "vocab_size": 262144, "rms_norm_eps": 1e-06, "eos_token_id": [1, 106],
           "attn_logit_softcapping": None, "final_logit_softcapping": None, "hidden_activation": "gelu_pytorch_tanh"}
-# the real 27B text_config is this sparse (gemma3.md §1): no vocab_size, no rope_theta
+# the real 27B text_config is this sparse (as published on the Hub): no vocab_size, no rope_theta
 SPARSE_27B = {"model_type": "gemma3", "text_config": {
     "head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504, "model_type": "gemma3_text",
     "num_attention_heads": 32, "num_hidden_layers": 62, "num_key_value_heads": 16, "query_pre_attn_scalar": 168,

@@ -2,8 +2,9 @@
 
     python -m pytest tests/test_pipeline.py -q
 
-Real MovieLens-100k (from the recbole wheel on PyPI, cached in ~/.cache/twice or $TWICE_CACHE), a random tiny
-Gemma-3 and a SentencePiece model trained on the dataset's text; tiny step counts. ~1 CPU-minute.
+A small synthetic MovieLens-100k in the recbole layout (tests/fixtures/ml100k_like.py, put in $TWICE_CACHE: nothing
+is downloaded; the real file is fetched only by `pytest -m slow`), a random tiny Gemma-3 and a SentencePiece model
+trained on the dataset's text; tiny step counts. ~1 CPU-minute.
 """
 from __future__ import annotations
 
@@ -20,14 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from twice.pipeline import ROWS, STAGES, VARIANTS, stage_command  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
+from fixtures.ml100k_like import write_ml100k_like  # noqa: E402
+from twice.pipeline import BUDGET_S, ROWS, STAGES, VARIANTS, eta_s, stage_command  # noqa: E402
 from twice.rewards import REWARDS  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 def _run(out: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cache = out.parent / "cache"
+    if not (cache / "ml-100k").exists():
+        write_ml100k_like(cache)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TWICE_CACHE=str(cache))
     return subprocess.run([sys.executable, "-m", "twice.pipeline", "--tiny", "--out", str(out), "--threads", "1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -42,6 +48,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert state["tiny"] is True and list(state["stages"]) == list(STAGES)
     assert all(s["rc"] == 0 and s["wall_s"] >= 0 for s in state["stages"].values())
     for f in ("data/candidates_test.jsonl", "model/config.json", "model/tokenizer.model", "sasrec/best/config.json",
+              "sasrec-reward/best/config.json",
               "rationales/stats.json", "sft/final/config.json", "grpo_D/final/config.json",
               "grpo_E/final/config.json", "eval/results.json", "eval/results.md", "results.md"):
         assert (out / f).exists(), f
@@ -72,6 +79,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         for c in cells:
             assert 0.0 <= float(c) <= 1.0
     assert table.splitlines()[0] in p.stdout   # printed too
+    assert "stage(s) to run, about" in p.stdout and ", ETA " in p.stdout   # the overall ETA from the stage budgets
 
     # every number in results.json that is a rate lies in [0, 1], intervals included
     res = json.loads((out / "eval" / "results.json").read_text())
@@ -103,11 +111,23 @@ def test_stage_commands_chain_paths(tmp_path):
     assert f"mix.t3_source={out / 'rationales' / 'rationales.jsonl'}" in sft and "mix.reason=0" not in sft
     for v in VARIANTS:
         g = " ".join(stage_command(v, out, model, tiny=False))
-        assert f"model.path={out / 'sft' / 'final'}" in g and f"sasrec_dir={out / 'sasrec' / 'best'}" in g
+        assert f"model.path={out / 'sft' / 'final'}" in g and f"sasrec_dir={out / 'sasrec-reward' / 'best'}" in g
     ev = " ".join(stage_command("eval", out, model, tiny=False))
     for v in ("sft", "grpo_D", "grpo_E"):
         assert f"models.{v}.path={out / v / 'final'}" in ev
-    # the same prompt layout for SFT, GRPO and eval
-    tasks = [[a for a in stage_command(s, out, model, tiny=False) if a.startswith("task.")]
-             for s in ("sft", "grpo_D", "eval")]
-    assert tasks[0] == tasks[1] == tasks[2] and tasks[0]
+    # the same prompt layout for SFT, GRPO and eval: task.yaml (included by the three), and --tiny changes it the
+    # same way for all three
+    tasks = [[a for a in stage_command(s, out, model, tiny=tiny) if a.startswith("task.")]
+             for tiny in (False, True) for s in ("sft", "grpo_D", "eval")]
+    assert tasks[0] == tasks[1] == tasks[2] == [] and tasks[3] == tasks[4] == tasks[5] and tasks[3]
+    # no CPU-time cap anywhere: the quickstart's length is in epochs/steps (same seed, same numbers on any machine)
+    for s in STAGES:
+        assert not any("cpu_s" in a or "max_train_s" in a for a in stage_command(s, out, model, tiny=False) or [])
+
+
+def test_eta_scales_the_budgets_by_the_observed_speed():
+    assert eta_s(BUDGET_S, {}, ["sft", "eval"]) == BUDGET_S["sft"] + BUDGET_S["eval"]
+    # the stages so far took twice their budget: the rest is expected to as well
+    done = {"data": 2 * BUDGET_S["data"], "sasrec": 2 * BUDGET_S["sasrec"]}
+    assert eta_s(BUDGET_S, done, ["eval"]) == 2 * BUDGET_S["eval"]
+    assert eta_s(BUDGET_S, done, []) == 0

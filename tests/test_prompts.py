@@ -1,4 +1,4 @@
-"""Data text cannot forge a chat turn or an answer tag once it is in a prompt (design.md, "Output format")."""
+"""Data text cannot forge a chat turn or an answer tag once it is in a prompt (the <think>/<item> output format)."""
 from twice import prompts
 from twice.rewards import parse_completion
 

@@ -257,3 +257,15 @@ def test_recommend_endpoint(tiny):
         assert out["usage"]["completion_tokens"] <= 6
     finally:
         srv.close()
+
+
+def test_sasrec_data_dir_comes_from_the_sasrec_run(tmp_path, capsys):
+    """`--sasrec RUN/best` without --data: the dataset is train.data_dir of train_sasrec.py's RUN/config.yaml."""
+    from twice.serve import sasrec_data_dir
+    (tmp_path / "sasrec" / "best").mkdir(parents=True)
+    (tmp_path / "sasrec" / "config.yaml").write_text("sasrec: {hidden: 8}\ntrain: {data_dir: runs/quickstart/data}\n")
+    assert sasrec_data_dir(str(tmp_path / "sasrec" / "best")) == "runs/quickstart/data"
+    assert "--data runs/quickstart/data" in capsys.readouterr().out
+    (tmp_path / "lone").mkdir()
+    with pytest.raises(SystemExit, match="pass --data DATA_DIR"):
+        sasrec_data_dir(str(tmp_path / "lone"))

@@ -267,7 +267,7 @@ def test_repair_torn_last_line(tmp_path):
 # end to end over HTTP
 
 def test_end_to_end_scripted_teacher(world, tmp_path):
-    """Every user asked once; each curation branch lands where the script says; records follow interfaces.md."""
+    """Every user asked once; each curation branch lands where the script says; records follow build_rationales.py's docstring."""
     srv = serve(ScriptedBackend())
     try:
         stats = br.main(config(world, tmp_path / "run", srv.url))
@@ -452,3 +452,27 @@ def test_recommend_with_sasrec(world, tmp_path):
     assert got["scores"]["I3"] == pytest.approx(ref[0], abs=1e-6)
     assert got["scores"]["I7"] == pytest.approx(ref[1], abs=1e-6)
     assert got["item_id"] == ("I3" if ref[0] > ref[1] else "I7")
+
+
+def test_local_teacher_reports_each_instance_as_its_batch_finishes():
+    """The stage-1 bar advances per answered instance: on_result fires for every instance right after the engine
+    batch (teacher.batch_size prompts) that answered it, not once for the whole chunk."""
+    from twice.rationale import LocalTeacher, TeacherConfig
+    from twice.serve import GenOutput
+
+    class Fake:
+        name, calls = "fake", 0
+
+        def encode_chat(self, messages):
+            return [2, 3]
+
+        def generate(self, reqs):
+            Fake.calls += 1
+            return [GenOutput(f"r{r.seed}", 2, 1, "stop") for r in reqs]
+
+    seen = []
+    t = LocalTeacher(TeacherConfig(backend="local", model_path="x", batch_size=2), backend=Fake())
+    out = t.complete([[{"role": "user", "content": str(i)}] for i in range(5)], list(range(5)),
+                     on_result=lambda i, res: seen.append((i, res.text, Fake.calls)))
+    assert [o.text for o in out] == [f"r{i}" for i in range(5)]
+    assert seen == [(0, "r0", 1), (1, "r1", 1), (2, "r2", 2), (3, "r3", 2), (4, "r4", 3)]

@@ -78,7 +78,7 @@ def test_study_preset_commands(tmp_path):
     r = subprocess.run([sys.executable, "-m", "twice.pipeline", "--preset", "study", "--dry-run", "--out",
                         str(tmp_path / "d")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "[6/9] grpo_C" in r.stdout and str(ROOT / "configs" / "study" / "eval.yaml") in r.stdout
+    assert "[7/10] grpo_C" in r.stdout and str(ROOT / "configs" / "study" / "eval.yaml") in r.stdout
 
 
 @pytest.mark.slow   # ~1 CPU-minute (8 min wall on the shared 2-core box): the same path as the tiny quickstart + C
@@ -89,8 +89,8 @@ def test_study_preset_tiny_end_to_end(tmp_path):
                         "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     state = json.loads((out / "pipeline.json").read_text())
-    assert list(state["stages"]) == ["data", "model", "sasrec", "rationales", "sft", "grpo_C", "grpo_D", "grpo_E",
-                                     "eval"]
+    assert list(state["stages"]) == ["data", "model", "sasrec", "sasrec_reward", "rationales", "sft", "grpo_C",
+                                     "grpo_D", "grpo_E", "eval"]
     kept = [json.loads(x) for x in (out / "rationales" / "rationales.jsonl").read_text().splitlines()]
     assert kept and {k["teacher"] for k in kept} == {"evidence"}
     assert "model.path=" + str(out / "model") in " ".join(state["stages"]["grpo_C"]["cmd"])   # C starts from base

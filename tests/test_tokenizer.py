@@ -144,7 +144,7 @@ def test_special_ids_and_piece_types(tok_user, tok_control):
 
 
 def test_rendered_reference_examples():
-    # the two renderings quoted in gemma3.md §7 (HF's jinja env), so the renderer here is the real one
+    # the two renderings of Google's published chat template (HF's jinja env), so the renderer here is the real one
     assert render(CONVERSATIONS[1]) == ("<bos><start_of_turn>user\nYou are terse. \n\nHi<end_of_turn>\n<start_of_turn>"
                                         "model\nHello!<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n"
                                         "<start_of_turn>model\n")

@@ -350,3 +350,14 @@ def test_progress_bar_with_live_reward_and_the_log_lines_stay(world, tmp_path, c
     assert "step     1/2 | reward" in log and "step     2/2 | reward" in log
     run(world, tmp_path / "nobar", steps=1, progress=False, **{"rollout.max_new_tokens": 4})
     assert "reward=" not in capsys.readouterr().err
+
+
+def test_static_decode_rollouts_equal_eager(world, tmp_path):
+    """rollout.decode=static (the fixed-shape, graph-capturable decode; `compiled` traces it) samples the same
+    completions as the eager reference engine, so a run's rewards do not depend on the decode path."""
+    def completions(d):
+        run(world, tmp_path / d, steps=2, **{"rollout.decode": d})
+        return [(r["step"], r["text"]) for r in map(json.loads, (tmp_path / d / "completions.jsonl").open())]
+    assert completions("static") == completions("eager")
+    with pytest.raises(train_grpo.ConfigError, match="rollout.decode"):
+        train_grpo.main(overrides(world, tmp_path / "x", **{"rollout.decode": "graph"}))

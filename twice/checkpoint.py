@@ -18,7 +18,8 @@ On disk (one directory per saved step; a directory exists only once it is comple
     ckpt/step_000200/rng_rank{r}.pt      this rank's RNG streams: python random, numpy, torch CPU, CUDA (if any), and
                                          the caller's named torch.Generators (e.g. the rollout sampler's)
     ckpt/step_000200/meta.json           step (optimizer steps completed), world_size, data position (the caller's
-                                         JSON dict), resolved config, file format version; written last
+                                         JSON dict), resolved config, file format version, and the size + sha256 of
+                                         every other file in the directory; written last
     ckpt/latest                          text "step_000200": updated (atomically) after the rename
 
 Why full tensors gathered on rank 0 rather than DCP's sharded format: the weights stay a plain safetensors file
@@ -33,10 +34,17 @@ Atomicity: everything is written into `.tmp_step_XXXXXX/`, each file fsynced, th
 `step_XXXXXX` (os.replace is atomic), then `latest` is replaced. A kill at any point leaves either the previous
 complete checkpoint or the new one, never a half-written one that looks complete; stale `.tmp_*` are removed on
 the next save. On load the newest complete `step_*` wins (the pointer is for people and tools; it can only lag).
+
+Verification: what atomicity cannot catch (a disk that fills, a copy cut short, bit rot) is caught on load: every
+file is checked against the size and sha256 that meta.json recorded. `load_latest` logs which file of which
+checkpoint is bad and falls back to the newest intact one; when none is intact, or `load_checkpoint` is given a bad
+one, a CheckpointError (a ConfigError: scripts print it as one line) names the file. Hashing reads each file once
+(about 1 s per GB).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -53,11 +61,16 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from twice import dist
-from twice.fileio import write_atomic
-from twice.lora import lora_modules, merge_lora_state_dict
+from twice.config import InputError
+from twice.fileio import chmod_like_umask, write_atomic
+from twice.lora import cast_if_exact, lora_modules, merge_lora_state_dict
 
 FORMAT_VERSION = 1
 STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used (missing, truncated or altered file); the message names the file."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,6 +96,42 @@ def step_dirs(ckpt_dir) -> list[Path]:
 def latest_checkpoint(ckpt_dir) -> Path | None:
     dirs = [p for p in step_dirs(ckpt_dir) if (p / "meta.json").is_file()]
     return dirs[-1] if dirs else None
+
+
+def file_digest(path: Path) -> dict:
+    """{"bytes", "sha256"} of one file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def checkpoint_problem(path) -> str | None:
+    """Why checkpoint directory `path` cannot be loaded ("<file>: <what>"), or None when every file matches the size
+    and sha256 in its meta.json. Checkpoints written before sizes were recorded are checked for presence only."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        return "meta.json: missing (an incomplete save)"
+    except (OSError, ValueError) as e:
+        return f"meta.json: unreadable ({type(e).__name__}: {e})"
+    if meta.get("format_version") != FORMAT_VERSION:
+        return f"meta.json: format_version {meta.get('format_version')} != {FORMAT_VERSION}"
+    files = meta.get("files")
+    if files is None:  # older checkpoints: no record to check against
+        return None if (path / "model.safetensors").is_file() else "model.safetensors: missing"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name}: missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{name}: {size} bytes, meta.json recorded {want['bytes']} (truncated or overwritten)"
+        if file_digest(f)["sha256"] != want["sha256"]:
+            return f"{name}: sha256 differs from meta.json's (the file was altered or corrupted)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,7 +197,7 @@ def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer: torch.opti
             "trainable_only": bool(trainable_only), "data": data or {}, "config": _config_dict(config),
             "generators": sorted(extra_generators or {}), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "torch": torch.__version__}
-    meta_text = json.dumps(meta, indent=1)  # fails here, before any write, if data/config is not JSON-able
+    json.dumps(meta)  # fails here, before any write, if data/config is not JSON-able
 
     if is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +227,10 @@ def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer: torch.opti
     dist.barrier()
 
     if is_main:
-        write_atomic(tmp / "meta.json", meta_text)  # last file: its presence marks the directory complete
+        # sizes and hashes of every file (all ranks' RNG files are in place after the barrier) -> verified on load
+        meta["files"] = {f.name: file_digest(f) for f in sorted(tmp.iterdir())}
+        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))  # last file: its presence marks it complete
+        chmod_like_umask(tmp)  # safetensors writes 0600: readable like any other output
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
             old = ckpt_dir / f".old_{name}"
@@ -198,17 +250,22 @@ def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer: torch.opti
 
 
 def load_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    extra_generators: dict[str, torch.Generator] | None = None) -> dict:
+                    extra_generators: dict[str, torch.Generator] | None = None, verify: bool = True) -> dict:
     """Restore model, optimizer and this rank's RNG streams from one checkpoint directory. Collective. Returns the
-    meta dict: {"step", "data", "config", "world_size", "path", ...}. Keys are checked strictly."""
+    meta dict: {"step", "data", "config", "world_size", "path", ...}. Files are verified against meta.json first
+    (CheckpointError naming the bad file); keys are checked strictly."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no meta.json)")
+    if verify:
+        why = checkpoint_problem(path) if dist.get_rank() == 0 else None
+        if dist.get_world_size() > 1:  # one verdict for every rank (rank 0 read the files)
+            box = [why]
+            torch.distributed.broadcast_object_list(box, src=0)
+            why = box[0]
+        if why:
+            raise CheckpointError(f"checkpoint {path / why}")
     meta = json.loads((path / "meta.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path / 'meta.json'}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
     rank, is_main, fsdp = dist.get_rank(), dist.get_rank() == 0, dist.is_fsdp(model)
     trainable_only = meta["trainable_only"]
 
@@ -257,15 +314,37 @@ def load_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer | N
 
 def load_latest(ckpt_dir, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                 extra_generators: dict[str, torch.Generator] | None = None) -> dict | None:
-    """Resume from the newest complete checkpoint in ckpt_dir; None when there is none (a fresh run)."""
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
+    """Resume from the newest intact checkpoint in ckpt_dir; None when there is none (a fresh run). A checkpoint whose
+    files do not match its meta.json is reported (which file, why) and skipped for the one before it; CheckpointError
+    when checkpoints exist but none is intact."""
+    found = [p for p in step_dirs(ckpt_dir) if (p / "meta.json").is_file()]
+    if not found:
         return None
+    path, bad = None, []
+    if dist.get_rank() == 0:
+        for p in reversed(found):
+            why = checkpoint_problem(p)
+            if why is None:
+                path = p
+                break
+            bad.append(f"{p / why}")
+            print(f"WARNING: checkpoint {p / why}: skipped, trying the previous checkpoint", file=sys.stderr,
+                  flush=True)
+    if dist.get_world_size() > 1:  # rank 0 read the files; every rank loads the same one
+        box = [path, bad]
+        torch.distributed.broadcast_object_list(box, src=0)
+        path, bad = box
+    if path is None:
+        raise CheckpointError(f"{ckpt_dir}: no intact checkpoint ({len(found)} found; newest: {bad[0]}); delete "
+                              f"the directory to start over")
     pointer = Path(ckpt_dir) / "latest"
-    if pointer.is_file() and pointer.read_text().strip() != path.name:
+    if bad:
+        dist.print0(f"resuming from {path.name}, the newest intact checkpoint ({len(bad)} newer one(s) skipped)",
+                    file=sys.stderr, flush=True)
+    elif pointer.is_file() and pointer.read_text().strip() != path.name:
         dist.print0(f"note: {pointer} says {pointer.read_text().strip()!r}, newest complete is {path.name}: "
                     f"using {path.name}")
-    return load_checkpoint(path, model, optimizer, extra_generators)
+    return load_checkpoint(path, model, optimizer, extra_generators, verify=False)
 
 
 def rewrite_metrics(path: Path, upto_step: int) -> None:
@@ -286,9 +365,24 @@ def rewrite_metrics(path: Path, upto_step: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # HF export
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def source_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype recorded in config.json of the folder `model` was loaded from (None when unknown)."""
+    src = getattr(model, "source_dir", None)
+    try:
+        return DTYPES.get(json.loads((Path(src) / "config.json").read_text()).get("torch_dtype")) if src else None
+    except (OSError, ValueError):
+        return None
+
+
 def export_hf(model: nn.Module, out_dir, dtype: torch.dtype | None = None, **save_kwargs) -> Path | None:
     """Write an HF-format folder (Gemma3.save_pretrained, which assembles it in a temp dir and renames it) with any
-    LoRA adapters merged in and the original key names; dtype casts the floating weights (e.g. bf16 as HF ships).
+    LoRA adapters merged in and the original key names. dtype casts the floating weights; None = the model's own
+    dtype: the `torch_dtype` of the folder it was loaded from (bf16 for Google's Gemma-3 releases and our converted
+    270m) for every tensor that cast leaves exact, fp32 for the others (what training changed below bf16's
+    resolution), else its parameters' dtype.
     Collective under FSDP2 (the gather); rank 0 builds a plain CPU copy and writes. save_kwargs go to
     save_pretrained (e.g. tokenizer_path). Returns out_dir on rank 0, None elsewhere."""
     from twice.gemma3 import Gemma3
@@ -300,13 +394,18 @@ def export_hf(model: nn.Module, out_dir, dtype: torch.dtype | None = None, **sav
     if dist.get_rank() == 0:
         if scales:
             sd = merge_lora_state_dict(sd, scales.pop())
-        if dtype is not None:
+        if dtype is not None:   # asked for: every floating weight in it
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        elif (src := source_dtype(model)) is not None:   # the source's dtype wherever that rounds nothing: a
+            sd = {k: cast_if_exact(v, src) if v.is_floating_point() else v for k, v in sd.items()}  # fine-tune's
+            # changed weights stay fp32 (an update below bf16's resolution would be lost; twice.precision's auto
+            # then computes this folder in fp32), the untouched ones (embedding, norms under LoRA) return to bf16
         with torch.device("meta"):
             plain = Gemma3(model.config)
         plain.load_state_dict(sd, strict=True, assign=True)
         if getattr(model, "source_dir", None):  # save_pretrained copies the tokenizer from there
             plain.source_dir = model.source_dir
         plain.save_pretrained(Path(out_dir), **save_kwargs)
+        chmod_like_umask(out_dir)  # mkdtemp + safetensors made it 0700 / 0600
     dist.barrier()
     return Path(out_dir) if dist.get_rank() == 0 else None

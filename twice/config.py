@@ -8,7 +8,12 @@ field that reads it. This file is only the machinery:
   - unknown or misspelled keys are errors that name the closest valid key (a typo never silently becomes a
     default),
   - values are checked against the field's type (int, float, bool, str, list, dict, Optional, nested dataclass),
-  - overrides `a.b=3` are parsed as YAML scalars, so `x=1e-6`, `flag=true`, `ids=[1,2]` do what they look like.
+  - overrides `a.b=3` are parsed as YAML scalars, so `x=1e-6`, `flag=true`, `ids=[1,2]` do what they look like,
+  - `include: task.yaml` (or a list) at the top of a YAML merges that file in first (path relative to the including
+    file; the including file's own keys win): the quickstart's SFT, GRPO and eval configs share one prompt block
+    (configs/quickstart/task.yaml), so their prompts agree by construction,
+  - `check_inputs` verifies the paths a config names (dataset dir, model folder, SASRec dir, files) before any
+    model is loaded, naming the field: scripts print a ConfigError as one line and exit.
 """
 from __future__ import annotations
 
@@ -23,7 +28,11 @@ import yaml
 
 
 class ConfigError(ValueError):
-    pass
+    """A bad config or input: every script prints it as one line (no traceback) and exits non-zero."""
+
+
+class InputError(ConfigError):
+    """A file or folder a config field names is missing, incomplete or corrupt (the message names field and path)."""
 
 
 def _closest(key: str, valid: list[str], prefix: str = "") -> str:
@@ -132,19 +141,42 @@ def _set_dotted(tree: dict, dotted: str, value, cls) -> None:
         node_cls, path = sub_tp, f"{path}{key}."
 
 
+def _merge(base: dict, top: dict) -> dict:
+    """Deep merge of two YAML trees: mappings merge key by key, anything else in `top` replaces `base`."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """One YAML file as a dict, with its `include:` files merged in underneath (own keys win)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: include cycle ({' -> '.join(str(p) for p in _seen + (path,))})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    includes = tree.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(x, str) for x in includes):
+        raise ConfigError(f"{path}: include must be a file name or a list of them, got {includes!r}")
+    base: dict = {}
+    for inc in includes:
+        base = _merge(base, read_yaml(path.parent / inc, _seen + (path.resolve(),)))
+    return _merge(base, tree)
+
+
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
-    """YAML file (optional) + `key.sub=value` overrides -> validated instance of `cls`."""
+    """YAML file (optional, with its includes) + `key.sub=value` overrides -> validated instance of `cls`."""
     tree: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+        tree = read_yaml(path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
@@ -163,3 +195,77 @@ def parse_args(cls, argv: list[str]):
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config next to a run's outputs (JSON-compatible YAML)."""
     Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs named by a config: checked before any model is loaded, so a wrong path costs a second, not a model load
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why a .safetensors file is unusable (missing, truncated, bad header), or None. Reads only the header: the
+    8-byte length, the JSON table, and the file size the table implies."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                return f"truncated or not safetensors ({size} bytes)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"unreadable header ({type(e).__name__})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"truncated: {size} bytes, its header needs {8 + n + end}"
+    return None
+
+
+def input_problem(path: str | Path, kind: str) -> str | None:
+    """Why `path` is not a usable input of this kind, or None. Kinds:
+    dataset (a `python -m twice.data prepare` dir), model (an HF Gemma-3 folder with tokenizer.model), sasrec
+    (a SASRec.save folder), file (an existing file), dir (an existing folder)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return "does not exist"
+    if kind == "file":
+        return None if p.is_file() else "is not a file"
+    if not p.is_dir():
+        return "is not a folder"
+    need = {"dataset": ["items.jsonl", "users.jsonl", "meta.json"], "model": ["config.json", "tokenizer.model"],
+            "sasrec": ["config.json", "model.safetensors"], "dir": []}[kind]
+    missing = [n for n in need if not (p / n).is_file()]
+    if missing:
+        return f"is incomplete (no {', '.join(missing)})"
+    if kind == "model":
+        index = p / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError):
+                return f"has an unreadable {index.name}"
+        else:
+            shards = ["model.safetensors"]
+        for s in shards:
+            if (why := safetensors_problem(p / s)) is not None:
+                return f"/{s} is {why}"    # "/": the message continues the folder's path
+    if kind == "sasrec" and (why := safetensors_problem(p / "model.safetensors")) is not None:
+        return f"/model.safetensors is {why}"
+    return None
+
+
+HINTS = {"dataset": "build it with `python -m twice.data prepare CONFIG`",
+         "model": "an HF Gemma-3 folder: `python -m twice.convert gemma-3-270m`, or a stage's final/",
+         "sasrec": "train it with `python train_sasrec.py CONFIG` (its out_dir/best)"}
+
+
+def check_inputs(*checks: tuple[str, str | Path, str]) -> None:
+    """(field, path, kind) triples -> InputError naming the first bad one, e.g.
+    `data_dir: runs/x/data does not exist (build it with ...)`. Empty paths are skipped (optional inputs)."""
+    for field_name, path, kind in checks:
+        if path is None or (isinstance(path, str) and not path):
+            continue
+        why = input_problem(path, kind)
+        if why is not None:
+            hint = f" ({HINTS[kind]})" if kind in HINTS and why in ("does not exist", "is not a folder") else ""
+            raise InputError(f"{field_name}: {str(path).rstrip('/')}{why if why.startswith('/') else ' ' + why}{hint}")

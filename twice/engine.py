@@ -23,7 +23,7 @@ Conventions (documented once, here):
   - Ring buffer: a single-token step writes its k/v into the ring first and attends over the R ring slots (the
     overwritten slot s-W is out of the window anyway). A multi-token step (prefill, or a teacher-forced
     continuation) attends over [ring ; the T new keys] under the window mask and only then writes the last
-    min(T, R) new keys into the ring: dropping keys before attention corrupts early queries (gemma3.md §5, mlxcel#405).
+    min(T, R) new keys into the ring: dropping keys before attention corrupts early queries (transformers' Gemma-3 cache; mlxcel#405).
   - Reproducibility: output row r draws its float64 uniforms from its own torch.Generator seeded with seeds[r]
     (prompt-major rows: r = prompt_i * K + k), all up front, and samples by a float64 inverse CDF (_inverse_cdf:
     every token of non-negligible probability has a bin). So a row's tokens do not depend on which other rows
@@ -36,7 +36,7 @@ Conventions (documented once, here):
                     renormalised) at the sampled token -- the exact probability the token was drawn with.
       full_logprobs log_softmax(logits / T) over the whole vocabulary (no truncation) at the sampled token -- what
                     the trainer computes with kernels.token_logprobs(..., temperature=T). The two agree when
-                    top_k/top_p are off; their gap is the truncation bias (grpo.md §9.6) and is worth logging.
+                    top_k/top_p are off; their gap is the truncation bias (sampler vs trainer log-probs) and is worth logging.
     Greedy (temperature == 0): logprobs are 0 (a point mass) and full_logprobs use T = 1.
   - Stops: a row finishes on a stop id (the stop token is kept, mask 1) or when a stop string appears in its decoded
     text (kept up to and including the token that completes the string; the text is cut after the string), or at
@@ -175,7 +175,7 @@ class KVCache:
         if kind == SLIDING:
             allowed = allowed & (ks > q - self.window)  # a query sees itself + the W-1 previous slots
         allowed = allowed[None] & (ks[None] >= self.start[:, None, None])  # [B, T, S]: left pads are never keys
-        # finfo.min, not -inf: fully masked pad query rows stay finite instead of NaN (gemma3.md pitfall 10)
+        # finfo.min, not -inf: fully masked pad query rows stay finite instead of NaN (as transformers' eager mask)
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.where(allowed, zero, torch.finfo(self.dtype).min)[:, None]  # [B, 1, T, S]
 

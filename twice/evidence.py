@@ -132,7 +132,8 @@ class EvidenceTeacher:
     def preflight(self):
         pass
 
-    def complete(self, conversations: list[list[dict]], seeds: list[int], requests: list[dict] | None = None) -> list:
+    def complete(self, conversations: list[list[dict]], seeds: list[int], requests: list[dict] | None = None,
+                 on_result=None) -> list:
         from twice.llm_api import Completion
         if requests is None or len(requests) != len(conversations):
             raise ValueError("EvidenceTeacher.complete needs requests= (one {user, history, target} per conversation)")
@@ -141,4 +142,6 @@ class EvidenceTeacher:
             rationale, verdict = write_rationale(self.ds, self.cowatch, req["user"], req["history"], req["target"],
                                                  self.window, seed)
             out.append(Completion(teacher_answer(rationale, verdict), 0, 0))
+            if on_result is not None:
+                on_result(len(out) - 1, out[-1])
         return out

@@ -3,7 +3,7 @@
     python -c "import torch; from twice.gemma3 import Gemma3, PRESETS; \
                m = Gemma3.from_config(PRESETS['tiny']); print(m(torch.tensor([[2, 5, 7]])).shape)"
 
-Every rule below comes from ../shared/reference/gemma3.md (§2-§5), checked against transformers' eager path:
+Every rule below is checked against transformers' eager Gemma3ForCausalLM (tests/test_hf.py):
   - RMSNorm multiplies by (1 + w) in fp32 and casts afterwards; four norms per block ("sandwich") + q_norm, k_norm.
   - QK-norm over head_dim before RoPE; two RoPE tables: local (theta 1e4) and global (theta 1e6, linear scaling).
   - Scores scaled by query_pre_attn_scalar**-0.5 (not head_dim**-0.5), GQA, masks use finfo.min (never -inf).
@@ -85,7 +85,7 @@ PRESETS: dict[str, Gemma3Config] = {  # copy before editing: dataclasses.replace
     "gemma-3-27b": Gemma3Config(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
                                 num_attention_heads=32, num_key_value_heads=16, head_dim=128,
                                 query_pre_attn_scalar=168, **_BIG),
-    # Random CPU model for tests/CI (gemma3.md §8): GQA, H*hd != D, query_pre_attn_scalar != head_dim, window 4,
+    # Random CPU model for tests/CI (tests/test_hf.py): GQA, H*hd != D, query_pre_attn_scalar != head_dim, window 4,
     # local theta != global theta, linear scaling, sqrt(48) inexact in bf16.
     "tiny": Gemma3Config(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=6,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=32,

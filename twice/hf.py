@@ -3,7 +3,7 @@
     python -c "from twice.gemma3 import Gemma3; m = Gemma3.from_pretrained('ckpt/gemma-3-1b-it'); \
                m.save_pretrained('/tmp/copy')"
 
-Reads what people download (../shared/reference/gemma3.md §1, §6):
+Reads what people download (Hub checkpoints of every Gemma-3 size):
   - config.json in the transformers v4 form (rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern)
     and the v5 form (rope_parameters per layer type, layer_types); absent keys take Gemma3TextConfig's defaults;
   - multimodal 4B+ checkpoints (model_type "gemma3", sparse text_config; weights under `language_model.model.` or

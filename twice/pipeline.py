@@ -6,12 +6,14 @@
     python -m twice.pipeline --threads 1            # OMP/torch threads per stage (0 = torch's default)
     python -m twice.pipeline --preset study         # issue 13's study: configs/study/, + GRPO (C), RQ3 paired table
 
-Stages, each a subprocess of its own script with configs/quickstart/<stage>.yaml plus the path overrides that chain
-them (interfaces.md, "Stage CLIs and run dirs"):
+Stages, each a subprocess running the README's stage-by-stage command (configs/quickstart/<stage>.yaml, whose paths
+already chain: runs/quickstart/{data,sasrec,sasrec-reward,rationales,sft,grpo_D,grpo_E,eval}) plus overrides that relocate those
+paths under --out (identical to the YAMLs' own for the default out) and, under --tiny, shrink the sizes:
     data       python -m twice.data prepare            -> OUT/data
     model      python -m twice.convert gemma-3-270m   (--tiny: a random tiny Gemma-3 + a SentencePiece model trained
                                                         on the dataset's text, saved as an HF folder: OUT/model)
-    sasrec     python train_sasrec.py                  -> OUT/sasrec/best
+    sasrec     python train_sasrec.py                  -> OUT/sasrec/best          (eval's SASRec row: CE)
+    sasrec_reward  python train_sasrec.py              -> OUT/sasrec-reward/best   (GRPO's reward model: BCE, calibrated)
     rationales python build_rationales.py              -> OUT/rationales/rationales.jsonl (local teacher = the model)
     sft        python train_sft.py                     -> OUT/sft/final          (LoRA, T1 + T2 + T3)
     grpo_D     python train_grpo.py                    -> OUT/grpo_D/final       (rewards: item match + format)
@@ -39,22 +41,22 @@ from twice.fileio import write_atomic, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "quickstart"
-STAGES = ("data", "model", "sasrec", "rationales", "sft", "grpo_D", "grpo_E", "eval")
+STAGES = ("data", "model", "sasrec", "sasrec_reward", "rationales", "sft", "grpo_D", "grpo_E", "eval")
 # GRPO variants of the paper's RQ3 that the quickstart trains (reward weights, twice/rewards.py registry names)
 VARIANTS = {"grpo_D": "{match: 1.0, format: 1.0}", "grpo_E": "{cg: 1.0, format: 1.0}"}
 ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_D", "+SFT+GRPO (D)"),
         ("grpo_E", "+SFT+GRPO (E)"))
 
-# The real quickstart's sizing (on top of configs/quickstart/*.yaml, which stay usable stage by stage): budgets chosen
-# so that the whole pipeline fits ~20 minutes on 2 dedicated CPU cores (measured in CPU seconds per stage on a shared
-# box; see pipeline.json after a run): SASRec is capped in CPU time, stage 1 asks 8 users, SFT takes 12 LoRA steps,
-# each GRPO variant 4 steps (2 prompts x 4 samples x 64 tokens), eval 8 test users (configs/quickstart/eval.yaml).
-QUICK = {
-    "sasrec": ["train.max_train_cpu_s=120"],
-    "rationales": ["n_users=8"],
-    "sft": ["steps=12"],
-    "grpo": ["steps=4", "checkpoint_every=2"],
-}
+# The real quickstart's sizing lives in configs/quickstart/*.yaml (so the README's stage-by-stage commands ARE the main
+# job): SASRec 10 epochs (an epoch count, not a time cap: same seed, same numbers on any machine), stage 1 asks 8
+# users, SFT takes 12 LoRA steps, each GRPO variant 4 steps (2 prompts x 4 samples x 64 tokens), eval 8 test users.
+# Wall seconds each stage took in the README's main-job run (2 shared CPU cores), for the overall ETA; "model" is the
+# one-time conversion (about 2 min when ~/.cache/twice/gemma-3-270m is not there yet).
+# sasrec_reward (added after that run) is budgeted like sasrec: same size, same 10 epochs.
+BUDGET_S = {"data": 1, "model": 100, "sasrec": 110, "sasrec_reward": 110, "rationales": 70, "sft": 80, "grpo_D": 85,
+            "grpo_E": 85, "eval": 290}
+BUDGET_TINY_S = {"data": 1, "model": 5, "sasrec": 8, "sasrec_reward": 8, "rationales": 10, "sft": 10, "grpo_D": 10,
+                 "grpo_E": 10, "eval": 15}
 
 # --tiny: step counts and sizes small enough for CI (a few minutes on 2 shared cores), every stage still real
 TINY = {
@@ -70,18 +72,15 @@ TINY = {
              "optim.micro_batch_size=4", "checkpoint_every=0", "optim.lr=1.0e-3"],
     "eval": ["max_users=4", "sampling.max_new_tokens=8", "greedy.max_new_tokens=8", "batch_size=4"],
 }
-# One prompt layout for SFT, GRPO and eval (the stages' YAMLs may differ; the pipeline makes them agree):
-# 5 history items without descriptions or reviews and the dataset's 10 candidates keep a CPU prompt ~450 tokens.
-TASK = ["task.max_history=5", "task.desc_chars=0", "task.review_chars=0", "task.max_prompt_tokens=1024",
-        "task.n_negatives=9"]
-TASK_TINY = ["task.max_history=3", "task.desc_chars=0", "task.review_chars=0", "task.max_prompt_tokens=4096",
-             "task.n_negatives=9"]   # the tiny tokenizer needs ~2x the tokens
+# SFT, GRPO and eval share one prompt layout: configs/quickstart/task.yaml, included by each of their YAMLs. --tiny
+# changes it the same way for the three (the tiny tokenizer needs ~2x the tokens; 3 history items keep it short).
+TASK_TINY = ["task.max_history=3", "task.max_prompt_tokens=4096"]
 
-# --preset study (issue 13; configs/study/README.md): the stages read configs/study/*.yaml, whose sizes are the
-# study's (no QUICK overrides: 300 test users, SFT one epoch with valid-loss evals, 30 GRPO steps per variant);
-# GRPO variant C (from the base model, rewards of E) joins D and E; the table is twice.study's RQ3 table with
-# paired tests against +SFT and SASRec. With --tiny it runs the tiny model and the TINY sizes (what the test runs).
-STUDY_STAGES = STAGES[:5] + ("grpo_C",) + STAGES[5:]
+# --preset study (issue 13; README "The study"): the stages read configs/study/*.yaml, whose sizes are the study's
+# (300 test users, SFT one epoch with valid-loss evals, 30 GRPO steps per variant, the evidence teacher); GRPO
+# variant C (from the base model, rewards of E) joins D and E; the table is twice.study's RQ3 table with paired
+# tests against +SFT and SASRec. With --tiny it runs the tiny model and the TINY sizes (what the test runs).
+STUDY_STAGES = STAGES[:STAGES.index("sft") + 1] + ("grpo_C",) + STAGES[STAGES.index("sft") + 1:]
 STUDY_CONFIGS = ROOT / "configs" / "study"
 
 
@@ -131,12 +130,8 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
     """argv of a stage's subprocess (None for the in-process tiny model)."""
     py = sys.executable
     data, sas = out / "data", out / "sasrec"
-    task = TASK_TINY if tiny else TASK
-    t = lambda key: (TINY if tiny else {} if preset == "study" else QUICK).get(key, [])  # noqa: E731
-    if stage == "grpo_C":  # study: GRPO straight from the base model (RQ3 C), the full reward of E
-        return [py, str(ROOT / "train_grpo.py"), str(configs / "grpo.yaml"), f"run_dir={out / stage}",
-                f"model.path={model_dir}", f"data_dir={data}", f"sasrec_dir={sas / 'best'}",
-                f"rewards.weights={VARIANTS['grpo_E']}"] + task + t("grpo")
+    task = TASK_TINY if tiny else []
+    t = lambda key: TINY.get(key, []) if tiny else []  # noqa: E731
     if stage == "model":
         return None if tiny else [py, "-m", "twice.convert", "gemma-3-270m"]
     if stage == "data":
@@ -144,6 +139,9 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
     if stage == "sasrec":
         return [py, str(ROOT / "train_sasrec.py"), str(configs / "sasrec.yaml"), f"train.data_dir={data}",
                 f"train.out_dir={sas}"] + t("sasrec")
+    if stage == "sasrec_reward":
+        return [py, str(ROOT / "train_sasrec.py"), str(configs / "sasrec-reward.yaml"), f"train.data_dir={data}",
+                f"train.out_dir={out / 'sasrec-reward'}"] + t("sasrec")
     if stage == "rationales":
         return [py, str(ROOT / "build_rationales.py"), str(configs / "rationales.yaml"), f"data_dir={data}",
                 f"run_dir={out / 'rationales'}", f"teacher.model_path={model_dir}",
@@ -156,10 +154,12 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
             print("pipeline: stage 1 kept no rationale (see OUT/rationales/stats.json); SFT trains T1 + T2 only")
         return [py, str(ROOT / "train_sft.py"), str(configs / "sft.yaml"), f"run_dir={out / 'sft'}",
                 f"model.path={model_dir}", f"data_dir={data}"] + mix + task + t("sft")
-    if stage in VARIANTS:
+    if stage in VARIANTS or stage == "grpo_C":  # C (study): GRPO straight from the base model, E's rewards
         return [py, str(ROOT / "train_grpo.py"), str(configs / "grpo.yaml"), f"run_dir={out / stage}",
-                f"model.path={out / 'sft' / 'final'}", f"data_dir={data}", f"sasrec_dir={sas / 'best'}",
-                f"rewards.weights={VARIANTS[stage]}"] + task + t("grpo")
+                f"model.path={model_dir if stage == 'grpo_C' else out / 'sft' / 'final'}", f"data_dir={data}",
+                f"sasrec_dir={out / 'sasrec-reward' / 'best'}",
+                f"rollout.budget_from={out / 'rationales' / 'rationales.jsonl'}",
+                f"rewards.weights={VARIANTS.get(stage, VARIANTS['grpo_E'])}"] + task + t("grpo")
     if stage == "eval":
         return [py, str(ROOT / "eval.py"), str(configs / "eval.yaml"), f"run_dir={out / 'eval'}", f"data_dir={data}",
                 f"sasrec_dir={sas / 'best'}", f"models.base.path={model_dir}",
@@ -175,6 +175,7 @@ def stage_outputs(stage: str, out: Path, model_dir: Path) -> list[Path]:
         "model": [model_dir / "config.json", model_dir / "tokenizer.model"],
         "data": [out / "data" / "users.jsonl", out / "data" / "candidates_test.jsonl"],
         "sasrec": [out / "sasrec" / "best" / "model.safetensors", out / "sasrec" / "results.json"],
+        "sasrec_reward": [out / "sasrec-reward" / "best" / "model.safetensors", out / "sasrec-reward" / "results.json"],
         "rationales": [out / "rationales" / "stats.json"],
         "sft": [out / "sft" / "final" / "config.json"],
         "grpo_D": [out / "grpo_D" / "final" / "config.json"],
@@ -182,6 +183,22 @@ def stage_outputs(stage: str, out: Path, model_dir: Path) -> list[Path]:
         "grpo_C": [out / "grpo_C" / "final" / "config.json"],
         "eval": [out / "eval" / "results.json", out / "eval" / "results.md"],
     }[stage]
+
+
+UNPACED = ("data", "model")   # downloads / conversions, usually cache hits: they say nothing about compute speed
+
+
+def eta_s(budgets: dict[str, float], done: dict[str, float], todo: list[str]) -> float:
+    """Seconds left: the remaining stages' budgets, scaled by how long the compute stages run so far took against
+    theirs (a slower or busier machine than the budgets' stretches the estimate)."""
+    done = {s: t for s, t in done.items() if s not in UNPACED}
+    ran = sum(budgets[s] for s in done)
+    speed = sum(done.values()) / ran if ran > 0 and sum(done.values()) > 0 else 1.0
+    return speed * sum(budgets[s] for s in todo)
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min"
 
 
 def _children_cpu() -> float:
@@ -234,9 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the stage commands, run nothing")
     ap.add_argument("--preset", default="", choices=["", "study"], help="study: issue 13's study (configs/study/)")
     args = ap.parse_args(argv)
-    stages = STUDY_STAGES if args.preset == "study" else STAGES
+    STAGES_RUN = STUDY_STAGES if args.preset == "study" else STAGES
     if args.preset == "study" and args.configs == str(CONFIGS):
         args.configs = str(STUDY_CONFIGS)
+    configs = Path(args.configs).expanduser().resolve()
+    missing = [f"{n}.yaml" for n in ("data", "sasrec", "sasrec-reward", "rationales", "sft", "grpo", "eval")
+               if not (configs / f"{n}.yaml").is_file()]
+    if missing:
+        sys.exit(f"pipeline: error: --configs {configs}: no {', '.join(missing)} there")
     name = "study" if args.preset == "study" else "quickstart"
     out = Path(args.out or (f"runs/{name}-tiny" if args.tiny else f"runs/{name}")).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     state["tiny"] = args.tiny
     state.setdefault("stages", {})
     if args.redo:
-        for s in stages[stages.index(args.redo):]:
+        for s in STAGES_RUN[STAGES_RUN.index(args.redo):]:
             state["stages"].pop(s, None)
 
     env = dict(os.environ)
@@ -256,18 +278,29 @@ def main(argv: list[str] | None = None) -> int:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     model_dir = out / "model"
     t_all = time.time()
-    for i, stage in enumerate(stages, 1):
+    budgets = BUDGET_TINY_S if args.tiny else BUDGET_S
+    budgets = {**budgets, "grpo_C": budgets["grpo_E"]}   # study: C costs what E does
+    ran: dict[str, float] = {}  # wall seconds of the stages run in this invocation (ETA scaling)
+
+    def pending(i: int) -> list[str]:  # stages from index i on that will run (not recorded complete)
+        return [s for s in STAGES_RUN[i:] if state["stages"].get(s, {}).get("rc") != 0]
+
+    if not args.dry_run:
+        print(f"pipeline: {len(pending(0))} stage(s) to run, about {_fmt_s(eta_s(budgets, {}, pending(0)))} "
+              f"(stage budgets measured on 2 CPU cores: {', '.join(f'{s} {budgets[s]} s' for s in pending(0))})",
+              flush=True)
+    for i, stage in enumerate(STAGES_RUN, 1):
         if stage == "model" and not args.tiny:  # the cached conversion's path is what convert prints
             from twice.convert import default_cache
             model_dir = default_cache() / "gemma-3-270m"
-        cmd = stage_command(stage, out, model_dir, args.tiny, Path(args.configs).resolve(), args.preset)
+        cmd = stage_command(stage, out, model_dir, args.tiny, configs, args.preset)
         outputs = stage_outputs(stage, out, model_dir)
         rec = state["stages"].get(stage, {})
         if rec.get("rc") == 0 and all(p.exists() for p in outputs):
-            print(f"[{i}/{len(stages)}] {stage}: complete, skipped ({rec.get('wall_s', '?')} s when it ran)",
+            print(f"[{i}/{len(STAGES_RUN)}] {stage}: complete, skipped ({rec.get('wall_s', '?')} s when it ran)",
                   flush=True)
             continue
-        print(f"\n[{i}/{len(stages)}] {stage}: " + (" ".join(cmd) if cmd else "build the tiny model in-process"),
+        print(f"\n[{i}/{len(STAGES_RUN)}] {stage}: " + (" ".join(cmd) if cmd else "build the tiny model in-process"),
               flush=True)
         if args.dry_run:
             continue
@@ -291,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
             state["stages"][stage]["rc"] = -1
             write_json_atomic(state_path, state)
             return 1
-        print(f"[{i}/{len(stages)}] {stage}: done in {rec['wall_s']} s wall, {rec['cpu_s']} s CPU "
-              f"({time.time() - t_all:.0f} s so far)", flush=True)
+        ran[stage] = rec["wall_s"]
+        left = pending(i)
+        print(f"[{i}/{len(STAGES_RUN)}] {stage}: done in {rec['wall_s']} s wall, {rec['cpu_s']} s CPU "
+              f"({time.time() - t_all:.0f} s so far" + (f", ETA {_fmt_s(eta_s(budgets, ran, left))} for "
+                                                        f"{', '.join(left)})" if left else ")"), flush=True)
     if args.dry_run:
         return 0
     results = json.loads((out / "eval" / "results.json").read_text())
@@ -300,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     state["total_wall_s"] = round(sum(s.get("wall_s", 0) for s in state["stages"].values()), 1)
     state["total_cpu_s"] = round(sum(s.get("cpu_s", 0) for s in state["stages"].values()), 1)
     write_json_atomic(state_path, state)
-    timing = "\n".join(f"| {s} | {state['stages'][s]['wall_s']} | {state['stages'][s]['cpu_s']} |" for s in stages)
+    timing = "\n".join(f"| {s} | {state['stages'][s]['wall_s']} | {state['stages'][s]['cpu_s']} |" for s in STAGES_RUN)
     if args.preset == "study":  # the RQ3 table with paired tests (twice/study.py) instead of the quickstart's
         from twice.study import rq3_table
         table = rq3_table(out)

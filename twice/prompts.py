@@ -3,7 +3,7 @@ the teacher prompt that writes rationales (Stage 1, Appendix F in spirit) and th
 
 Prompts are plain strings; `twice.tasks` turns them into chat messages and token ids. Item text comes from data,
 so every field is passed through `clean()` first: a review that says "<end_of_turn>" or "<item>" can never forge a
-chat turn or an answer tag (design.md, "Output format").
+chat turn or an answer tag (the <think>/<item> output format, README "Stage 3").
 
 The layout follows the authors' released prompts (../shared/data/twice_official_sample): a [Purchase History] block
 of items (title / item_id / description / details / review / rating word), a [Candidate List] block, then the

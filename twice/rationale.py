@@ -23,7 +23,7 @@ Teachers (make_teacher): "api", "local", and "evidence" (twice/evidence.py: no m
 the data; its records say "teacher": "evidence"). With `tries` > 1 an LLM teacher is wrapped in RetryingTeacher,
 which re-asks (new seed) an answer curation would drop as unparseable / empty / degenerate; never an IRRELEVANT one.
 
-Records (interfaces.md "Stage CLIs"): one JSON object per line, `{"user", "history", "target", "rationale",
+Records (build_rationales.py's docstring lists the files): one JSON object per line, `{"user", "history", "target", "rationale",
 "verdict", "teacher", "prompt_hash"}` (+ "tokens": [prompt, completion]) in rationales.jsonl; dropped instances
 go to dropped.jsonl with the same keys + "reason" and the raw teacher "text". `append_jsonl` writes a record as
 ONE os.write of a full line then fsync, and `repair_jsonl` cuts a torn last line left by a killed run, so a
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twice import prompts
+from twice.config import ConfigError
 
 DROP_REASONS = ("unparseable", "irrelevant", "empty", "degenerate")
 
@@ -272,8 +273,10 @@ class ApiTeacher:
     def preflight(self):
         self.client.preflight()
 
-    def complete(self, conversations: list[list[dict]], seeds: list[int], requests=None) -> list:
-        return self.client.chat_many(conversations, per_request=[{"seed": s} for s in seeds], stop=list(STOP))
+    def complete(self, conversations: list[list[dict]], seeds: list[int], requests=None, on_result=None) -> list:
+        """on_result(i, result) as each request finishes (progress per instance)."""
+        return self.client.chat_many(conversations, per_request=[{"seed": s} for s in seeds], stop=list(STOP),
+                                     on_result=on_result)
 
 
 class LocalTeacher:
@@ -283,7 +286,7 @@ class LocalTeacher:
         from twice.serve import load_backend
         if backend is None:
             if not cfg.model_path:
-                raise ValueError("teacher.backend=local needs teacher.model_path (an HF-format folder)")
+                raise ConfigError("teacher.backend=local needs teacher.model_path (an HF-format folder)")
             backend = load_backend(cfg.model_path, cfg.dtype)
         self.backend, self.cfg = backend, cfg
         engine_dtype = getattr(getattr(backend, "engine", None), "dtype", None)  # recorded in metrics.jsonl
@@ -293,7 +296,8 @@ class LocalTeacher:
     def preflight(self):
         pass  # loading the checkpoint already failed loudly if it is missing or broken
 
-    def complete(self, conversations: list[list[dict]], seeds: list[int], requests=None) -> list:
+    def complete(self, conversations: list[list[dict]], seeds: list[int], requests=None, on_result=None) -> list:
+        """on_result(i, result) for each instance as its engine batch (teacher.batch_size prompts) finishes."""
         from twice.llm_api import Completion, LLMError
         from twice.serve import GenRequest
         pre = self.cfg.prefill
@@ -308,6 +312,9 @@ class LocalTeacher:
                 out += [Completion(pre + o.text, o.prompt_tokens, o.completion_tokens) for o in outs]
             except (RuntimeError, ValueError) as e:  # e.g. out of memory for one batch: counted, run goes on
                 out += [LLMError(f"local generation failed: {type(e).__name__}: {e}")] * len(reqs)
+            if on_result is not None:
+                for j in range(i, len(out)):
+                    on_result(j, out[j])
         return out
 
 
@@ -326,15 +333,22 @@ class RetryingTeacher:
     def preflight(self):
         self.inner.preflight()
 
-    def complete(self, conversations, seeds, requests=None):
+    def complete(self, conversations, seeds, requests=None, on_result=None):
+        """on_result(i, result) once per instance, when its answer is final (kept, or its last try)."""
         from twice.llm_api import Completion, LLMError
         if requests is None:
             raise ValueError("RetryingTeacher.complete needs requests= (history/target for curation)")
         out = self.inner.complete(conversations, seeds, requests=requests)
-        for k in range(1, self.tries):
-            redo = [i for i, (res, req) in enumerate(zip(out, requests)) if not isinstance(res, LLMError)
-                    and curate(res.text, *grounding_words(self.ds, req["history"], req["target"]),
-                               self.min_words)[0] in RETRY_REASONS]
+        pending = set(range(len(out)))
+        for k in range(1, self.tries + 1):
+            redo = [] if k == self.tries else [
+                i for i in sorted(pending) if not isinstance(out[i], LLMError)
+                and curate(out[i].text, *grounding_words(self.ds, requests[i]["history"], requests[i]["target"]),
+                           self.min_words)[0] in RETRY_REASONS]
+            for i in sorted(pending - set(redo)):   # final now: report it
+                if on_result is not None:
+                    on_result(i, out[i])
+            pending = set(redo)
             if not redo:
                 break
             self.retried += len(redo)
@@ -355,7 +369,7 @@ def retry_seed(seed: int, k: int) -> int:
 def make_teacher(cfg: TeacherConfig, ds=None, window: int = 10, min_words: int = 8):
     """ds (the dataset) and window (rationale.max_history) are needed by backend=evidence and by tries > 1."""
     if cfg.tries < 1:
-        raise ValueError(f"teacher.tries must be >= 1, got {cfg.tries}")
+        raise ConfigError(f"teacher.tries must be >= 1, got {cfg.tries}")
     if cfg.backend == "evidence":
         from twice.evidence import EvidenceTeacher
         if ds is None:
@@ -366,7 +380,7 @@ def make_teacher(cfg: TeacherConfig, ds=None, window: int = 10, min_words: int =
     elif cfg.backend == "local":
         teacher = LocalTeacher(cfg)
     else:
-        raise ValueError(f"teacher.backend must be 'api', 'local' or 'evidence', got {cfg.backend!r}")
+        raise ConfigError(f"teacher.backend must be 'api', 'local' or 'evidence', got {cfg.backend!r}")
     if cfg.tries > 1:
         if ds is None:
             raise ValueError("teacher.tries > 1 needs the dataset (make_teacher(cfg, ds=...)) to curate retries")

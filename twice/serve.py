@@ -1,6 +1,6 @@
 """An OpenAI-compatible server (and a recommendation endpoint) for a local Gemma-3, stdlib http.server only.
 
-    python -m twice.serve --model ~/.cache/twice/gemma-3-270m [--sasrec RUN/model --data DATA_DIR]
+    python -m twice.serve --model ~/.cache/twice/gemma-3-270m [--sasrec SASREC_RUN/best [--data DATA_DIR]]
                           [--host 127.0.0.1 --port 8000] [--api-key-env TWICE_KEY]
 
 Endpoints:
@@ -37,8 +37,10 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from twice import prompts
+from twice.config import ConfigError, check_inputs
 from twice.prompts import Tags
 
 
@@ -503,6 +505,20 @@ def sasrec_scorer(sasrec_dir: str, data_dir: str):
     return score
 
 
+def sasrec_data_dir(sasrec_dir: str) -> str:
+    """The dataset a SASRec was trained on: train.data_dir of the run's config.yaml (train_sasrec.py writes it in
+    out_dir, beside best/). Relative paths are as train_sasrec.py was run (from the repo root, like serve)."""
+    import yaml
+    for cfg in (Path(sasrec_dir).expanduser().parent / "config.yaml", Path(sasrec_dir).expanduser() / "config.yaml"):
+        if cfg.is_file():
+            data = (yaml.safe_load(cfg.read_text()) or {}).get("train", {}).get("data_dir")
+            if data:
+                print(f"twice.serve: --data {data} (the dataset of {cfg})", flush=True)
+                return data
+    raise SystemExit(f"twice.serve: error: --sasrec {sasrec_dir}: no train_sasrec.py config.yaml beside it names its "
+                     f"dataset; pass --data DATA_DIR (maps request item ids to SASRec's indices)")
+
+
 def load_backend(model_dir: str, dtype: str = "auto", name: str | None = None) -> EngineBackend:
     from twice.gemma3 import Gemma3
     from twice.precision import resolve_dtype
@@ -517,7 +533,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="HF-format folder (config.json, *.safetensors, tokenizer.model)")
     ap.add_argument("--sasrec", default="", help="SASRec model dir: /v1/recommend also returns its candidate scores")
-    ap.add_argument("--data", default="", help="dataset dir mapping item ids for --sasrec")
+    ap.add_argument("--data", default="", help="dataset dir mapping item ids for --sasrec (default: the data_dir in "
+                    "the SASRec run's config.yaml, beside best/)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -538,7 +555,11 @@ def main(argv=None):
         if not key:
             raise SystemExit(f"--api-key-env {a.api_key_env}: that environment variable is not set")
     if a.sasrec and not a.data:
-        raise SystemExit("--sasrec needs --data DATA_DIR (maps request item ids to SASRec's indices)")
+        a.data = sasrec_data_dir(a.sasrec)
+    try:  # before the model loads: one line naming the option
+        check_inputs(("--model", a.model, "model"), ("--sasrec", a.sasrec, "sasrec"), ("--data", a.data, "dataset"))
+    except ConfigError as e:
+        raise SystemExit(f"twice.serve: error: {e}") from None
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {a.host}: the server is reachable from other machines", flush=True)
     cfg = ServeConfig(max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, max_context=a.max_context)

@@ -183,7 +183,7 @@ class Tokenizer:
                    model_type: str = "bpe", extra_symbols: Iterable[str] = ()) -> "Tokenizer":
         """Train a small SentencePiece model with Gemma-3's special ids on `texts`; writes out_dir/tokenizer.model.
 
-        Recipe (gemma3.md §8): pad 0, eos 1, bos 2, unk 3, user-defined <mask>, [multimodal], <unused0..98>,
+        Recipe (the special pieces of Google's Gemma-3 tokenizer.model): pad 0, eos 1, bos 2, unk 3, user-defined <mask>, [multimodal], <unused0..98>,
         <start_of_turn> 105, <end_of_turn> 106, "\\n" 107; identity normalisation, no dummy prefix, byte fallback,
         digits split (as Gemma). Deterministic for the same texts (one thread). The vocabulary is at most
         `vocab_size` (smaller when the texts are too few: read `.vocab_size`). Only the most frequent characters that
