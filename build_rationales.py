@@ -4,7 +4,10 @@ curation keeps the relevant, well-formed, grounded ones.
     python build_rationales.py configs/quickstart/rationales.yaml [teacher.temperature=0.3 n_users=50 ...]
 
 Teacher: an OpenAI-compatible endpoint (`teacher.backend: api`; vLLM, llama.cpp, a hosted API, or our own
-`python -m twice.serve --model DIR`) or a local checkpoint through our engine (`teacher.backend: local`).
+`python -m twice.serve --model DIR`), a local checkpoint through our engine (`teacher.backend: local`), or no model
+at all: `teacher.backend: evidence` writes each rationale from the data (MovieLens genres, ratings, co-watching;
+twice/evidence.py; records say "teacher": "evidence"). `teacher.tries: N` re-asks an LLM teacher's unparseable /
+empty / degenerate answers; `teacher.prefill: "<rationale>"` starts a local teacher's answer inside the tag.
 Instances: the train split of `data_dir` (history = items[:-3], target i+ = items[-3]), users with a non-empty
 history, optionally a seeded sample of `n_users`.
 
@@ -99,7 +102,7 @@ def main(cfg: BuildConfig) -> dict:
     log(f"{len(users)} instances, {len(users) - len(todo)} already done, {len(todo)} to ask "
         f"({cfg.teacher.backend} teacher, {len(exemplars)} shots)")
 
-    teacher = make_teacher(cfg.teacher)
+    teacher = make_teacher(cfg.teacher, ds, cfg.rationale.max_history, cfg.rationale.min_words)
     if todo:
         teacher.preflight()  # LLMError: unreachable / key refused / dead server -> a clear error before the loop
 
@@ -114,6 +117,7 @@ def main(cfg: BuildConfig) -> dict:
             # the bar advances per instance as the teacher answers (per request for an API teacher, per engine
             # batch of teacher.batch_size for a local one), not once per chunk
             results = teacher.complete([r["messages"] for r in reqs], [instance_seed(cfg.seed, r["user"]) for r in reqs],
+                                       requests=reqs,
                                        on_result=lambda i, res: isinstance(res, LLMError) or bar.update(1))
             asked += len(reqs)
             step_kept = 0
@@ -149,6 +153,8 @@ def main(cfg: BuildConfig) -> dict:
         os.close(fd_kept)
         os.close(fd_dropped)
     stats = write_stats(run, users, done, tot, asked, failed)
+    if getattr(teacher, "retried", 0):
+        log(f"{teacher.retried} re-asks of unparseable / empty / degenerate answers this run (teacher.tries)")
     log(f"done: {stats['kept']} kept, dropped {stats['dropped']}, {failed} failed requests this run, "
         f"{stats['pending']} pending" + (" (rerun to retry them)" if stats["pending"] else ""))
     logf.close()

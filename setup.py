@@ -1,5 +1,6 @@
 """pip install -e .            (runtime: torch, safetensors, sentencepiece, numpy, tqdm, pyyaml)
 pip install -e ".[dev,gguf]"  (tests: pytest + transformers as the parity reference; GGUF import: gguf + protobuf)
+pip install -e ".[plot]"      (python -m twice.plot: matplotlib; [tensorboard] / [wandb]: the optional metric sinks)
 
 torch is a *range*: the GPU image ships torch 2.11, the CPU install pins 2.13.0 itself (see .ci/run)."""
 from setuptools import setup
@@ -23,5 +24,8 @@ setup(
         "dev": ["pytest", "transformers>=4.50"],
         "gguf": ["gguf>=0.10", "protobuf"],
         "triton": ["triton"],
+        "plot": ["matplotlib"],             # python -m twice.plot RUN_DIR (learning curves as PNGs)
+        "tensorboard": ["tensorboard"],     # log.tensorboard: true (twice/logsink.py)
+        "wandb": ["wandb"],                 # log.wandb: {project: ...}
     },
 )

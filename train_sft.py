@@ -54,6 +54,7 @@ from tqdm import tqdm
 from twice import dist, precision
 from twice.checkpoint import export_hf, load_latest, rewrite_metrics, save_checkpoint
 from twice.config import ConfigError, InputError, check_inputs, parse_args, save_config
+from twice.logsink import LogConfig, open_sinks
 from twice.data import User, load_dataset
 from twice.engine import Engine
 from twice.gemma3 import Gemma3
@@ -130,6 +131,7 @@ class SFTConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)     # optional TensorBoard / W&B mirrors of metrics.jsonl (twice/logsink.py)
     max_seq_len: int = 4096             # prompt + response tokens; longer examples are skipped (counted, logged)
     epochs: float = 1.0                 # length of the run in passes over the mixture ...
     steps: int = 0                      # ... or in optimizer steps when > 0 (overrides epochs)
@@ -478,6 +480,7 @@ def main(argv: list[str]) -> dict:
     else:  # per-rank streams from here on (adapter dropout); a resume restored each rank's own streams instead
         dist.seed_everything(cfg.seed + R)
     metrics_f = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    sink = open_sinks(cfg.log, run_dir, cfg, enabled=info.is_main)
     log("SFT: pools " + ", ".join(f"{t} {len(pools[t])} (w {getattr(cfg.mix, t)})" for t in TASKS)
         + f" | epoch {stream.epoch_len} examples, {G}/step, {total} steps, {W} rank(s) | "
         f"lora={cfg.lora.enabled} trainable {n_train:,} | valid {len(val)} | skipped records {load_stats}")
@@ -486,6 +489,7 @@ def main(argv: list[str]) -> dict:
         if metrics_f:
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
+        sink.write(rec)
 
     bar = tqdm(total=total, initial=start, disable=not info.is_main, desc="sft", dynamic_ncols=True)
     rec = {}

@@ -4,6 +4,7 @@
     python -m twice.pipeline --tiny --out /tmp/tq   # random tiny Gemma-3 + tiny SentencePiece: what CI runs (minutes)
     python -m twice.pipeline --redo sft             # rerun one stage (and every stage after it)
     python -m twice.pipeline --threads 1            # OMP/torch threads per stage (0 = torch's default)
+    python -m twice.pipeline --preset study         # issue 13's study: configs/study/, + GRPO (C), RQ3 paired table
 
 Stages, each a subprocess running the README's stage-by-stage command (configs/quickstart/<stage>.yaml, whose paths
 already chain: runs/quickstart/{data,sasrec,sasrec-reward,rationales,sft,grpo_D,grpo_E,eval}) plus overrides that relocate those
@@ -75,6 +76,13 @@ TINY = {
 # changes it the same way for the three (the tiny tokenizer needs ~2x the tokens; 3 history items keep it short).
 TASK_TINY = ["task.max_history=3", "task.max_prompt_tokens=4096"]
 
+# --preset study (issue 13; README "The study"): the stages read configs/study/*.yaml, whose sizes are the study's
+# (300 test users, SFT one epoch with valid-loss evals, 30 GRPO steps per variant, the evidence teacher); GRPO
+# variant C (from the base model, rewards of E) joins D and E; the table is twice.study's RQ3 table with paired
+# tests against +SFT and SASRec. With --tiny it runs the tiny model and the TINY sizes (what the test runs).
+STUDY_STAGES = STAGES[:STAGES.index("sft") + 1] + ("grpo_C",) + STAGES[STAGES.index("sft") + 1:]
+STUDY_CONFIGS = ROOT / "configs" / "study"
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # the tiny model (stage "model" under --tiny)
@@ -117,7 +125,8 @@ def _kept_rationales(run_dir: Path) -> int:
     return sum(1 for line in f.read_text().splitlines() if line.strip())
 
 
-def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: Path = CONFIGS) -> list[str] | None:
+def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: Path = CONFIGS,
+                  preset: str = "") -> list[str] | None:
     """argv of a stage's subprocess (None for the in-process tiny model)."""
     py = sys.executable
     data, sas = out / "data", out / "sasrec"
@@ -145,17 +154,18 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
             print("pipeline: stage 1 kept no rationale (see OUT/rationales/stats.json); SFT trains T1 + T2 only")
         return [py, str(ROOT / "train_sft.py"), str(configs / "sft.yaml"), f"run_dir={out / 'sft'}",
                 f"model.path={model_dir}", f"data_dir={data}"] + mix + task + t("sft")
-    if stage in VARIANTS:
+    if stage in VARIANTS or stage == "grpo_C":  # C (study): GRPO straight from the base model, E's rewards
         return [py, str(ROOT / "train_grpo.py"), str(configs / "grpo.yaml"), f"run_dir={out / stage}",
-                f"model.path={out / 'sft' / 'final'}", f"data_dir={data}",
+                f"model.path={model_dir if stage == 'grpo_C' else out / 'sft' / 'final'}", f"data_dir={data}",
                 f"sasrec_dir={out / 'sasrec-reward' / 'best'}",
                 f"rollout.budget_from={out / 'rationales' / 'rationales.jsonl'}",
-                f"rewards.weights={VARIANTS[stage]}"] + task + t("grpo")
+                f"rewards.weights={VARIANTS.get(stage, VARIANTS['grpo_E'])}"] + task + t("grpo")
     if stage == "eval":
         return [py, str(ROOT / "eval.py"), str(configs / "eval.yaml"), f"run_dir={out / 'eval'}", f"data_dir={data}",
                 f"sasrec_dir={sas / 'best'}", f"models.base.path={model_dir}",
                 f"models.sft.path={out / 'sft' / 'final'}", f"models.grpo_D.path={out / 'grpo_D' / 'final'}",
-                f"models.grpo_E.path={out / 'grpo_E' / 'final'}"] + task + t("eval")
+                f"models.grpo_E.path={out / 'grpo_E' / 'final'}"] + task + t("eval") + (
+                [f"models.grpo_C.path={out / 'grpo_C' / 'final'}"] if preset == "study" else [])
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -170,6 +180,7 @@ def stage_outputs(stage: str, out: Path, model_dir: Path) -> list[Path]:
         "sft": [out / "sft" / "final" / "config.json"],
         "grpo_D": [out / "grpo_D" / "final" / "config.json"],
         "grpo_E": [out / "grpo_E" / "final" / "config.json"],
+        "grpo_C": [out / "grpo_C" / "final" / "config.json"],
         "eval": [out / "eval" / "results.json", out / "eval" / "results.md"],
     }[stage]
 
@@ -234,17 +245,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m twice.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="random tiny Gemma-3 + tiny tokenizer, tiny step counts (CI)")
     ap.add_argument("--out", default=None, help="output root (default runs/quickstart, or runs/quickstart-tiny)")
-    ap.add_argument("--redo", default=None, choices=STAGES, help="rerun this stage and every stage after it")
+    ap.add_argument("--redo", default=None, choices=STUDY_STAGES, help="rerun this stage and every stage after it")
     ap.add_argument("--threads", type=int, default=0, help="torch/OMP threads per stage (0 = torch's default)")
     ap.add_argument("--configs", default=str(CONFIGS), help="folder of the stage YAMLs (default configs/quickstart)")
     ap.add_argument("--dry-run", action="store_true", help="print the stage commands, run nothing")
+    ap.add_argument("--preset", default="", choices=["", "study"], help="study: issue 13's study (configs/study/)")
     args = ap.parse_args(argv)
+    STAGES_RUN = STUDY_STAGES if args.preset == "study" else STAGES
+    if args.preset == "study" and args.configs == str(CONFIGS):
+        args.configs = str(STUDY_CONFIGS)
     configs = Path(args.configs).expanduser().resolve()
     missing = [f"{n}.yaml" for n in ("data", "sasrec", "sasrec-reward", "rationales", "sft", "grpo", "eval")
                if not (configs / f"{n}.yaml").is_file()]
     if missing:
         sys.exit(f"pipeline: error: --configs {configs}: no {', '.join(missing)} there")
-    out = Path(args.out or ("runs/quickstart-tiny" if args.tiny else "runs/quickstart")).expanduser().resolve()
+    name = "study" if args.preset == "study" else "quickstart"
+    out = Path(args.out or (f"runs/{name}-tiny" if args.tiny else f"runs/{name}")).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "pipeline.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -253,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     state["tiny"] = args.tiny
     state.setdefault("stages", {})
     if args.redo:
-        for s in STAGES[STAGES.index(args.redo):]:
+        for s in STAGES_RUN[STAGES_RUN.index(args.redo):]:
             state["stages"].pop(s, None)
 
     env = dict(os.environ)
@@ -263,27 +279,28 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = out / "model"
     t_all = time.time()
     budgets = BUDGET_TINY_S if args.tiny else BUDGET_S
+    budgets = {**budgets, "grpo_C": budgets["grpo_E"]}   # study: C costs what E does
     ran: dict[str, float] = {}  # wall seconds of the stages run in this invocation (ETA scaling)
 
     def pending(i: int) -> list[str]:  # stages from index i on that will run (not recorded complete)
-        return [s for s in STAGES[i:] if state["stages"].get(s, {}).get("rc") != 0]
+        return [s for s in STAGES_RUN[i:] if state["stages"].get(s, {}).get("rc") != 0]
 
     if not args.dry_run:
         print(f"pipeline: {len(pending(0))} stage(s) to run, about {_fmt_s(eta_s(budgets, {}, pending(0)))} "
               f"(stage budgets measured on 2 CPU cores: {', '.join(f'{s} {budgets[s]} s' for s in pending(0))})",
               flush=True)
-    for i, stage in enumerate(STAGES, 1):
+    for i, stage in enumerate(STAGES_RUN, 1):
         if stage == "model" and not args.tiny:  # the cached conversion's path is what convert prints
             from twice.convert import default_cache
             model_dir = default_cache() / "gemma-3-270m"
-        cmd = stage_command(stage, out, model_dir, args.tiny, configs)
+        cmd = stage_command(stage, out, model_dir, args.tiny, configs, args.preset)
         outputs = stage_outputs(stage, out, model_dir)
         rec = state["stages"].get(stage, {})
         if rec.get("rc") == 0 and all(p.exists() for p in outputs):
-            print(f"[{i}/{len(STAGES)}] {stage}: complete, skipped ({rec.get('wall_s', '?')} s when it ran)",
+            print(f"[{i}/{len(STAGES_RUN)}] {stage}: complete, skipped ({rec.get('wall_s', '?')} s when it ran)",
                   flush=True)
             continue
-        print(f"\n[{i}/{len(STAGES)}] {stage}: " + (" ".join(cmd) if cmd else "build the tiny model in-process"),
+        print(f"\n[{i}/{len(STAGES_RUN)}] {stage}: " + (" ".join(cmd) if cmd else "build the tiny model in-process"),
               flush=True)
         if args.dry_run:
             continue
@@ -309,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         ran[stage] = rec["wall_s"]
         left = pending(i)
-        print(f"[{i}/{len(STAGES)}] {stage}: done in {rec['wall_s']} s wall, {rec['cpu_s']} s CPU "
+        print(f"[{i}/{len(STAGES_RUN)}] {stage}: done in {rec['wall_s']} s wall, {rec['cpu_s']} s CPU "
               f"({time.time() - t_all:.0f} s so far" + (f", ETA {_fmt_s(eta_s(budgets, ran, left))} for "
                                                         f"{', '.join(left)})" if left else ")"), flush=True)
     if args.dry_run:
@@ -319,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     state["total_wall_s"] = round(sum(s.get("wall_s", 0) for s in state["stages"].values()), 1)
     state["total_cpu_s"] = round(sum(s.get("cpu_s", 0) for s in state["stages"].values()), 1)
     write_json_atomic(state_path, state)
-    timing = "\n".join(f"| {s} | {state['stages'][s]['wall_s']} | {state['stages'][s]['cpu_s']} |" for s in STAGES)
+    timing = "\n".join(f"| {s} | {state['stages'][s]['wall_s']} | {state['stages'][s]['cpu_s']} |" for s in STAGES_RUN)
+    if args.preset == "study":  # the RQ3 table with paired tests (twice/study.py) instead of the quickstart's
+        from twice.study import rq3_table
+        table = rq3_table(out)
     text = (table + "\n| stage | wall s | CPU s |\n|---|---|---|\n" + timing +
             f"\n| total | {state['total_wall_s']} | {state['total_cpu_s']} |\n")
     write_atomic(out / "results.md", text)

@@ -19,6 +19,10 @@ that applies, in this order):
                   occurs 3+ times (a looping small model). E.g. "The customer will like this item." is degenerate;
                   "They loved the cookies, and baklava is a sweet treat" is kept (cookies: a history title word).
 
+Teachers (make_teacher): "api", "local", and "evidence" (twice/evidence.py: no model, the rationale is written from
+the data; its records say "teacher": "evidence"). With `tries` > 1 an LLM teacher is wrapped in RetryingTeacher,
+which re-asks (new seed) an answer curation would drop as unparseable / empty / degenerate; never an IRRELEVANT one.
+
 Records (build_rationales.py's docstring lists the files): one JSON object per line, `{"user", "history", "target", "rationale",
 "verdict", "teacher", "prompt_hash"}` (+ "tokens": [prompt, completion]) in rationales.jsonl; dropped instances
 go to dropped.jsonl with the same keys + "reason" and the raw teacher "text". `append_jsonl` writes a record as
@@ -234,6 +238,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 @dataclass
 class TeacherConfig:
     backend: str = "api"          # "api" (OpenAI-compatible endpoint) | "local" (a checkpoint through twice.engine)
+                                  #   | "evidence" (no model: rationales written from genres, ratings, co-watching;
+                                  #   MovieLens only; twice/evidence.py)
     base_url: str = "http://127.0.0.1:8000/v1"   # api: ".../v1" (vLLM, llama.cpp server, hosted, python -m twice.serve)
     model: str = "local"          # api: model name sent in each request
     api_key_env: str = ""         # api: NAME of the env var holding the key ("" = none); the key is never logged
@@ -246,6 +252,10 @@ class TeacherConfig:
     model_path: str = ""          # local: HF-format folder (python -m twice.convert ..., an SFT final/, ...)
     dtype: str = "auto"           # local: auto (bf16 on AMX/AVX512-BF16 CPUs, twice/precision.py) | float32 | bfloat16
     batch_size: int = 8           # local: prompts per Engine.generate call
+    prefill: str = ""             # local: text the answer starts with, e.g. "<rationale>" (the model continues
+                                  #   inside the tag instead of choosing a format; the prefix is part of the text parsed)
+    tries: int = 1                # api/local: asks per instance; an unparseable / empty / degenerate answer is re-asked
+                                  #   with a new seed up to tries-1 times (an IRRELEVANT verdict is never re-asked)
 
 
 STOP = ("</verdict>",)  # the answer is complete once the verdict is closed: stop decoding there (not returned)
@@ -263,7 +273,7 @@ class ApiTeacher:
     def preflight(self):
         self.client.preflight()
 
-    def complete(self, conversations: list[list[dict]], seeds: list[int], on_result=None) -> list:
+    def complete(self, conversations: list[list[dict]], seeds: list[int], requests=None, on_result=None) -> list:
         """on_result(i, result) as each request finishes (progress per instance)."""
         return self.client.chat_many(conversations, per_request=[{"seed": s} for s in seeds], stop=list(STOP),
                                      on_result=on_result)
@@ -286,17 +296,20 @@ class LocalTeacher:
     def preflight(self):
         pass  # loading the checkpoint already failed loudly if it is missing or broken
 
-    def complete(self, conversations: list[list[dict]], seeds: list[int], on_result=None) -> list:
+    def complete(self, conversations: list[list[dict]], seeds: list[int], requests=None, on_result=None) -> list:
         """on_result(i, result) for each instance as its engine batch (teacher.batch_size prompts) finishes."""
         from twice.llm_api import Completion, LLMError
         from twice.serve import GenRequest
+        pre = self.cfg.prefill
+        pre_ids = self.backend.tokenizer.encode(pre) if pre else []
         out = []
         for i in range(0, len(conversations), max(1, self.cfg.batch_size)):
-            reqs = [GenRequest(m, self.backend.encode_chat(m), self.cfg.max_tokens, self.cfg.temperature, 1.0, STOP, s)
+            reqs = [GenRequest(m, self.backend.encode_chat(m) + pre_ids, self.cfg.max_tokens, self.cfg.temperature,
+                               1.0, STOP, s)
                     for m, s in zip(conversations[i:i + self.cfg.batch_size], seeds[i:i + self.cfg.batch_size])]
             try:
                 outs = self.backend.generate(reqs)
-                out += [Completion(o.text, o.prompt_tokens, o.completion_tokens) for o in outs]
+                out += [Completion(pre + o.text, o.prompt_tokens, o.completion_tokens) for o in outs]
             except (RuntimeError, ValueError) as e:  # e.g. out of memory for one batch: counted, run goes on
                 out += [LLMError(f"local generation failed: {type(e).__name__}: {e}")] * len(reqs)
             if on_result is not None:
@@ -305,9 +318,71 @@ class LocalTeacher:
         return out
 
 
-def make_teacher(cfg: TeacherConfig):
+RETRY_REASONS = ("unparseable", "empty", "degenerate")   # format failures worth another sample; never "irrelevant"
+
+
+class RetryingTeacher:
+    """Wraps a teacher: an answer that curation would drop for a FORMAT reason (RETRY_REASONS) is asked again with
+    a new seed, up to `tries` asks in all; the first answer that passes (or the last one) fills the slot, with the
+    tokens of every try summed. `retried` counts the extra asks. Curation itself is unchanged (twice.curate)."""
+
+    def __init__(self, teacher, tries: int, ds, min_words: int = 8):
+        self.inner, self.tries, self.ds, self.min_words = teacher, tries, ds, min_words
+        self.name, self.retried = teacher.name, 0
+
+    def preflight(self):
+        self.inner.preflight()
+
+    def complete(self, conversations, seeds, requests=None, on_result=None):
+        """on_result(i, result) once per instance, when its answer is final (kept, or its last try)."""
+        from twice.llm_api import Completion, LLMError
+        if requests is None:
+            raise ValueError("RetryingTeacher.complete needs requests= (history/target for curation)")
+        out = self.inner.complete(conversations, seeds, requests=requests)
+        pending = set(range(len(out)))
+        for k in range(1, self.tries + 1):
+            redo = [] if k == self.tries else [
+                i for i in sorted(pending) if not isinstance(out[i], LLMError)
+                and curate(out[i].text, *grounding_words(self.ds, requests[i]["history"], requests[i]["target"]),
+                           self.min_words)[0] in RETRY_REASONS]
+            for i in sorted(pending - set(redo)):   # final now: report it
+                if on_result is not None:
+                    on_result(i, out[i])
+            pending = set(redo)
+            if not redo:
+                break
+            self.retried += len(redo)
+            again = self.inner.complete([conversations[i] for i in redo], [retry_seed(seeds[i], k) for i in redo],
+                                        requests=[requests[i] for i in redo])
+            for i, res in zip(redo, again):
+                if not isinstance(res, LLMError):  # a failed retry keeps the earlier answer
+                    out[i] = Completion(res.text, out[i].prompt_tokens + res.prompt_tokens,
+                                        out[i].completion_tokens + res.completion_tokens)
+        return out
+
+
+def retry_seed(seed: int, k: int) -> int:
+    """Seed of the k-th re-ask (k >= 1) of an instance: distinct from every instance's first seed in practice."""
+    return (seed + k * 0x9E3779B97F4A7C15) % (2 ** 62)
+
+
+def make_teacher(cfg: TeacherConfig, ds=None, window: int = 10, min_words: int = 8):
+    """ds (the dataset) and window (rationale.max_history) are needed by backend=evidence and by tries > 1."""
+    if cfg.tries < 1:
+        raise ConfigError(f"teacher.tries must be >= 1, got {cfg.tries}")
+    if cfg.backend == "evidence":
+        from twice.evidence import EvidenceTeacher
+        if ds is None:
+            raise ValueError("teacher.backend=evidence needs the dataset (make_teacher(cfg, ds=...))")
+        return EvidenceTeacher(ds, window)  # deterministic: more tries would give the same answer
     if cfg.backend == "api":
-        return ApiTeacher(cfg)
-    if cfg.backend == "local":
-        return LocalTeacher(cfg)
-    raise ConfigError(f"teacher.backend must be 'api' or 'local', got {cfg.backend!r}")
+        teacher = ApiTeacher(cfg)
+    elif cfg.backend == "local":
+        teacher = LocalTeacher(cfg)
+    else:
+        raise ConfigError(f"teacher.backend must be 'api', 'local' or 'evidence', got {cfg.backend!r}")
+    if cfg.tries > 1:
+        if ds is None:
+            raise ValueError("teacher.tries > 1 needs the dataset (make_teacher(cfg, ds=...)) to curate retries")
+        teacher = RetryingTeacher(teacher, cfg.tries, ds, min_words)
+    return teacher

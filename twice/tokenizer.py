@@ -180,18 +180,20 @@ class Tokenizer:
     # ---- fixtures ---------------------------------------------------------------------------------------------
     @classmethod
     def train_tiny(cls, out_dir: str | os.PathLike, texts: Iterable[str], vocab_size: int = 512,
-                   model_type: str = "bpe") -> "Tokenizer":
+                   model_type: str = "bpe", extra_symbols: Iterable[str] = ()) -> "Tokenizer":
         """Train a small SentencePiece model with Gemma-3's special ids on `texts`; writes out_dir/tokenizer.model.
 
         Recipe (the special pieces of Google's Gemma-3 tokenizer.model): pad 0, eos 1, bos 2, unk 3, user-defined <mask>, [multimodal], <unused0..98>,
         <start_of_turn> 105, <end_of_turn> 106, "\\n" 107; identity normalisation, no dummy prefix, byte fallback,
         digits split (as Gemma). Deterministic for the same texts (one thread). The vocabulary is at most
         `vocab_size` (smaller when the texts are too few: read `.vocab_size`). Only the most frequent characters that
-        fit beside the 363 reserved pieces are learnt; rarer ones are encoded with byte fallback."""
+        fit beside the 363 reserved pieces are learnt; rarer ones are encoded with byte fallback. extra_symbols are
+        added as user-defined pieces after "\n" (always one token each, e.g. every item ID of the ablation bench)."""
         texts = [t for t in texts if t]
         if not texts:
             raise ValueError("train_tiny: no non-empty texts")
         user = ["<mask>", "[multimodal]"] + [f"<unused{i}>" for i in range(99)] + [START_OF_TURN, END_OF_TURN, "\n"]
+        user += [x for x in dict.fromkeys(extra_symbols) if x not in user]
         reserved = 4 + len(user) + 256  # specials + user-defined + byte pieces
         if vocab_size < reserved + 16:
             raise ValueError(f"train_tiny: vocab_size {vocab_size} leaves no room beside {reserved} reserved pieces")

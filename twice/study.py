@@ -1,0 +1,142 @@
+"""The study's RQ3 table with paired tests (issue 13): GRPO variants C / D / E against +SFT and SASRec, per protocol.
+
+    python -m twice.study runs/study                  # reads OUT/eval/{results.json, predictions_*.jsonl}
+    python -m twice.pipeline --preset study           # runs every stage, then prints this table
+
+Every model is evaluated on the same users and candidate lists (eval.py), so differences are PAIRED per user: for a
+metric m (HR@k is 0/1 per user, NDCG@k a gain), d_u = m_A(u) - m_B(u); the table gives mean(d) with a 95% interval
+(mean +- 1.96 sd/sqrt(n), n users) and the two-sided exact sign-test p-value over the users with d_u != 0 (for a 0/1
+metric that is the exact McNemar test). SASRec's per-user ranks are recomputed here from OUT/sasrec/best on the same
+candidate lists (eval.py only stores its aggregate).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+RQ3_ROWS = (("sasrec", "SASRec"), ("base", "(A) base"), ("sft", "(B) +SFT"), ("grpo_C", "(C) GRPO from base"),
+            ("grpo_D", "(D) +SFT+GRPO match+format"), ("grpo_E", "(E) +SFT+GRPO cg+format"))
+PROTOCOLS = ("sampling", "exact")
+
+
+def hit(rank: int, k: int) -> float:
+    return 1.0 if rank <= k else 0.0
+
+
+def ndcg(rank: int, k: int) -> float:
+    return 1.0 / math.log2(rank + 1) if rank <= k else 0.0
+
+
+def sign_test_p(n_pos: int, n_neg: int) -> float:
+    """Two-sided exact binomial (p = 1/2) test on the non-tied pairs."""
+    n = n_pos + n_neg
+    if n == 0:
+        return 1.0
+    k = min(n_pos, n_neg)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Per-user paired difference a - b -> {mean, lo, hi, p, n}."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired: need two equal-length non-empty lists, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n,
+            "p": sign_test_p(sum(x > 0 for x in d), sum(x < 0 for x in d))}
+
+
+def load_ranks(eval_dir: Path, name: str) -> dict[str, dict[int, int]] | None:
+    """predictions_<name>.jsonl -> {protocol: {user: rank}} (None when the model was not evaluated)."""
+    f = eval_dir / f"predictions_{name}.jsonl"
+    if not f.exists():
+        return None
+    out: dict[str, dict[int, int]] = {p: {} for p in PROTOCOLS}
+    for ln, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        for p in PROTOCOLS:
+            if isinstance(r.get(p), dict) and "rank" in r[p]:
+                out[p][int(r["user"])] = int(r[p]["rank"])
+    return out
+
+
+def sasrec_ranks(data_dir: str, sasrec_dir: str, users: list[int], split: str = "test") -> dict[int, int]:
+    from twice.data import load_dataset
+    from twice.sasrec import SASRec, rank_candidates
+    ds = load_dataset(data_dir)
+    sets = {c.user: c for c in ds.candidates(split)}
+    sas = SASRec.load(sasrec_dir)
+    ranks = rank_candidates(sas, [ds.history(u, split) for u in users], [list(sets[u].candidates) for u in users],
+                            [sets[u].target for u in users]).tolist()
+    return dict(zip(users, (int(r) for r in ranks)))
+
+
+def rq3_table(out: str | Path, k: int = 5) -> str:
+    """Markdown: per model HR@1 / HR@k / NDCG@k under both protocols, and for C / D / E the paired differences in
+    HR@k and NDCG@k against +SFT and against SASRec."""
+    out = Path(out)
+    ev = out / "eval"
+    res = json.loads((ev / "results.json").read_text())
+    ranks = {name: load_ranks(ev, name) for name, _ in RQ3_ROWS if name != "sasrec"}
+    users = sorted(next((r["exact"] or r["sampling"] for r in ranks.values() if r), {}))
+    sas = None
+    if (out / "sasrec" / "best").exists() and users:
+        sas = sasrec_ranks(res.get("data_dir", str(out / "data")), str(out / "sasrec" / "best"), users,
+                           res.get("split", "test"))
+    C = res.get("n_candidates", 0)
+
+    def per_user(name: str, proto: str, fn) -> list[float] | None:
+        r = sas if name == "sasrec" else (ranks.get(name) or {}).get(proto)
+        if not r or any(u not in r for u in users):
+            return None
+        return [fn(r[u], k) for u in users]
+
+    head = ["model"] + [f"{p} {m}" for p in PROTOCOLS for m in ("HR@1", f"HR@{k}", f"NDCG@{k}")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, label in RQ3_ROWS:
+        m = res["models"].get(name)
+        if not m:
+            continue
+        cells = []
+        for p in PROTOCOLS:
+            for key in ("hr@1", f"hr@{k}", f"ndcg@{k}"):
+                v = m.get(p, {}).get(key)
+                cells.append(f"{v['value']:.3f}" if v else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"Paired differences per user (95% interval; exact sign-test p), {len(users)} users x {C} "
+                  f"candidates:", "",
+              "| model | vs | protocol | d HR@%d | p | d NDCG@%d | p |" % (k, k), "|---|---|---|---|---|---|---|"]
+    for name, label in RQ3_ROWS[3:]:
+        for ref, rlabel in (("sft", "+SFT"), ("sasrec", "SASRec")):
+            for p in PROTOCOLS:
+                a_h, b_h = per_user(name, p, hit), per_user(ref, p, hit)
+                if a_h is None or b_h is None:
+                    continue
+                h = paired(a_h, b_h)
+                g = paired(per_user(name, p, ndcg), per_user(ref, p, ndcg))
+                lines.append(f"| {label} | {rlabel} | {p} | {h['mean']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] | "
+                             f"{h['p']:.3g} | {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {g['p']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    text = rq3_table(argv[0])
+    (Path(argv[0]) / "rq3.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
