@@ -46,6 +46,7 @@ from twice.data import load_dataset
 from twice.engine import Engine
 from twice.gemma3 import Gemma3, SharedPrefix
 from twice.grpo import ObjectiveConfig, group_advantages, policy_loss
+from twice.logsink import LogConfig, open_sinks
 from twice.lora import TARGETS, apply_lora, lora_disabled
 from twice.optim import build_adamw, clip_grad_norm_, lr_at, set_lr
 from twice.rewards import (RewardConfig, RewardContext, check_weights, compute_rewards, normalize_item,
@@ -134,6 +135,7 @@ class GRPORunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    log: LogConfig = field(default_factory=LogConfig)   # optional TensorBoard / W&B mirrors (twice/logsink.py)
     shared_prefix: bool = True          # run each group's prompt once in training (False: the K-times layout)
     steps: int = 100                    # rollouts (each gives optim.mu optimizer steps)
     epochs: float = 0.0                 # > 0: steps = ceil(epochs * eligible users / rollout.prompts_per_step)
@@ -737,6 +739,7 @@ def main(argv: list[str]) -> dict:
     start = resume(c, model, opt)
     engine = Engine(model, c.tok, prefill_chunk=cfg.rollout.prefill_chunk, decode=cfg.rollout.decode)
     metrics_f = JsonlWriter(run_dir / "metrics.jsonl", info.is_main)
+    sink = open_sinks(cfg.log, run_dir, cfg, enabled=info.is_main)
     comp_f = JsonlWriter(run_dir / "completions.jsonl", info.is_main)
     log(f"GRPO: {len(c.users)} users, K={cfg.rollout.group_size}, {cfg.rollout.prompts_per_step} prompts/step over "
         f"{info.world_size} rank(s), {cfg.steps} steps (warmup {c.warmup}), lora={cfg.lora.enabled}, "
@@ -761,6 +764,7 @@ def main(argv: list[str]) -> dict:
                  "step": now() - t_step}
         rec = step_record(c, step, sc, ps, res, skipped, upd, times)        # 7. log
         metrics_f.write(rec)
+        sink.write(rec)
         log_completions(cfg, comp_f, step, groups, sc, res)
         if (step + 1) % cfg.log_every == 0 or step == start:
             log(log_line(rec, cfg.steps))
@@ -771,6 +775,7 @@ def main(argv: list[str]) -> dict:
                             data={"prompt_cursor": (step + 1) * cfg.rollout.prompts_per_step},
                             config=cfg, keep_last=cfg.keep_checkpoints, trainable_only=cfg.lora.enabled)
     bar.close()
+    sink.close()
 
     # ---- final policy as an HF folder (LoRA merged), tokenizer copied
     export_hf(model, run_dir / "final", tokenizer_path=Path(cfg.model.path) / "tokenizer.model")

@@ -572,6 +572,7 @@ def main(argv: list[str]) -> dict:
             save_checkpoint(run_dir / "checkpoints", step + 1, model, opt, data={"cursor": (step + 1) * G},
                             config=cfg, keep_last=cfg.keep_checkpoints, trainable_only=cfg.lora.enabled)
     bar.close()
+    sink.close()
 
     # ---- final model as an HF folder (LoRA merged), tokenizer copied
     export_hf(model, run_dir / "final", tokenizer_path=Path(cfg.model.path) / "tokenizer.model",

@@ -99,3 +99,9 @@ def test_train_sft_config_has_the_log_section():
     assert train_sft.SFTConfig().log == LogConfig()
     with pytest.raises(ConfigError, match="tensorboard"):
         load_config(train_sft.SFTConfig, None, ["log.tensorbord=true"])
+
+
+def test_train_grpo_config_has_the_log_section():
+    import train_grpo
+    c = load_config(train_grpo.GRPORunConfig, None, ["log.tensorboard=true"])
+    assert c.log == LogConfig(tensorboard=True) and train_grpo.GRPORunConfig().log == LogConfig()
