@@ -1,5 +1,5 @@
 """pip install -e .            (runtime: torch, safetensors, sentencepiece, numpy, tqdm, pyyaml)
-pip install -e ".[dev,gguf]"  (tests: pytest + transformers as the parity reference; GGUF import: gguf + protobuf)
+pip install -e ".[dev,gguf,triton,plot]"  (tests, as .ci/run: pytest + transformers as the parity reference; gguf + protobuf; triton; matplotlib)
 pip install -e ".[plot]"      (python -m twice.plot: matplotlib; [tensorboard] / [wandb]: the optional metric sinks)
 
 torch is a *range*: the GPU image ships torch 2.11, the CPU install pins 2.13.0 itself (see .ci/run)."""
