@@ -309,7 +309,7 @@ def test_eval_prompts_authors_feeds_the_verbatim_prompts(official, tmp_path, mon
     targets = [official.items[cs.target].id for cs in sets]
     info = type("I", (), {"device": torch.device("cpu"), "is_main": False})
     for prompts in ("authors", "ours"):
-        cfg = ev.EvalConfig(prompts=prompts, task=TaskConfig(max_prompt_tokens=10**6), batch_size=2,
+        cfg = ev.EvalConfig(prompts=prompts, task=TaskConfig(max_prompt_tokens=10**6), batch_size=2, dtype="float32",
                             sampling=ev.SamplingConfig(enabled=False), exact=ev.ExactConfig(enabled=False))
         seen.clear()
         targets[:] = [official.items[cs.target].id for cs in sets]
