@@ -114,8 +114,8 @@ def main(cfg: BuildConfig) -> dict:
         for step, start in enumerate(range(0, len(todo), cfg.chunk)):
             t0 = time.perf_counter()
             reqs = [build_request(ds, u, cfg.rationale, exemplars) for u in todo[start:start + cfg.chunk]]
-            # the bar advances per instance as the teacher answers (per request for an API teacher, per engine
-            # batch of teacher.batch_size for a local one), not once per chunk
+            # the bar advances per instance as the teacher answers (per request for an API teacher, per finished
+            # engine row for a local one), not once per chunk
             results = teacher.complete([r["messages"] for r in reqs], [instance_seed(cfg.seed, r["user"]) for r in reqs],
                                        requests=reqs,
                                        on_result=lambda i, res: isinstance(res, LLMError) or bar.update(1))

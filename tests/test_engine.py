@@ -398,6 +398,24 @@ def test_stop_string_beats_later_stop_id(check_every):
             assert len(toks) == n and text.endswith("</item>") and why == "stop_string", (s, toks, text)
 
 
+def test_on_done_reports_each_row_once_as_it_finishes():
+    """generate(on_done=...): every row reported exactly once, with its final tokens and stop reason (== the
+    result's), rows that stop early at the first sync after they stop (per-instance progress for stage 1)."""
+    succ, pieces, scripts, V = stop_scripts()
+    eng = Engine(ScriptedModel(succ, V), ScriptTokenizer(pieces))
+    prompts = [[2, s] for s, _ in scripts[:40]] + [[2, 7]]   # the last row never stops: length
+    calls = []
+    res = eng.generate(prompts, max_new_tokens=30, temperature=0.0, stop_strings=["</item>"], seeds=0,
+                       check_every=4, on_done=lambda rows: calls.append(rows))
+    got = {r: (t, why) for rows in calls for r, t, why in rows}
+    assert sum(len(rows) for rows in calls) == len(prompts) == len(got)            # once each
+    assert all(got[r] == (res.tokens[r], res.stop_reasons[r]) for r in got)
+    assert got[len(prompts) - 1][1] == "length" and any(len(c) for c in calls[:-1])  # early rows reported early
+    first = {r: k for k, rows in enumerate(calls) for r, _, _ in rows}
+    for (_, n), r in zip(scripts[:40], range(40)):                                 # at the sync after stopping
+        assert first[r] == min((n + 3) // 4, len(calls)) - 1 or first[r] == len(calls) - 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The draw itself (issue 10 items 2-4)
 

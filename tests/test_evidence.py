@@ -204,7 +204,7 @@ def test_local_teacher_prefill_starts_the_answer_inside_the_tag():
         def encode_chat(self, m):
             return [1, 2, 3]
 
-        def generate(self, reqs):
+        def generate(self, reqs, on_output=None):
             self.seen += [r.prompt_ids for r in reqs]
             return [GenOutput("They liked it.</rationale><verdict>RELEVANT", 3, 9, "stop") for _ in reqs]
 

@@ -63,7 +63,7 @@ class EchoBackend:
     def encode_chat(self, messages):
         return list(range(sum(len(m["content"].split()) for m in messages) + 3))
 
-    def generate(self, reqs):
+    def generate(self, reqs, on_output=None):
         self.calls.append(len(reqs))
         time.sleep(self.delay)
         out = []

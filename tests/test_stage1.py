@@ -95,7 +95,7 @@ class ScriptedBackend:
     def encode_chat(self, messages):
         return list(range(sum(len(m["content"].split()) for m in messages)))
 
-    def generate(self, reqs):
+    def generate(self, reqs, on_output=None):
         time.sleep(self.delay)
         self.stops |= {r.stop for r in reqs if r.messages[-1]["content"] != "Reply with OK."}
         return [GenOutput(scripted_reply(r), len(r.prompt_ids), 20, "stop") for r in reqs]
@@ -428,7 +428,7 @@ def test_recommend_with_sasrec(world, tmp_path):
     sas.save(tmp_path / "sasrec")
 
     class Fixed(ScriptedBackend):
-        def generate(self, reqs):
+        def generate(self, reqs, on_output=None):
             return [GenOutput("<think>ok</think><item>I3", len(r.prompt_ids), 5, "stop") for r in reqs]
 
     def post(url, body):
@@ -454,9 +454,35 @@ def test_recommend_with_sasrec(world, tmp_path):
     assert got["item_id"] == ("I3" if ref[0] > ref[1] else "I7")
 
 
-def test_local_teacher_reports_each_instance_as_its_batch_finishes():
-    """The stage-1 bar advances per answered instance: on_result fires for every instance right after the engine
-    batch (teacher.batch_size prompts) that answered it, not once for the whole chunk."""
+def test_local_teacher_reports_each_instance_as_its_row_finishes():
+    """The stage-1 bar advances per answered instance: on_result fires for an instance as soon as the backend
+    reports its row (EngineBackend: at the engine's syncs), in finishing order, and otherwise right after the
+    engine batch (teacher.batch_size prompts) that answered it; never once for the whole chunk."""
+    from twice.rationale import LocalTeacher, TeacherConfig
+    from twice.serve import GenOutput
+
+    class Rowwise:   # answers the batch's rows in reverse order, each reported before the call returns
+        name = "rowwise"
+
+        def encode_chat(self, messages):
+            return [2, 3]
+
+        def generate(self, reqs, on_output=None):
+            outs = [GenOutput(f"r{r.seed}", 2, 1, "stop") for r in reqs]
+            for k in reversed(range(len(reqs))):
+                on_output(k, outs[k])
+            return outs
+
+    seen = []
+    t = LocalTeacher(TeacherConfig(backend="local", model_path="x", batch_size=3), backend=Rowwise())
+    out = t.complete([[{"role": "user", "content": str(i)}] for i in range(4)], list(range(4)),
+                     on_result=lambda i, res: seen.append((i, res.text)))
+    assert [o.text for o in out] == [f"r{i}" for i in range(4)]
+    assert seen == [(2, "r2"), (1, "r1"), (0, "r0"), (3, "r3")]   # each once, as reported
+
+
+def test_local_teacher_without_row_progress_reports_per_batch():
+    """A backend that reports nothing per row: on_result fires for every instance right after its engine batch."""
     from twice.rationale import LocalTeacher, TeacherConfig
     from twice.serve import GenOutput
 
@@ -466,7 +492,7 @@ def test_local_teacher_reports_each_instance_as_its_batch_finishes():
         def encode_chat(self, messages):
             return [2, 3]
 
-        def generate(self, reqs):
+        def generate(self, reqs, on_output=None):
             Fake.calls += 1
             return [GenOutput(f"r{r.seed}", 2, 1, "stop") for r in reqs]
 

@@ -482,7 +482,7 @@ class Engine:
     def generate(self, prompts: list[list[int]], num_samples: int = 1, max_new_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, stop_ids=None,
                  stop_strings=(), seeds=None, min_new_tokens: int = 0, check_every: int = 8,
-                 compact: bool = True) -> GenerationResult:
+                 compact: bool = True, on_done=None) -> GenerationResult:
         """Sample num_samples continuations of every prompt (token id lists, BOS included by the caller).
 
         stop_ids: default tokenizer.stop_ids or [eos, <end_of_turn>] = [1, 106]; pass [] to disable.
@@ -490,7 +490,9 @@ class Engine:
         (row r gets s + r), or None (drawn from torch's global RNG). min_new_tokens: stop ids are banned before it.
         check_every: how often (steps) the loop syncs with the host: "all rows done", stop strings, compaction.
         compact: at those syncs, once >= 1/4 of the batch has finished, drop the finished rows from the cache
-        (one index_select per layer) so later steps stop paying for them; results are unchanged."""
+        (one index_select per layer) so later steps stop paying for them; results are unchanged.
+        on_done(rows): called at those syncs (no extra one) with the output rows that finished since the last call,
+        each as (row, its final token ids), and once at the end with the rest: progress as rows finish."""
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
         if stop_strings and self.tokenizer is None:
@@ -544,6 +546,7 @@ class Engine:
         str_reason = [None] * rows  # host-side stop-string results: row -> kept length
         checked = [0] * rows  # tokens of each row already scanned for stop strings
         act = torch.arange(rows, device=dev)  # output rows still in the decode batch (all, until compaction)
+        told = torch.zeros(rows, dtype=torch.bool, device=dev)  # rows already reported to on_done
         steps = 0
         for t in range(N):
             with span("engine.sample"):  # draw + per-row bookkeeping, all on device
@@ -565,6 +568,9 @@ class Engine:
                 with span("engine.sync"):
                     if stop_strings:
                         self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
+                    if on_done is not None:
+                        told |= self._report_done(on_done, done & ~told, out_tok, length, steps, reason_id,
+                                                  str_reason)
                     keep = ~done[act]
                     n_keep = int(keep.sum())
                     if n_keep == 0:
@@ -586,7 +592,21 @@ class Engine:
                 logits = self._logits(h[:, -1])
         if stop_strings:  # rows can still complete a stop string in the steps since the last check
             self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
+        if on_done is not None:
+            self._report_done(on_done, ~told, out_tok, length, steps, reason_id, str_reason)
         return self._collect(out_tok, out_lp, out_full, length, reason_id, str_reason, steps, stop_strings)
+
+    @staticmethod
+    def _report_done(on_done, new, out_tok, length, steps, reason_id, str_reason):
+        """on_done([(row, final token ids, stop reason)]) for the rows in the bool mask `new` (host side, at a
+        sync; the reasons as _collect gives them) -> `new`."""
+        rows_ = new.nonzero()[:, 0].tolist()
+        if rows_:
+            lens, ids = length.clamp_max(steps)[rows_].tolist(), reason_id[rows_].tolist()
+            toks = out_tok[rows_].tolist()
+            on_done([(r, t[:n], "stop_string" if str_reason[r] is not None else "stop_id" if i else "length")
+                     for r, t, n, i in zip(rows_, toks, lens, ids)])
+        return new
 
     def _scan_stop_strings(self, out_tok, steps, done, length, stop_strings, str_reason, checked):
         """Host-side: find the first token at which a stop string appears in each row's decoded text.

@@ -297,24 +297,32 @@ class LocalTeacher:
         pass  # loading the checkpoint already failed loudly if it is missing or broken
 
     def complete(self, conversations: list[list[dict]], seeds: list[int], requests=None, on_result=None) -> list:
-        """on_result(i, result) for each instance as its engine batch (teacher.batch_size prompts) finishes."""
+        """on_result(i, result) for each instance as soon as its row of the engine batch finishes."""
         from twice.llm_api import Completion, LLMError
         from twice.serve import GenRequest
         pre = self.cfg.prefill
         pre_ids = self.backend.tokenizer.encode(pre) if pre else []
-        out = []
+        out: list = [None] * len(conversations)
+
+        def answered(j: int, o) -> None:
+            out[j] = Completion(pre + o.text, o.prompt_tokens, o.completion_tokens)
+            if on_result is not None:
+                on_result(j, out[j])
         for i in range(0, len(conversations), max(1, self.cfg.batch_size)):
             reqs = [GenRequest(m, self.backend.encode_chat(m) + pre_ids, self.cfg.max_tokens, self.cfg.temperature,
                                1.0, STOP, s)
                     for m, s in zip(conversations[i:i + self.cfg.batch_size], seeds[i:i + self.cfg.batch_size])]
             try:
-                outs = self.backend.generate(reqs)
-                out += [Completion(pre + o.text, o.prompt_tokens, o.completion_tokens) for o in outs]
+                outs = self.backend.generate(reqs, on_output=lambda k, o, i=i: answered(i + k, o))
+                for k, o in enumerate(outs):   # a backend without per-row progress reports at the end
+                    if out[i + k] is None:
+                        answered(i + k, o)
             except (RuntimeError, ValueError) as e:  # e.g. out of memory for one batch: counted, run goes on
-                out += [LLMError(f"local generation failed: {type(e).__name__}: {e}")] * len(reqs)
-            if on_result is not None:
-                for j in range(i, len(out)):
-                    on_result(j, out[j])
+                for j in range(i, i + len(reqs)):   # rows answered before the failure keep their answers
+                    if out[j] is None:
+                        out[j] = LLMError(f"local generation failed: {type(e).__name__}: {e}")
+                        if on_result is not None:
+                            on_result(j, out[j])
         return out
 
 

@@ -101,26 +101,33 @@ class EngineBackend:
         except ValueError as e:  # role order etc.
             raise BadRequest(str(e)) from None
 
-    def generate(self, reqs: list[GenRequest]) -> list[GenOutput]:
+    def generate(self, reqs: list[GenRequest], on_output=None) -> list[GenOutput]:
+        """One engine call per sampling setting. on_output(i, GenOutput) as request i's row finishes (progress)."""
         out: list[GenOutput | None] = [None] * len(reqs)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
             groups.setdefault((r.temperature, r.top_p, tuple(sorted(r.stop))), []).append(i)
         for (temp, top_p, stop), idx in groups.items():
             n = max(reqs[i].max_tokens for i in idx)  # rows are independent: a shorter request is cut after
+
+            def finished(rows, idx=idx, stop=stop):  # the engine's (row, tokens, reason) -> this call's requests
+                for row, toks, reason in rows:
+                    out[idx[row]] = self._output(reqs[idx[row]], toks, reason, stop)
+                    on_output(idx[row], out[idx[row]])
             seeds = [reqs[i].seed if reqs[i].seed is not None else random.getrandbits(62) for i in idx]
             res = self.engine.generate([reqs[i].prompt_ids for i in idx], 1, n, temperature=temp, top_p=top_p,
-                                       stop_strings=stop, seeds=seeds)
-            for row, i in enumerate(idx):
-                toks = res.tokens[row][:reqs[i].max_tokens]
-                ended = res.stop_reasons[row] != "length" and len(res.tokens[row]) <= reqs[i].max_tokens
-                if toks and toks[-1] in self.tokenizer.stop_ids:
-                    toks = toks[:-1]
-                text = self.tokenizer.decode(toks)
-                text, cut = cut_at_stop(text, stop)
-                out[i] = GenOutput(text, len(reqs[i].prompt_ids), len(toks), "stop" if ended or cut else "length")
+                                       stop_strings=stop, seeds=seeds, on_done=finished if on_output else None)
+            for row, i in enumerate(idx):  # the same outputs on_output was given
+                out[i] = self._output(reqs[i], res.tokens[row], res.stop_reasons[row], stop)
         return out
 
+    def _output(self, req: GenRequest, tokens: list[int], reason: str, stop) -> GenOutput:
+        toks = tokens[:req.max_tokens]
+        ended = reason != "length" and len(tokens) <= req.max_tokens
+        if toks and toks[-1] in self.tokenizer.stop_ids:
+            toks = toks[:-1]
+        text, cut = cut_at_stop(self.tokenizer.decode(toks), stop)
+        return GenOutput(text, len(req.prompt_ids), len(toks), "stop" if ended or cut else "length")
 
 def cut_at_stop(text: str, stop) -> tuple[str, bool]:
     """OpenAI semantics: the text ends before the first stop string (which is not returned)."""
