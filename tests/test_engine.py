@@ -535,6 +535,26 @@ def test_static_decode_equals_eager(model, engine):
         Engine(model, decode="graph")
 
 
+def test_static_decode_buckets_the_batch(model, engine, monkeypatch):
+    """Static/compiled decode pads the prompt count to a power of two (1, 2, 3 prompts -> batches of 1, 2, 4 prompts),
+    so one compiled step serves every batch up to its bucket; the padding rows never reach the caller."""
+    import twice.engine as E
+    sizes, init = [], E.StaticKVCache.__init__
+
+    def spy(self, cache):
+        sizes.append(cache.batch_size)
+        init(self, cache)
+    monkeypatch.setattr(E.StaticKVCache, "__init__", spy)
+    kw = dict(num_samples=2, max_new_tokens=6, temperature=1.0, seeds=1, stop_ids=[])
+    for ps in ([P1], [P1, P2], [P1, P2, P3]):
+        done = []
+        b = Engine(model, decode="static").generate(ps, on_done=done.extend, **kw)
+        a = engine.generate(ps, **kw)
+        assert a.tokens == b.tokens and len(b.tokens) == len(b.stop_reasons) == b.mask.shape[0] == 2 * len(ps)
+        assert sorted(r for r, _, _ in done) == list(range(2 * len(ps)))
+    assert sizes == [2, 4, 8]
+
+
 @pytest.mark.slow  # one inductor compilation of the tiny model's decode step (~1-2 min on a 2-core box)
 def test_compiled_decode_equals_eager(model, engine):
     """torch.compile(mode="reduce-overhead") of the static step (inductor on CPU): same tokens at T=0 and T=1,

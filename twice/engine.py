@@ -358,6 +358,12 @@ class GenerationResult:
     logprobs_padded: torch.Tensor = field(default=None, repr=False)  # [rows, N] fp32, 0 where mask is 0
     full_logprobs_padded: torch.Tensor = field(default=None, repr=False)  # [rows, N] fp32
 
+    def head(self, n: int) -> "GenerationResult":
+        """The first n rows (every field sliced alike)."""
+        return GenerationResult(*(None if v is None else v[:n] for v in (
+            self.tokens, self.logprobs, self.full_logprobs, self.stop_reasons, self.texts, self.tokens_padded,
+            self.mask, self.logprobs_padded, self.full_logprobs_padded)))
+
     @property
     def finished(self) -> list[bool]:  # ended on a stop id/string rather than the length limit
         return [r != "length" for r in self.stop_reasons]
@@ -507,6 +513,16 @@ class Engine:
             seeds = [seeds + r for r in range(rows)]
         if len(seeds) != rows:
             raise ValueError(f"generate: {len(seeds)} seeds for {rows} output rows ({P} prompts x {K} samples)")
+        if self.decode != "eager" and (Pb := 1 << (P - 1).bit_length()) > P:
+            # static shapes: the prompt count bucketed to a power of two (copies of prompt 0 fill the batch and are
+            # dropped), so a compiled step serves every batch size up to its bucket instead of recompiling per size
+            def real_rows_done(got):  # the padding rows are not the caller's
+                if mine := [x for x in got if x[0] < rows]:
+                    on_done(mine)
+            done_cb = None if on_done is None else real_rows_done
+            return self.generate(prompts + [prompts[0]] * (Pb - P), K, N, temperature, top_k, top_p, stop_ids,
+                                 stop_strings, list(seeds) + [0] * ((Pb - P) * K), min_new_tokens, check_every,
+                                 compact, done_cb).head(rows)
         dev = self.device
 
         # all uniforms up front, one generator per row: row r's sample never depends on the batch it sits in
