@@ -222,6 +222,14 @@ def paired_bootstrap(a, b, n_boot: int = 2000, alpha: float = 0.05, seed: int = 
     return {"diff": float(d.mean()), "ci95": [lo, hi], "n": int(d.numel())}
 
 
+def sign_test_p(n_pos: int, n_neg: int) -> float:
+    """Two-sided exact binomial (p = 1/2) test on the non-tied pairs: min(1, 2 * P(X <= min(n_pos, n_neg)))."""
+    n = n_pos + n_neg
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(n_pos, n_neg) + 1)) / 2 ** n)
+
+
 def mcnemar_exact(a_hits, b_hits) -> dict:
     """McNemar's exact test for two paired hit/miss vectors (e.g. HR@1 per user): only the discordant users
     count, b10 = a hit & b miss, b01 = a miss & b hit; under H0 b10 ~ Binomial(b10 + b01, 1/2), two-sided
@@ -231,9 +239,7 @@ def mcnemar_exact(a_hits, b_hits) -> dict:
         raise ValueError("mcnemar_exact needs paired vectors of the same length")
     n10 = sum(x and not y for x, y in zip(a_hits, b_hits))
     n01 = sum(y and not x for x, y in zip(a_hits, b_hits))
-    n = n10 + n01
-    tail = sum(math.comb(n, i) for i in range(min(n10, n01) + 1)) / 2 ** n if n else 1.0
-    return {"a_only": n10, "b_only": n01, "p": min(1.0, 2 * tail)}
+    return {"a_only": n10, "b_only": n01, "p": sign_test_p(n10, n01)}   # McNemar = sign test on discordant
 
 
 def spearman(x, y) -> float | None:

@@ -16,27 +16,21 @@ import math
 import sys
 from pathlib import Path
 
+from twice.metrics import ndcg_gains, sign_test_p
+
 RQ3_ROWS = (("sasrec", "SASRec"), ("base", "(A) base"), ("sft", "(B) +SFT"), ("grpo_C", "(C) GRPO from base"),
             ("grpo_D", "(D) +SFT+GRPO match+format"), ("grpo_E", "(E) +SFT+GRPO cg+format"))
 PROTOCOLS = ("sampling", "exact")
 
 
-def hit(rank: int, k: int) -> float:
-    return 1.0 if rank <= k else 0.0
+def hits(ranks: list[int], k: int) -> list[float]:
+    """Per-user HR@k (0/1) from 1-based ranks."""
+    return [1.0 if r <= k else 0.0 for r in ranks]
 
 
-def ndcg(rank: int, k: int) -> float:
-    return 1.0 / math.log2(rank + 1) if rank <= k else 0.0
-
-
-def sign_test_p(n_pos: int, n_neg: int) -> float:
-    """Two-sided exact binomial (p = 1/2) test on the non-tied pairs."""
-    n = n_pos + n_neg
-    if n == 0:
-        return 1.0
-    k = min(n_pos, n_neg)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+def gains(ranks: list[int], k: int) -> list[float]:
+    """Per-user NDCG@k gains (twice.metrics.ndcg_gains: the one place the formula lives)."""
+    return ndcg_gains(ranks, k).tolist()
 
 
 def paired(a: list[float], b: list[float]) -> dict:
@@ -97,7 +91,7 @@ def rq3_table(out: str | Path, k: int = 5) -> str:
         r = sas if name == "sasrec" else (ranks.get(name) or {}).get(proto)
         if not r or any(u not in r for u in users):
             return None
-        return [fn(r[u], k) for u in users]
+        return fn([r[u] for u in users], k)
 
     head = ["model"] + [f"{p} {m}" for p in PROTOCOLS for m in ("HR@1", f"HR@{k}", f"NDCG@{k}")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -117,11 +111,11 @@ def rq3_table(out: str | Path, k: int = 5) -> str:
     for name, label in RQ3_ROWS[3:]:
         for ref, rlabel in (("sft", "+SFT"), ("sasrec", "SASRec")):
             for p in PROTOCOLS:
-                a_h, b_h = per_user(name, p, hit), per_user(ref, p, hit)
+                a_h, b_h = per_user(name, p, hits), per_user(ref, p, hits)
                 if a_h is None or b_h is None:
                     continue
                 h = paired(a_h, b_h)
-                g = paired(per_user(name, p, ndcg), per_user(ref, p, ndcg))
+                g = paired(per_user(name, p, gains), per_user(ref, p, gains))
                 lines.append(f"| {label} | {rlabel} | {p} | {h['mean']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] | "
                              f"{h['p']:.3g} | {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {g['p']:.3g} |")
     return "\n".join(lines) + "\n"
