@@ -344,6 +344,11 @@ def _cut_after_stop(text: str, stop_strings) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Results
 
+def _reason(str_stop, id_stop: bool) -> str:
+    """A row's stop reason: a stop string it wrote, else a stop id, else the length limit."""
+    return "stop_string" if str_stop is not None else "stop_id" if id_stop else "length"
+
+
 @dataclass
 class GenerationResult:
     """Rows are prompt-major: row = prompt_i * K + k. Lists are trimmed to each row's length; the *_padded tensors
@@ -620,8 +625,7 @@ class Engine:
         if rows_:
             lens, ids = length.clamp_max(steps)[rows_].tolist(), reason_id[rows_].tolist()
             toks = out_tok[rows_].tolist()
-            on_done([(r, t[:n], "stop_string" if str_reason[r] is not None else "stop_id" if i else "length")
-                     for r, t, n, i in zip(rows_, toks, lens, ids)])
+            on_done([(r, t[:n], _reason(str_reason[r], i)) for r, t, n, i in zip(rows_, toks, lens, ids)])
         return new
 
     def _scan_stop_strings(self, out_tok, steps, done, length, stop_strings, str_reason, checked):
@@ -663,8 +667,7 @@ class Engine:
         full = out_full.float().cpu().masked_fill(~mask, 0.0)
         reason_id = reason_id.cpu().tolist()
         lens = length.tolist()
-        reasons = ["stop_string" if str_reason[r] is not None else "stop_id" if reason_id[r] else "length"
-                   for r in range(len(lens))]
+        reasons = [_reason(str_reason[r], reason_id[r]) for r in range(len(lens))]
         tokens = [tok[r, :n].tolist() for r, n in enumerate(lens)]
         texts = [self.tokenizer.decode(t) for t in tokens] if self.tokenizer is not None else None
         for r in range(len(lens)):  # the token completing a stop string may carry more text ("m>\n"): cut it
