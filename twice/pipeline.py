@@ -66,6 +66,7 @@ TINY = {
     "rationales": ["n_users=4", "chunk=4", "teacher.batch_size=4", "teacher.max_tokens=12", "rationale.n_shots=1",
                    "rationale.max_history=3"],
     "sft": ["steps=3", "optim.batch_size=2", "max_seq_len=1024", "optim.micro_batch_tokens=2048", "eval.every=0",
+            "eval.patience=0",  # no evals to watch in 3 steps (the study's sft.yaml stops early on them)
             "eval.loss_users=2", "eval.hr_users=1", "eval.max_new_tokens=8", "checkpoint_every=0", "optim.lr=1.0e-3",
             "mix.describe=0.01", "mix.recommend=0.02"],
     "grpo": ["steps=2", "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8",
