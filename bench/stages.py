@@ -4,7 +4,7 @@ main job twice.
 
     python bench/stages.py --data /work/runs/mainjob/data --reward /work/runs/mainjob/sasrec-reward/best --threads 2
     python bench/stages.py --data runs/quickstart/data --work /tmp/stagebench --out stages.json   # the defaults
-    python bench/stages.py --tiny --data DIR --stages sft,eval_base --dtypes float32,auto          # tiny model (CI)
+    python bench/stages.py --tiny --data DIR --stages sft,eval_base --also ''     # the tiny model, 1 step (CI-sized)
     python bench/stages.py ... --dry-run                # print every (stage, dtype) command, run nothing
 
 Inputs: a prepared data folder (`python -m twice.data prepare configs/quickstart/data.yaml out_dir=DIR`; read only)
@@ -22,9 +22,10 @@ run_dir under WORK/runs/ (emptied first: the scripts resume) and set the script'
     eval_sft    eval.py, the SFT model                          dtype           the same
 T3 rationales for SFT (and GRPO's completion budget) come from the evidence teacher (no model, < 1 s, untimed), as in
 the quickstart. GRPO and eval_sft start from ONE SFT folder in every dtype (--sft, default the first dtype's SFT run of
-this bench). A fine-tuned folder stores float32 weights, which `auto` computes in fp32 (twice/precision.py): so the
-default dtypes are float32, auto and bfloat16, and each cell says what the child recorded as its compute dtype
-(metrics.jsonl / results.json `compute_dtype`). Not run: data, SASRec and SASRec-reward (fp32 SASRec whatever the
+this bench). A fine-tuned folder stores float32 weights, which `auto` computes in fp32 (twice/precision.py): so every
+stage runs in float32 and auto (--dtypes), and grpo and eval_sft also in bfloat16 (--also; on the base model auto is
+bf16 already on a bf16 CPU); each cell says what the child recorded as its compute dtype (metrics.jsonl /
+results.json `compute_dtype`) where it differs from the one asked. Not run: data, SASRec and SASRec-reward (fp32 SASRec whatever the
 dtype key) and the tiny-model conversion.
 
 CPU seconds are the child's rusage (RUSAGE_CHILDREN delta: user + system over the child and what it waited for), wall
@@ -49,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from twice.pipeline import CONFIGS, TINY, build_tiny_model, stage_command  # noqa: E402
+from twice.fileio import write_json_atomic  # noqa: E402
+from twice.pipeline import TINY, build_tiny_model, stage_command  # noqa: E402
 
 STAGES = ("rationales", "sft", "grpo", "eval_base", "eval_sft")
 PIPELINE_STAGE = {"rationales": "rationales", "sft": "sft", "grpo": "grpo_E", "eval_base": "eval", "eval_sft": "eval"}
@@ -177,7 +179,7 @@ def _loadavg() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python bench/stages.py", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python bench/stages.py", description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--data", default="runs/quickstart/data", help="prepared data folder (read only)")
     ap.add_argument("--model", default="~/.cache/twice/gemma-3-270m", help="HF folder (ignored with --tiny)")
     ap.add_argument("--reward", default="", help="SASRec reward model folder (default DATA/../sasrec-reward/best)")
@@ -268,6 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         if run_one(cmd, env, work / "rationales-evidence.log")[0] != 0:
             sys.exit(f"bench/stages.py: evidence rationales failed, see {work / 'rationales-evidence.log'}")
 
+    out = Path(a.out).expanduser() if a.out else work / "stages.json"
+    load_before = _loadavg()
+
+    def save(rows: list[dict]) -> str:
+        text = table(rows, dtypes)
+        write_json_atomic(out, {"threads": a.threads, "dtypes": dtypes, "tiny": a.tiny, "model": str(model_dir),
+                                "sft": str(sft_dir), "data": str(data), "load_before": load_before,
+                                "load_now": _loadavg(), "rows": rows, "table": text})
+        return text
+
     rows = []
     for s in stages:
         row = {"stage": s, "runs": {}}
@@ -293,13 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             if rc != 0:
                 print("".join(log.read_text().splitlines(keepends=True)[-20:]), flush=True)
-    text = table(rows, dtypes)
-    after = _loadavg()
-    print("\n" + text + f"\n{a.threads} threads per child; load average after: {after}")
-    out = Path(a.out).expanduser() if a.out else work / "stages.json"
-    out.write_text(json.dumps({"threads": a.threads, "dtypes": dtypes, "tiny": a.tiny, "model": str(model_dir),
-                               "sft": str(sft_dir), "data": str(data), "load_after": after, "rows": rows,
-                               "table": text}, indent=1))
+            save(rows)   # after every run: an interrupted bench keeps what it measured
+    text = save(rows)
+    print("\n" + text + f"\n{a.threads} threads per child; load average after: {_loadavg()}")
     print(f"(written to {out})")
     return 0 if all(c["rc"] == 0 for r in rows for c in r["runs"].values()) else 1
 
