@@ -4,11 +4,11 @@ the exact bf16 base back plus frozen fp32 adapters, instead of fp32 compute (or 
     python -m pytest -q tests/test_lora_delta.py            # the real-270m check: add  -m slow  (or nothing: CI skips)
 
 Tolerance (tiny random Gemma-3, PRESETS["tiny"], as tests/test_precision.py): bf16 logits vs the fp32 merged model
-  max |bf16+delta - fp32 merged| <= 0.05 * max |fp32 logit|               (measured 0.012 / 0.57)
+  max |bf16+delta - fp32 merged| <= 0.05 * max |fp32 logit|               (measured 0.011-0.015 / 0.50-0.57, seeds 0-2)
 and the reason for the feature: on a fine-tune whose update is below bf16's resolution per weight (every target
 weight +-0.02, the update <= half a bf16 step there) but not per activation (adapters aligned with the layer inputs,
 as a trained LoRA is), bf16+delta is closer to fp32 merged than the merged weights cast to bf16:
-  rms error bf16+delta <= 0.92 * rms error naive bf16 cast               (measured 0.84-0.87 over 3 seeds)
+  rms error bf16+delta <= 0.92 * rms error naive bf16 cast               (measured 0.76-0.82, seeds 0-2)
 """
 from __future__ import annotations
 

@@ -57,8 +57,17 @@ class LoRALinear(nn.Module):
             return y
         A, B = self.lora_A, self.lora_B
         if A.dtype != x.dtype:  # fp32 adapters on a bf16 base: compute in bf16, autograd hands back fp32 grads
-            A, B = A.to(x.dtype), B.to(x.dtype)
-        return y + F.linear(F.linear(self.dropout(x), A), B) * self.scale
+            if getattr(self, "frozen_delta", False):  # nothing trains: cast once, not per call (decode: 126 modules)
+                low = self.__dict__.get("_low")
+                if low is None or low[0].dtype != x.dtype or low[0].device != A.device:
+                    low = self.__dict__["_low"] = (A.to(x.dtype), B.to(x.dtype))
+                A, B = low
+                t = F.linear(x, A)   # [..., r]; then y += t B^T in one addmm (no [..., out] temporary)
+                return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
+            else:
+                A, B = A.to(x.dtype), B.to(x.dtype)
+        d = F.linear(F.linear(self.dropout(x), A), B)
+        return y + (d if self.scale == 1 else d * self.scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
