@@ -499,7 +499,8 @@ def main(argv: list[str]) -> dict:
     dist.seed_everything(cfg.seed)
     compute = precision.resolve_dtype(cfg.model.dtype, dev, "model.dtype", checkpoint=cfg.model.path)
     model = Gemma3.from_pretrained(cfg.model.path, dtype=precision.param_dtype(compute, dist.is_distributed()),
-                                   device=dev)  # also the frozen base for resume
+                                   device=dev, delta="merged")  # the frozen base for resume; a
+    # fine-tune's lora_delta rides along merged (model.lora_delta): the export records it plus this run's LoRA
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     if cfg.lora.enabled:
         apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),
