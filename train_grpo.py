@@ -412,9 +412,10 @@ def build_policy(cfg: GRPORunConfig, dev):
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     ref_model = None
     if cfg.objective.beta > 0 and (cfg.reference.source != "auto" or not cfg.lora.enabled):
+        # a separate reference folder with a delta: in bf16 its delta stays exact as frozen adapters
+        ref_delta = "merged" if compute == torch.float32 else "adapters"
         ref_model = (copy.deepcopy(model) if cfg.reference.source == "auto"
-                     else Gemma3.from_pretrained(cfg.reference.source, dtype=dtype, device=dev,
-                                                 delta="merged"))
+                     else Gemma3.from_pretrained(cfg.reference.source, dtype=dtype, device=dev, delta=ref_delta))
         ref_model.requires_grad_(False).eval()
         ref_model = dist.wrap_fsdp(ref_model, mixed_precision=precision.fsdp_mixed(compute))
     if cfg.lora.enabled:

@@ -11,6 +11,10 @@
 y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with A [r, in] ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with
 a=sqrt(5), as nn.Linear and peft) and B [out, r] = 0, so the adapted model equals the base model at step 0.
 
+On a fine-tuned folder loaded as bf16 base + frozen delta (Gemma3.from_pretrained(delta="adapters")), apply_lora
+stacks the new adapter on the frozen one (stack_on_delta): y = x W^T + b + x dA^T dB^T + scale * x A^T B^T; only
+A/B train, lora_disabled leaves the delta on, and export_hf writes base + [delta; new] (twice/checkpoint.py).
+
 Key names: LoRALinear registers the base `weight`/`bias` under their ORIGINAL names (q_proj.weight) and adds
 `lora_A`/`lora_B` beside them (q_proj.lora_A), so pretrained checkpoints load into a LoRA model unchanged and a
 merged state dict is just the base key table.
