@@ -484,6 +484,7 @@ class Engine:
         start = torch.tensor([L - len(p) for p in prompts], dtype=torch.long)
         return ids.to(self.device), start.to(self.device)
 
+    @torch.inference_mode()  # callers may hold the cache and reuse it (generate(prefill=), score(prefix=))
     def prefill(self, prompts: list[list[int]], max_len: int | None = None):
         """Left-padded batch prefill -> (cache [P rows], last-position fp32 logits [P, V])."""
         ids, start = self._left_pad(prompts)
