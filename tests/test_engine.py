@@ -618,3 +618,13 @@ def test_score_from_a_batch_prefill_row_equals_its_own_prefill(engine):
             for a, b in zip(got, ref):
                 assert a == pytest.approx(b, abs=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(cache.k, k0))
+
+
+def test_prefill_called_directly_with_bf16_weights():
+    """eval calls Engine.prefill itself (outside generate's inference mode): with bf16 weights the head's out=
+    matmul must not see grad-tracking tensors, and the kept prefill gives generate() its own prefill's tokens."""
+    torch.manual_seed(0)
+    eng = Engine(Gemma3.from_config(PRESETS["tiny"], dtype=torch.bfloat16).eval())
+    pre = eng.prefill([P1, P2])
+    kw = dict(num_samples=2, max_new_tokens=6, temperature=1.0, seeds=3, stop_ids=[])
+    assert eng.generate([P1, P2], prefill=pre, **kw).tokens == eng.generate([P1, P2], **kw).tokens
