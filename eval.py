@@ -321,10 +321,10 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
         recs = [{"user": cs.user, "target": ex.target_id, "candidates": ex.candidate_ids,
                  "prompt_tokens": len(p), "truncated": ex.truncated} for cs, ex, p in zip(batch, exs, pids)]
 
-        t = time.perf_counter()
-        pre = engine.prefill(pids)     # (cache, last logits): copied by each use below, never modified
-        clock["prefill"] += time.perf_counter() - t
         if G + K:
+            t = time.perf_counter()
+            pre = engine.prefill(pids)     # (cache, last logits): copied by each use below, never modified
+            clock["prefill"] += time.perf_counter() - t
             t = time.perf_counter()
             # row i*(G+K) + 0: greedy (if G); the next K: samples, seeded per user and sample (batch-independent)
             seeds = [x for cs in batch for x in [0] * G + [S.seed + cs.user * K + k for k in range(K)]]
@@ -359,7 +359,7 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
                     c = r["candidates"][trie_greedy(conts, per_tok)]
                     r["constrained"] = {"item": c, "hit": c == r["target"]}
             clock["exact"] += time.perf_counter() - t
-        del pre
+        pre = None   # the batch's cache: free it before the next batch's prefill
 
         if S.enabled:
             for i, r in enumerate(recs):
