@@ -76,6 +76,7 @@ from twice.fileio import write_atomic
 from twice.llm_api import ChatClient, LLMConfig, LLMError
 from twice.metrics import (bootstrap_interval, mcnemar_exact, paired_bootstrap, random_ranker, set_expectation,
                            spearman, uniform_sampler, uniform_sampler_set, wilson_interval)
+from twice.precision import weights_note
 from twice.rewards import normalize_item, parse_completion
 from twice.tasks import AUTHORS_TAGS, TaskConfig, authors_prompts, encode_response, prompt_ids, recommend_example
 
@@ -277,7 +278,7 @@ def candidate_continuations(tok, rationale: str, candidate_ids: list[str], tags)
 def _parse_dtype(name: str, device, checkpoint=None) -> torch.dtype:
     from twice.precision import resolve_dtype
     return resolve_dtype(name, device, "dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint, delta_adapters=True)   # loaded with delta="auto": bf16 + delta
 
 
 def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list, info,
@@ -814,7 +815,10 @@ def main(argv: list[str]) -> dict | None:
                      "data_dir": cfg.data_dir, "complete": False, "models": {},
                      "baselines": {"random": random_baseline([len(cs.candidates) for cs in all_sets], cfg)},
                      "compute_dtype": {n: str(_parse_dtype(cfg.dtype, info.device, s.path)).removeprefix("torch.")
-                                       for n, s in cfg.models.items()}}
+                                       for n, s in cfg.models.items()},
+                     # how the weights met that dtype: "merged", or a bf16 base + the fine-tune's fp32 lora_delta
+                     "weights": {n: weights_note(_parse_dtype(cfg.dtype, info.device, s.path),
+                                                 Path(s.path).expanduser()) for n, s in cfg.models.items()}}
     per_model: dict[str, tuple[str, torch.Tensor]] = {}   # per-user rows, for the paired tests
     finished = load_finished(out_dir, cfg, all_sets)
     if info.is_main:   # results.md exists only for a COMPLETE run (the pipeline's done-check reads it)

@@ -399,12 +399,15 @@ def build_policy(cfg: GRPORunConfig, dev):
     dist.seed_everything(cfg.seed)
     compute = precision.resolve_dtype(cfg.model.dtype, dev, "model.dtype", checkpoint=cfg.model.path)
     dtype = precision.param_dtype(compute, dist.is_distributed())
-    model = Gemma3.from_pretrained(cfg.model.path, dtype=dtype, device=dev)
+    # merged: SFT's lora_delta rides along (model.lora_delta) so the export writes the total delta (twice/checkpoint.py
+    # export_hf); a new LoRA does not stack on a frozen one
+    model = Gemma3.from_pretrained(cfg.model.path, dtype=dtype, device=dev, delta="merged")
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     ref_model = None
     if cfg.objective.beta > 0 and (cfg.reference.source != "auto" or not cfg.lora.enabled):
         ref_model = (copy.deepcopy(model) if cfg.reference.source == "auto"
-                     else Gemma3.from_pretrained(cfg.reference.source, dtype=dtype, device=dev))
+                     else Gemma3.from_pretrained(cfg.reference.source, dtype=dtype, device=dev,
+                                                 delta="merged"))
         ref_model.requires_grad_(False).eval()
         ref_model = dist.wrap_fsdp(ref_model, mixed_precision=precision.fsdp_mixed(compute))
     if cfg.lora.enabled:

@@ -35,6 +35,12 @@ Run dir: config.yaml, log.txt, metrics.jsonl (one line per step; eval lines carr
 checkpoints/step_XXXXXX (atomic, keep last N; exact resume: weights (LoRA adapters only when LoRA is on: the frozen
 base is re-read from model.path), AdamW, LR schedule position, RNG streams of every rank, data cursor),
 final/ (HF folder, LoRA merged, tokenizer.model copied; loads in transformers).
+
+Early stopping (`eval.patience: P` > 0; 0 = off): after each eval the valid loss either improves on the best so far
+by more than `eval.min_delta` (its weights are saved to best/step_XXXXXX, atomic, only that one kept) or counts as a
+bad eval; P bad evals in a row end the run there, and final/ is exported from best/, not from the last step.
+`steps`/`epochs` is then the cap (and still the LR schedule's length). The best loss, its step and the bad-eval count
+are in every checkpoint, so a run killed mid-window resumes to the same stop step and the same final/.
 """
 from __future__ import annotations
 
@@ -43,16 +49,17 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from twice import dist, precision
-from twice.checkpoint import export_hf, load_latest, rewrite_metrics, save_checkpoint
+from twice.checkpoint import export_hf, load_checkpoint, load_latest, rewrite_metrics, save_checkpoint, step_dirs
 from twice.config import ConfigError, InputError, check_inputs, parse_args, save_config
 from twice.logsink import LogConfig, open_sinks
 from twice.data import User, load_dataset
@@ -119,6 +126,10 @@ class EvalConfig:
     loss_users: int = 64                # valid users (fixed slice) whose T2 loss is measured
     hr_users: int = 32                  # the first N of them are greedily decoded for HR@1 (0 = off)
     max_new_tokens: int = 32            # greedy budget (a T2 answer is `<item>ID</item><end_of_turn>`)
+    patience: int = 0                   # early stopping: stop after this many evals in a row without a valid loss
+                                        #   below best - min_delta, and export final/ from the BEST eval's weights
+                                        #   (kept in run_dir/best/); 0 = off: run `steps`/`epochs`, final = last step
+    min_delta: float = 0.0              # an eval improves only when its valid loss < best - min_delta (nats/token)
 
 
 @dataclass
@@ -159,7 +170,10 @@ def check_config(c: SFTConfig) -> None:
              ("mix weights >= 0", min(c.mix.describe, c.mix.recommend, c.mix.reason) >= 0),
              ("mix.reason > 0 needs mix.t3_source", c.mix.reason == 0 or bool(c.mix.t3_source)),
              ("mix.t2_source in users|official", c.mix.t2_source in ("users", "official")),
-             ("steps > 0 or epochs > 0", c.steps > 0 or c.epochs > 0)]
+             ("steps > 0 or epochs > 0", c.steps > 0 or c.epochs > 0),
+             ("eval.patience >= 0 and eval.min_delta >= 0", c.eval.patience >= 0 and c.eval.min_delta >= 0),
+             ("eval.patience > 0 needs eval.every > 0 and eval.loss_users > 0 (the valid loss it watches)",
+              c.eval.patience == 0 or (c.eval.every > 0 and c.eval.loss_users > 0))]
     for name, ok in rules:
         if not ok:
             raise ConfigError(f"config: {name} is required / violated")
@@ -404,6 +418,46 @@ def evaluate(model, tok, cfg: SFTConfig, val, info) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Early stopping on the valid loss (eval.patience > 0)
+
+@dataclass
+class EarlyStop:
+    """The early-stopping state. It lives in every checkpoint's data (JSON), so a resumed run decides the same."""
+    best_loss: float | None = None      # lowest valid loss so far (None before the first eval)
+    best_step: int = 0                  # the step it was measured after; its weights are best/step_XXXXXX
+    bad_evals: int = 0                  # evals since then without an improvement > min_delta
+    stopped_at: int = 0                 # the step early stopping ended the run at (0 = not stopped)
+
+
+def improves(es: EarlyStop, loss: float, min_delta: float) -> bool:
+    return es.best_loss is None or loss < es.best_loss - min_delta
+
+
+def track_best(es: EarlyStop, rec: dict, step: int, model, run_dir: Path, cfg: SFTConfig) -> bool:
+    """After an eval: update `es` from rec["eval/loss"], save the weights to best/step_XXXXXX when it improved
+    (atomic, trainable part only under LoRA; collective), add eval/best_* to rec. -> stop now?"""
+    loss = rec["eval/loss"]
+    if improves(es, loss, cfg.eval.min_delta):
+        es.best_loss, es.best_step, es.bad_evals = loss, step, 0
+        save_checkpoint(run_dir / "best", step, model, None, data={"eval/loss": loss}, config=cfg, keep_last=0,
+                        trainable_only=cfg.lora.enabled)
+    else:
+        es.bad_evals += 1
+    rec.update({"eval/best_loss": es.best_loss, "eval/best_step": es.best_step, "eval/bad_evals": es.bad_evals})
+    if es.bad_evals >= cfg.eval.patience:
+        es.stopped_at = step
+    return es.stopped_at > 0
+
+
+def prune_best(best_dir: Path, keep_step: int) -> None:
+    """Rank 0, once a checkpoint has committed best_step = keep_step: drop every other best/ weights, i.e. older
+    bests, and bests a killed run saved after its last checkpoint (the resumed run redoes those steps)."""
+    for p in step_dirs(best_dir):
+        if p.name != f"step_{keep_step:06d}":
+            shutil.rmtree(p)
+
+
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -445,7 +499,8 @@ def main(argv: list[str]) -> dict:
     dist.seed_everything(cfg.seed)
     compute = precision.resolve_dtype(cfg.model.dtype, dev, "model.dtype", checkpoint=cfg.model.path)
     model = Gemma3.from_pretrained(cfg.model.path, dtype=precision.param_dtype(compute, dist.is_distributed()),
-                                   device=dev)  # also the frozen base for resume
+                                   device=dev, delta="merged")  # the frozen base for resume; a
+    # fine-tune's lora_delta rides along merged (model.lora_delta): the export records it plus this run's LoRA
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     if cfg.lora.enabled:
         apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),
@@ -479,11 +534,20 @@ def main(argv: list[str]) -> dict:
             rewrite_metrics(run_dir / "metrics.jsonl", start)
     else:  # per-rank streams from here on (adapter dropout); a resume restored each rank's own streams instead
         dist.seed_everything(cfg.seed + R)
+    es = EarlyStop(**state["data"].get("early_stop", {})) if state else EarlyStop()
+    stop_on = cfg.eval.patience > 0
+    if not stop_on or es.bad_evals < cfg.eval.patience:  # started again with more patience (or none): train on
+        es.stopped_at = 0
+    if stop_on and info.is_main:
+        prune_best(run_dir / "best", es.best_step)
+    end = es.stopped_at or total  # a run that stopped early and is started again as it was does not train on
     metrics_f = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
     sink = open_sinks(cfg.log, run_dir, cfg, enabled=info.is_main)
     log("SFT: pools " + ", ".join(f"{t} {len(pools[t])} (w {getattr(cfg.mix, t)})" for t in TASKS)
         + f" | epoch {stream.epoch_len} examples, {G}/step, {total} steps, {W} rank(s) | "
-        f"lora={cfg.lora.enabled} trainable {n_train:,} | valid {len(val)} | skipped records {load_stats}")
+        f"lora={cfg.lora.enabled} trainable {n_train:,} | valid {len(val)} | skipped records {load_stats}"
+        + (f" | early stop: patience {cfg.eval.patience} evals (every {cfg.eval.every} steps), min_delta "
+           f"{cfg.eval.min_delta}" if stop_on else ""))
 
     def write_metrics(rec: dict) -> None:
         if metrics_f:
@@ -493,7 +557,7 @@ def main(argv: list[str]) -> dict:
 
     bar = tqdm(total=total, initial=start, disable=not info.is_main, desc="sft", dynamic_ncols=True)
     rec = {}
-    for step in range(start, total):
+    for step in range(start, end):
         t0 = time.time()
         # ---- 1. this rank's strided share of the step's global examples, encoded; bad ones counted
         rows, tasks_of = [], []
@@ -556,6 +620,10 @@ def main(argv: list[str]) -> dict:
         if (cfg.eval.every and (step + 1) % cfg.eval.every == 0) or done:
             if val:
                 rec.update(evaluate(model, tok, cfg, val, info))
+        if stop_on and "eval/loss" in rec:
+            done = track_best(es, rec, step + 1, model, run_dir, cfg) or done
+            if done:  # the run's summary: which weights final/ holds, and whether patience ended it
+                rec.update({"best_step": es.best_step, "best_loss": es.best_loss, "stopped_at": es.stopped_at})
         write_metrics(rec)
         log(f"step {step + 1:5d}/{total} | loss {rec['loss']:.4f} "
             + " ".join(f"{t[:3]} {rec[f'loss/{t}']:.3f}" for t in TASKS if f"loss/{t}" in rec)
@@ -564,15 +632,29 @@ def main(argv: list[str]) -> dict:
             + (f" trunc {rec['truncated']}" if rec["truncated"] else "")
             + f" | {n_pass} mb {dt:.2f}s {rec['tokens_per_s']:.0f} tok/s {rec['peak_mem_mb']:.0f} MB"
             + (f" | eval loss {rec['eval/loss']:.4f}" if "eval/loss" in rec else "")
-            + (f" hr@1 {rec['eval/hr@1']:.3f}" if "eval/hr@1" in rec else ""))
+            + (f" hr@1 {rec['eval/hr@1']:.3f}" if "eval/hr@1" in rec else "")
+            + (f" (best {es.best_loss:.4f} at step {es.best_step})" if "eval/best_step" in rec else ""))
         bar.update(1)
 
         # ---- 5. checkpoint (collective)
         if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done:
-            save_checkpoint(run_dir / "checkpoints", step + 1, model, opt, data={"cursor": (step + 1) * G},
+            save_checkpoint(run_dir / "checkpoints", step + 1, model, opt,
+                            data={"cursor": (step + 1) * G, **({"early_stop": asdict(es)} if stop_on else {})},
                             config=cfg, keep_last=cfg.keep_checkpoints, trainable_only=cfg.lora.enabled)
+            if stop_on and info.is_main:
+                prune_best(run_dir / "best", es.best_step)
+        if es.stopped_at:
+            log(f"early stop at step {es.stopped_at}: no improvement > min_delta {cfg.eval.min_delta} for "
+                f"{cfg.eval.patience} evals; final = step {es.best_step} (valid loss {es.best_loss:.4f})")
+            break
     bar.close()
     sink.close()
+
+    # ---- early stopping: final/ holds the best eval's weights, not the last step's
+    if stop_on and es.best_step:
+        load_checkpoint(run_dir / "best" / f"step_{es.best_step:06d}", model)
+        log(f"final = step {es.best_step} (best valid loss {es.best_loss:.4f}"
+            + (f"; early stop at step {es.stopped_at})" if es.stopped_at else f"; ran to the cap, {total} steps)"))
 
     # ---- final model as an HF folder (LoRA merged), tokenizer copied
     export_hf(model, run_dir / "final", tokenizer_path=Path(cfg.model.path) / "tokenizer.model",

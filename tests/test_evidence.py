@@ -222,3 +222,24 @@ def test_rationale_config_defaults_unchanged():
     # the evidence teacher adds fields; an old YAML keeps its meaning
     c = TeacherConfig()
     assert (c.backend, c.tries, c.prefill) == ("api", 1, "") and RationaleConfig().max_history == 10
+
+
+def test_brief_style_keeps_the_evidence_and_the_verdict_in_one_sentence(tmp_path):
+    ds = load_dataset(write_movielens(tmp_path / "d"))
+    hist, tgt = ds.history(1, "train"), ds.target(1, "train")
+    full, v_full = write_rationale(ds, CoWatch(ds), 1, hist, tgt, window=10, seed=0)
+    brief, v_brief = write_rationale(ds, CoWatch(ds), 1, hist, tgt, window=10, seed=0, style="brief")
+    assert v_brief == v_full == "RELEVANT"
+    # the liked film linked by genre (M1, rated 5, Comedy), the target, the shared genre and the co-watch count
+    assert brief == ("They liked Film 1 (1991) (Excellent); Film 7 (1997) is also Comedy, and 7 other viewers of "
+                     "Film 2 (1992) watched it too.")
+    assert brief.count(".") == len(brief.split(". ")) and len(brief.split()) < len(full.split()) / 2
+    from twice.prompts import teacher_answer
+    assert curate(teacher_answer(brief, v_brief), *grounding_words(ds, hist, tgt)) == (None, brief, v_brief)
+    # window 1: the verdict is the full style's (IRRELEVANT), and nothing outside the window is named
+    text, verdict = write_rationale(ds, CoWatch(ds), 1, hist, tgt, window=1, seed=0, style="brief")
+    assert verdict == "IRRELEVANT" and "Film 1 " not in text and "Film 2 " not in text
+    teacher = make_teacher(TeacherConfig(backend="evidence", evidence_style="brief"), ds=ds)
+    assert teacher.name == "evidence-brief"
+    with pytest.raises(ValueError, match="evidence_style"):
+        make_teacher(TeacherConfig(backend="evidence", evidence_style="short"), ds=ds)

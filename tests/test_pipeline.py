@@ -67,22 +67,36 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         cfg = yaml.safe_load((out / variant / "config.yaml").read_text())
         assert cfg["rewards"]["weights"] == yaml.safe_load(weights)
 
-    # the final table: five rows, six numbers each, all in [0, 1]
+    # the final table: five model rows + the random row, eight cells each (value [95% interval] or "-"), in [0, 1],
+    # each the value results.json holds; then the paired tests, each a line per protocol
     table = (out / "results.md").read_text()
+    res = json.loads((out / "eval" / "results.json").read_text())
     lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
-    assert "paper sampling HR@1" in lines[0] and "exact NDCG@5" in lines[0]
-    labels = [ln.split("|")[1].strip() for ln in lines[1:6]]
-    assert labels == [label for _, label in ROWS]
-    for ln in lines[1:6]:
+    assert "paper sampling HR@1" in lines[0] and "exact NDCG@5" in lines[0] and "greedy format" in lines[0]
+    labels = [ln.split("|")[1].strip() for ln in lines[1:7]]
+    assert labels == [label for _, label in ROWS] + ["random (expectation)"]
+    cols = [("sampling", "hr@1"), ("sampling", "hr@5"), ("sampling", "ndcg@5"), ("exact", "hr@1"), ("exact", "hr@5"),
+            ("exact", "ndcg@5"), ("greedy", "valid"), ("greedy", "format")]
+    for (key, _), ln in zip(list(ROWS) + [("random", "")], lines[1:7]):
         cells = [c.strip() for c in ln.split("|")[2:-1]]
-        assert len(cells) == 6
-        for c in cells:
-            assert 0.0 <= float(c) <= 1.0
+        assert len(cells) == 8
+        m = res["baselines"]["random"] if key == "random" else res["models"][key]
+        for (proto, k), c in zip(cols, cells):
+            if c == "-":
+                assert key in ("sasrec", "random") and proto == "greedy"
+                continue
+            v = float(c.split()[0])
+            assert 0.0 <= v <= 1.0 and abs(v - m[proto][k]["value"]) < 5e-4, (key, proto, k, c)
+            if key != "random":
+                lo, hi = (float(x) for x in c.split("[")[1].rstrip("]").split(","))
+                assert lo <= v + 5e-3 and v <= hi + 5e-3
+    paired = [ln for ln in lines if " vs " in ln.split("|")[1]]
+    assert [ln.split("|")[1].strip() for ln in paired][:2] == ["+SFT vs base"] * 2
+    assert len(paired) == 8
     assert table.splitlines()[0] in p.stdout   # printed too
     assert "stage(s) to run, about" in p.stdout and ", ETA " in p.stdout   # the overall ETA from the stage budgets
 
     # every number in results.json that is a rate lies in [0, 1], intervals included
-    res = json.loads((out / "eval" / "results.json").read_text())
 
     def walk(x):
         if isinstance(x, dict):

@@ -361,3 +361,30 @@ def test_static_decode_rollouts_equal_eager(world, tmp_path):
     assert completions("static") == completions("eager")
     with pytest.raises(train_grpo.ConfigError, match="rollout.decode"):
         train_grpo.main(overrides(world, tmp_path / "x", **{"rollout.decode": "graph"}))
+
+
+def test_grpo_on_a_delta_folder_exports_the_concatenated_delta(world, tmp_path):
+    """GRPO trains a fresh LoRA on SFT's final/, which carries SFT's lora_delta (twice/hf.py): build_policy loads it
+    merged with the delta riding along, and the export records base -> total delta, rank r_sft + r_grpo, SFT's part
+    first, with the merged weights = base + that delta."""
+    from twice.checkpoint import export_hf
+    from twice.hf import read_delta
+    from twice.lora import apply_lora, delta_dense, lora_modules
+    m = Gemma3.from_pretrained(world["warm"])
+    apply_lora(m, r=2, alpha=4, seed=5)
+    g = torch.Generator().manual_seed(0)
+    for mod in lora_modules(m):
+        mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 1e-3
+    sft = export_hf(m, tmp_path / "sft")
+    d1, _ = read_delta(sft)
+    run(dict(world, sft=str(sft)), tmp_path / "grpo", model="sft", **{"lora.enabled": True, "lora.r": 4,
+                                                                      "lora.alpha": 8})
+    final = tmp_path / "grpo" / "final"
+    d, meta = read_delta(final)
+    assert meta["modules"] == {k: 6 for k in d1}
+    base = Gemma3.from_pretrained(world["warm"]).state_dict()
+    merged = Gemma3.from_pretrained(final, dtype=torch.float32).state_dict()
+    for k, (A, B) in d.items():
+        assert torch.equal(A[:2], d1[k][0]) and torch.equal(B[:, :2], d1[k][1])
+        torch.testing.assert_close(merged[k + ".weight"], base[k + ".weight"] + delta_dense(A, B), rtol=0,
+                                   atol=1e-6)

@@ -57,8 +57,17 @@ class LoRALinear(nn.Module):
             return y
         A, B = self.lora_A, self.lora_B
         if A.dtype != x.dtype:  # fp32 adapters on a bf16 base: compute in bf16, autograd hands back fp32 grads
-            A, B = A.to(x.dtype), B.to(x.dtype)
-        return y + F.linear(F.linear(self.dropout(x), A), B) * self.scale
+            if getattr(self, "frozen_delta", False):  # nothing trains: cast once, not per call (decode: 126 modules)
+                low = self.__dict__.get("_low")
+                if low is None or low[0].dtype != x.dtype or low[0].device != A.device:
+                    low = self.__dict__["_low"] = (A.to(x.dtype), B.to(x.dtype))
+                A, B = low
+                t = F.linear(x, A)   # [..., r]; then y += t B^T in one addmm (no [..., out] temporary)
+                return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
+            else:
+                A, B = A.to(x.dtype), B.to(x.dtype)
+        d = F.linear(F.linear(self.dropout(x), A), B)
+        return y + (d if self.scale == 1 else d * self.scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
@@ -75,6 +84,9 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, targets=TARGETS,
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
+            if name in targets and getattr(child, "frozen_delta", False):
+                raise ValueError(f"apply_lora: {name} carries a frozen lora_delta (a bf16 + delta load, for "
+                                 f"inference); load the folder with delta='merged' to train on it")
             if name in targets and type(child) is nn.Linear:
                 setattr(parent, name, LoRALinear(child, r, alpha, dropout, generator=gen))
                 n += 1
@@ -91,7 +103,7 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
 def lora_disabled(model: nn.Module):
     """Run the base model: every adapter is bypassed inside the block (the GRPO reference policy, no second copy).
     Works under FSDP2 (it flips a plain attribute; parameters are untouched)."""
-    mods = lora_modules(model)
+    mods = [m for m in lora_modules(model) if not getattr(m, "frozen_delta", False)]  # a loaded delta is the model
     prev = [m.lora_enabled for m in mods]
     try:
         for m in mods:
@@ -145,17 +157,62 @@ def cast_if_exact(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """Pure function on a FULL state dict (e.g. dist.full_state_dict(model) on rank 0): W' = W + scale * B @ A
-    (computed in fp32; cast back to W's dtype only where exact, see cast_if_exact), adapter keys dropped. The result
-    has exactly the base model's key names."""
+    """Pure function on a FULL state dict (e.g. dist.full_state_dict(model) on rank 0): W' = W + (scale * B) @ A
+    (computed in fp32 by delta_dense, the same product a lora_delta load subtracts; cast back to W's dtype only where
+    exact, see cast_if_exact), adapter keys dropped. The result has exactly the base model's key names."""
     out = {k: v for k, v in state_dict.items() if not is_lora_key(k)}
+    for prefix, (A, B) in lora_delta(state_dict, scale).items():
+        W = out[prefix + ".weight"]
+        out[prefix + ".weight"] = cast_if_exact(W.float() + delta_dense(A, B), W.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The low-rank delta an export merged (lora_delta.safetensors beside the merged weights; twice/hf.py reads/writes it)
+#   {module prefix "layers.0.self_attn.q_proj": (A [r, in] fp32, B [out, r] fp32 with the scale folded in)}
+# so delta_dense(A, B) = B @ A is exactly what was added to that module's base weight.
+
+def lora_delta(state_dict: dict[str, torch.Tensor], scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapters of a full state dict as a delta: {prefix: (A, scale * B)}, fp32 on CPU."""
+    out = {}
     for k in state_dict:
         if k.endswith(".lora_A"):
             prefix = k[: -len(".lora_A")]
-            A, B = state_dict[k].float(), state_dict[prefix + ".lora_B"].float()  # [r, in], [out, r]
-            W = out[prefix + ".weight"]
-            out[prefix + ".weight"] = cast_if_exact(W.float() + scale * (B @ A), W.dtype)
+            A, B = state_dict[k].float().cpu(), state_dict[prefix + ".lora_B"].float().cpu()  # [r, in], [out, r]
+            out[prefix] = (A, B * scale)
     return out
+
+
+def delta_dense(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """[out, in] fp32 = B @ A on the CPU. One function for the merge and for the base recovery at load, so both
+    compute the same product (same device, same kernel)."""
+    return B.float().cpu() @ A.float().cpu()
+
+
+def concat_deltas(first: dict, second: dict) -> dict:
+    """The delta of two successive merges (SFT's, then GRPO's LoRA on top): per module A = [A1; A2] [r1+r2, in],
+    B = [B1, B2] [out, r1+r2], so B @ A = B1 @ A1 + B2 @ A2. A module in only one of them keeps its own pair."""
+    out = dict(first)
+    for prefix, (A2, B2) in second.items():
+        if prefix in out:
+            A1, B1 = out[prefix]
+            out[prefix] = (torch.cat([A1, A2], 0), torch.cat([B1, B2], 1))
+        else:
+            out[prefix] = (A2, B2)
+    return out
+
+
+def attach_delta(module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> "LoRALinear":
+    """A frozen LoRALinear over `module` (a plain nn.Linear holding the base weight) that adds x A^T B^T: rank
+    A.shape[0], scale 1 (B carries it), no dropout, nothing trains. Inference only (apply_lora refuses to stack on
+    it: training loads the merged weights instead)."""
+    r = A.shape[0]
+    lo = LoRALinear(module, r, alpha=r, generator=torch.Generator())  # own generator: the global RNG is untouched
+    dev = module.weight.device
+    lo.lora_A = nn.Parameter(A.float().to(dev), requires_grad=False)
+    lo.lora_B = nn.Parameter(B.float().to(dev), requires_grad=False)
+    lo.frozen_delta = True
+    return lo
 
 
 @torch.no_grad()

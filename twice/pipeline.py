@@ -66,6 +66,7 @@ TINY = {
     "rationales": ["n_users=4", "chunk=4", "teacher.batch_size=4", "teacher.max_tokens=12", "rationale.n_shots=1",
                    "rationale.max_history=3"],
     "sft": ["steps=3", "optim.batch_size=2", "max_seq_len=1024", "optim.micro_batch_tokens=2048", "eval.every=0",
+            "eval.patience=0",  # no evals to watch in 3 steps (the study's sft.yaml stops early on them)
             "eval.loss_users=2", "eval.hr_users=1", "eval.max_new_tokens=8", "checkpoint_every=0", "optim.lr=1.0e-3",
             "mix.describe=0.01", "mix.recommend=0.02"],
     "grpo": ["steps=2", "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8",
@@ -214,28 +215,57 @@ def _self_cpu() -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # the table
 
+PAIRS = (("sft", "base"), ("grpo_D", "sft"), ("grpo_E", "sft"), ("grpo_E", "sasrec"))  # A vs B: eval.py's paired
+
+
+def _cell(m: dict | None) -> str:
+    """{'value', 'ci95'} -> '0.875 [0.53, 0.98]' (a closed-form baseline has no interval)."""
+    if not m:
+        return "-"
+    ci = m.get("ci95")
+    return f"{m['value']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def _diff(c: dict | None) -> str:
+    if not c:
+        return "-"
+    p = f", p = {c['mcnemar']['p']:.3g}" if "mcnemar" in c else ""
+    return f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]{p}"
+
+
 def final_table(results: dict) -> str:
-    """Markdown: SASRec, base, +SFT, +SFT+GRPO (D), (E) x HR@1, HR@5, NDCG@5 under both protocols."""
+    """Markdown: SASRec, base, +SFT, +SFT+GRPO (D), (E), random x HR@1, HR@5, NDCG@5 under both protocols (95%
+    intervals) + greedy validity and format; then the paired tests of each stage against the one it builds on."""
     cols = [("sampling", "hr@1"), ("sampling", "hr@5"), ("sampling", "ndcg@5"),
-            ("exact", "hr@1"), ("exact", "hr@5"), ("exact", "ndcg@5")]
-    head = ["model"] + [f"{'paper sampling' if p == 'sampling' else 'exact'} {m.upper().replace('HR', 'HR')}"
-                        for p, m in cols]
+            ("exact", "hr@1"), ("exact", "hr@5"), ("exact", "ndcg@5"), ("greedy", "valid"), ("greedy", "format")]
+    name = {"sampling": "paper sampling", "exact": "exact", "greedy": "greedy"}
+    head = ["model"] + [f"{name[p]} {m.upper() if p != 'greedy' else m}" for p, m in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, label in ROWS:
-        m = results["models"].get(key)
+    random = results.get("baselines", {}).get("random")
+    rows = [(key, label, results["models"].get(key)) for key, label in ROWS]
+    rows += [("random", "random (expectation)", random)] if random else []
+    for key, label, m in rows:
         if m is None:
             continue
-        cells = []
-        for p, k in cols:
-            v = m.get(p, {}).get(k)
-            cells.append(f"{v['value']:.3f}" if v else "-")
+        cells = [_cell(m.get(p, {}).get(k)) if not (key in ("sasrec", "random") and p == "greedy") else "-"
+                 for p, k in cols]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     n = results["n_users"]
     lines += ["", f"MovieLens-100k, {n} test users x {results['n_candidates']} candidates (target + negatives never "
-                  f"seen by the user). paper sampling: 5 samples at T=1.5 (top-k 120, top-p 0.95), item IDs in "
-                  f"sample order; exact: every candidate ranked by log p(<item>ID</item> | prompt, greedy rationale). "
-                  f"SASRec's own ranking fills both. 95% intervals, greedy validity and format rates: "
-                  f"eval/results.json."]
+                  f"seen by the user); 95% intervals in brackets (Wilson / bootstrap). paper sampling: 5 samples at "
+                  f"T=1.5 (top-k 120, top-p 0.95), item IDs in sample order; exact: every candidate ranked by "
+                  f"log p(<item>ID</item> | prompt, greedy rationale); greedy valid = the greedy answer names a "
+                  f"candidate, format = `<think>...</think><item>ID</item>` well formed. SASRec's own ranking fills "
+                  f"both protocols. Everything: eval/results.json.", "",
+              "| paired, same users (A - B) | protocol | HR@1 (McNemar p) | HR@5 (McNemar p) | NDCG@5 |",
+              "|---|---|---|---|---|"]
+    labels = dict(ROWS)
+    for a, b in PAIRS:
+        c = results.get("paired", {}).get(f"{a} vs {b}")
+        for proto in ("exact", "sampling"):
+            if c and proto in c:
+                lines.append(f"| {labels[a]} vs {labels[b]} | {proto} | " +
+                             " | ".join(_diff(c[proto].get(k)) for k in ("hr@1", "hr@5", "ndcg@5")) + " |")
     return "\n".join(lines) + "\n"
 
 

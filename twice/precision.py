@@ -13,7 +13,12 @@ The rule (`dtype: auto`, the default of every stage):
     `amx_bf16` or `avx512_bf16` (oneDNN then runs bf16 matmuls 3-7x faster than fp32: AMX on Xeon Sapphire
     Rapids+, AVX512-BF16 on Zen 4+/Cooper Lake); fp32 elsewhere. The choice is logged once per process.
   - `auto` never rounds stored weights: a checkpoint that stores float32 tensors (our exports keep a fine-tune's
-    changed weights in float32, twice/checkpoint.py) is computed in fp32, logged with the reason.
+    changed weights in float32, twice/checkpoint.py) is computed in fp32, logged with the reason. Except where the
+    folder also carries the LoRA delta it merged (lora_delta.safetensors, twice/hf.py) and the caller loads it as
+    adapters (eval.py, twice.serve: `delta_adapters=True`): then every float32 tensor is a delta module's merged
+    weight, the load recovers the exact bf16 base and keeps the delta as frozen fp32 adapters, so bf16 it is.
+    Training (train_sft.py, train_grpo.py) loads such a folder merged (a new LoRA does not stack on a frozen one)
+    and so still computes it in fp32 under `auto`.
   - `dtype: float32` forces fp32 everywhere (parameters, activations, KV cache); `dtype: bfloat16` forces bf16.
 What stays fp32 whatever the compute dtype (so numerics only change where bf16 is harmless):
   - trainable parameters and their AdamW state: LoRA A/B are created fp32 and cast to the activations' dtype inside
@@ -63,30 +68,48 @@ def auto_dtype(device) -> tuple[torch.dtype, str]:
     return torch.float32, f"no bf16 policy for device type {device.type!r}"
 
 
-def resolve_dtype(name: str, device="cpu", where: str = "dtype", choices=CHOICES, checkpoint=None) -> torch.dtype:
+def resolve_dtype(name: str, device="cpu", where: str = "dtype", choices=CHOICES, checkpoint=None,
+                  delta_adapters: bool = False) -> torch.dtype:
     """Config value -> torch dtype. "auto" follows the rule in the module docstring; the choice is logged once.
     checkpoint: the HF folder about to be loaded. `auto` never rounds stored weights: a folder that stores float32
-    tensors (a merged fine-tune: its update is often below bf16's resolution, 2^-8 relative) computes in float32."""
+    tensors (a merged fine-tune: its update is often below bf16's resolution, 2^-8 relative) computes in float32,
+    unless delta_adapters (the caller loads with Gemma3.from_pretrained(delta="auto")) and every float32 tensor is
+    the merged weight of a module whose delta the folder carries (lora_delta.json): bf16 base + fp32 delta."""
     if name not in choices:
         from twice.config import ConfigError
         raise ConfigError(f"{where}: expected one of {list(choices)}, got {name!r}")
     if name == "auto":
         dt, why = auto_dtype(device)
         if dt != torch.float32 and checkpoint:
-            from twice.hf import stored_float32
-            n = stored_float32(checkpoint)
+            from twice.hf import delta_meta, stored_float32
+            meta = delta_meta(checkpoint) if delta_adapters else None
+            n = stored_float32(checkpoint, skip_modules=meta["modules"] if meta else ())
             if n:
                 dt, why = torch.float32, (f"{checkpoint} stores {n} float32 tensors (a fine-tune's weights): "
                                           f"bf16 would round them")
+            elif meta:
+                why += (f"; {checkpoint}: bf16 base + its fp32 LoRA delta ({len(meta['modules'])} modules, "
+                        f"lora_delta.safetensors) applied unmerged")
     else:
         dt, why = NAMES[name], "forced by the config"
-    key = (name, str(torch.device(device)), str(checkpoint or ""))
+    key = (name, str(torch.device(device)), str(checkpoint or ""), delta_adapters)
     if key not in _logged:
         _logged.add(key)
         # stdout, like the stages' other progress lines (stderr is kept for errors: a bad config is ONE line there)
         print(f"precision: {where}={name} on {torch.device(device)} -> compute in {dtype_name(dt)} ({why})",
               flush=True)
     return dt
+
+
+def weights_note(compute: torch.dtype, checkpoint) -> str:
+    """What a results.json records beside compute_dtype for a folder loaded with delta="auto": "bf16 base + fp32
+    lora_delta (rank R)" where the delta is applied unmerged, "merged" otherwise."""
+    from twice.hf import delta_meta
+    meta = delta_meta(checkpoint) if checkpoint and compute in (torch.bfloat16, torch.float16) else None
+    if not meta:
+        return "merged"
+    ranks = sorted(set(meta["modules"].values()))
+    return f"{dtype_name(compute)} base + float32 lora_delta (rank {'/'.join(map(str, ranks))}) unmerged"
 
 
 def dtype_name(dt: torch.dtype) -> str:
