@@ -300,8 +300,8 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
     tok = Tokenizer.from_pretrained(path, tags=(cfg.task.think_tag, cfg.task.item_tag))
     model = Gemma3.from_pretrained(path, dtype=_parse_dtype(cfg.dtype, info.device, path), device=info.device).eval()
     engine = Engine(model, tok)
-    authors = authors_prompts(ds) if cfg.prompts == "authors" else None   # user -> the released prompt, verbatim
-    tags = AUTHORS_TAGS if authors else cfg.task.tags
+    released = authors_prompts(ds) if cfg.prompts == "authors" else None   # user -> the released prompt, verbatim
+    tags = AUTHORS_TAGS if released else cfg.task.tags
     item_close = f"</{tags.item}>"
     S = cfg.sampling
     G = int(cfg.greedy.enabled or cfg.exact.enabled)   # the exact protocol scores after the greedy rationale
@@ -314,7 +314,7 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
         batch = users[b0:b0 + cfg.batch_size]
         exs, pids = [], []
         for cs in batch:
-            ex = authors[cs.user] if authors else recommend_example(
+            ex = released[cs.user] if released else recommend_example(
                 ds, ds.user(cs.user), cfg.split, list(cs.candidates), cfg.task, tokenizer=tok,
                 reasoning=spec.reasoning, with_response=False)
             exs.append(ex)
@@ -369,9 +369,9 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
                 items = [normalize_item(p.item) if p.item is not None else None for p in parsed]
                 ranked = sample_order_ranking(items, r["candidates"])
                 cset = set(r["candidates"])
-                authors = authors_id_set(items, S.authors_id_pattern)
+                id_set = authors_id_set(items, S.authors_id_pattern)
                 r["sampling"] = {"items": items, "ranked": ranked,
-                                 "authors": {"ids": authors, "in": normalize_item(r["target"]) in authors},
+                                 "authors": {"ids": id_set, "in": normalize_item(r["target"]) in id_set},
                                  "rank": list_rank(ranked, r["target"], len(r["candidates"])),
                                  "no_tag": sum(it is None for it in items),
                                  "hallucinated": sum(it is not None and it not in cset for it in items),

@@ -571,6 +571,24 @@ def test_crash_after_first_model_keeps_its_rows_and_resume_skips_it(world, tmp_p
     assert calls == ["base", "plain"]
 
 
+def test_id_shaped_samples_of_one_batch_do_not_leak_into_the_next(world, tmp_path, monkeypatch):
+    """A user whose samples hold ID-shaped answers must not change how the NEXT batch's prompts are built (the
+    per-user ID set once shadowed the released-prompts table: batch 2 then indexed that list by user and crashed as
+    soon as a trained model answered with IDs)."""
+    seen = []
+
+    def fake_ids(items, pattern):
+        seen.append(items)
+        return ["I3"]                    # an ID-shaped answer for every user
+    monkeypatch.setattr(ev, "authors_id_set", fake_ids)
+    res = _run(world, tmp_path / "run", "batch_size=1", "models.plain.path=",
+               "models={base: {path: " + world["model"] + "}}")
+    preds = [json.loads(x) for x in (tmp_path / "run" / "predictions_base.jsonl").read_text().splitlines()]
+    assert [p["user"] for p in preds] == list(range(1, N_USERS + 1)) and len(seen) == N_USERS
+    assert all(p["sampling"]["authors"] == {"ids": ["I3"], "in": p["target"] == "I3"} for p in preds)
+    assert res["complete"]
+
+
 def test_candidate_orderings_report_spread(world, tmp_path):
     """Issue 11 item 9: N extra seeded orderings of every user's candidates; the first value is the row itself."""
     res = _run(world, tmp_path / "run", "sampling.enabled=false", "orderings=2", "models.plain.path=",
