@@ -747,7 +747,8 @@ def main(argv: list[str]) -> dict:
     model, ref_model, opt = build_policy(cfg, info.device)
     c = load_inputs(cfg, info, run_dir, log)
     start = resume(c, model, opt)
-    engine = Engine(model, c.tok, prefill_chunk=cfg.rollout.prefill_chunk, decode=cfg.rollout.decode)
+    engine = Engine(model, c.tok, prefill_chunk=cfg.rollout.prefill_chunk, decode=cfg.rollout.decode,
+                    dtype=policy_load(cfg, info.device)[0])  # FSDP2 bf16: fp32 masters, bf16 activations + cache
     metrics_f = JsonlWriter(run_dir / "metrics.jsonl", info.is_main)
     sink = open_sinks(cfg.log, run_dir, cfg, enabled=info.is_main)
     comp_f = JsonlWriter(run_dir / "completions.jsonl", info.is_main)

@@ -441,3 +441,27 @@ def test_grpo_on_a_delta_folder_under_auto_stacks_in_bf16_and_resumes_exactly(wo
     assert meta["modules"] == {k: 6 for k in d1}
     assert all(torch.equal(d[k][0][:2], d1[k][0]) and torch.equal(d[k][1][:, :2], d1[k][1]) for k in d1)
     assert any(float(d[k][1][:, 2:].abs().max()) > 0 for k in d)    # GRPO's own part trained
+
+
+def test_world_size_2_bf16_on_a_delta_folder_runs_and_exports_the_total_delta(world, tmp_path):
+    """FSDP2 (2 gloo ranks) with bf16 compute on a delta folder: fp32 master shards of the exact bf16 base, the
+    frozen delta as replicated buffers, the stacked LoRA sharded; rollouts run with a bf16 KV cache (the Engine
+    takes the compute dtype: the weights are fp32 masters, the activations bf16) and the export gathers base +
+    [SFT's delta; GRPO's]."""
+    from twice.checkpoint import export_hf
+    from twice.hf import read_delta
+    from twice.lora import apply_lora, lora_modules
+    w16 = Gemma3.from_pretrained(world["warm"], dtype=torch.bfloat16).save_pretrained(tmp_path / "warm16")
+    m = Gemma3.from_pretrained(w16, delta="merged")
+    apply_lora(m, r=2, alpha=4, seed=5)
+    for mod in lora_modules(m):
+        mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+    sft = export_hf(m, tmp_path / "sft")
+    res = torchrun(overrides(dict(world, sft=str(sft)), tmp_path / "w2", model="sft", **{
+        "model.dtype": "bfloat16", "lora.enabled": True, "lora.r": 4, "lora.alpha": 8, "objective.beta": 0.04,
+        "rollout.prompts_per_step": 3}))
+    assert "the new LoRA stacked on it" in res.stdout
+    assert [json.loads(l)["compute_dtype"] for l in open(tmp_path / "w2" / "metrics.jsonl")] == ["bfloat16"]
+    d, meta = read_delta(tmp_path / "w2" / "final")
+    assert set(meta["modules"].values()) == {6}
+    assert any(float(d[k][1][:, 2:].abs().max()) > 0 for k in d)
