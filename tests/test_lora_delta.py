@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from twice import precision
+from twice import lora, precision
 from twice.checkpoint import export_hf
 from twice.gemma3 import PRESETS, Gemma3
 from twice.hf import DELTA_FILE, DELTA_META, read_delta
@@ -126,8 +126,11 @@ def test_bf16_load_recovers_the_bf16_base_bit_exactly(tmp_path):
     for n, mod in frozen.items():
         assert mod.lora_A.dtype == torch.float32 and not mod.lora_A.requires_grad and not mod.lora_B.requires_grad
         assert torch.equal(mod.lora_A, want[n][0]) and torch.equal(mod.lora_B * mod.scale, want[n][1])
-    with pytest.raises(ValueError, match="frozen lora_delta"):   # training loads merged instead
-        apply_lora(got)
+    with pytest.raises(ValueError, match="frozen lora_delta but is not in targets"):   # a delta the new LoRA would
+        apply_lora(got, targets=("q_proj", "v_proj"))                                   # not cover: load merged
+    # an fp32 "adapters" load holds the same exact bf16 base (FSDP2's fp32 masters of a stacked LoRA)
+    w32 = _weights(Gemma3.from_pretrained(out, dtype=torch.float32, delta="adapters"))
+    assert all(torch.equal(w32[k], ref[k].float()) for k in ref)
     # dtype float32 is the merged weights, as before
     assert not lora_modules(Gemma3.from_pretrained(out, dtype=torch.float32))
 
@@ -214,3 +217,126 @@ def test_auto_picks_bf16_for_a_delta_folder_and_fp32_without_one(tmp_path, monke
     assert not lora_modules(plain) and not plain.lora_delta_adapters and not hasattr(plain, "lora_delta")
     raw = load_file(out / "model.safetensors")
     assert all(torch.equal(v, raw["model." + k].to(torch.bfloat16)) for k, v in plain.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------------- stacked LoRA
+# Training on a delta folder (GRPO on SFT's final/): the bf16 load (exact bf16 base + frozen fp32 delta) with a new
+# trainable LoRA stacked on it (twice/lora.py stack_on_delta) vs the fp32 merged path, same seeds.
+
+def _sft_folder(tmp_path) -> Path:
+    return export_hf(_trained(_bf16_base(tmp_path), r=4, alpha=16, seed=1, scale_b=2e-2), tmp_path / "sft")
+
+
+def _grpo_step(model, ids, adv, opt, beta=0.04):
+    """One GRPO update on fixed rollouts ids [B, T] (the prompt = first 3 tokens): policy logp, reference logp under
+    lora_disabled (k3 KL, beta), twice.grpo.policy_loss, backward, AdamW step. -> (loss, {name: grad fp32})."""
+    from twice.grpo import policy_loss
+    from twice.lora import lora_disabled
+
+    def logp_of(m):
+        lp = torch.log_softmax(m(ids[:, :-1]).float(), -1)                      # [B, T-1, V]
+        return lp.gather(-1, ids[:, 1:, None])[..., 0]                          # [B, T-1]
+    with torch.no_grad(), lora_disabled(model):
+        ref = logp_of(model)
+    mask = torch.ones(ids.shape[0], ids.shape[1] - 1)
+    mask[:, :2] = 0
+    loss, _ = policy_loss(logp_of(model), None, adv, mask, ref_logp=ref, beta=beta)
+    opt.zero_grad()
+    loss.backward()
+    g = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt.step()
+    return loss.item(), g
+
+
+def _policy(folder, dtype, delta):
+    m = Gemma3.from_pretrained(folder, dtype=dtype, delta=delta)
+    apply_lora(m, r=2, alpha=8, seed=3)
+    return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+
+
+def test_stacked_lora_grpo_steps_match_the_fp32_merged_path(tmp_path):
+    """Two GRPO steps (KL to the reference on) from the same seeds on SFT's folder: the fp32 merged weights + LoRA
+    (today's path) vs the frozen delta + a stacked LoRA, in fp32 (the same function: equal to fp32 rounding) and in
+    bf16 (the exact bf16 base; the new path under `auto`). Only the new A/B train (the delta is no parameter).
+      fp32 stacked: every grad and updated adapter within 1e-5 of merged                 (measured 0 to print)
+      bf16 stacked: step-1 grads max |g_bf16 - g_fp32| <= 0.05 * max |g_fp32|           (measured 0.021)
+                    losses within 5% both steps"""
+    sft = _sft_folder(tmp_path)
+    ids = torch.randint(0, PRESETS["tiny"].vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
+    adv = torch.tensor([1.0, -0.5, 0.3, -0.8])
+    runs = {}
+    for name, dtype, delta in (("merged", torch.float32, "merged"), ("fp32", torch.float32, "adapters"),
+                               ("bf16", torch.bfloat16, "adapters")):
+        m, opt = _policy(sft, dtype, delta)
+        trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+        assert trainable == {n for n, _ in m.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+        assert len(opt.param_groups[0]["params"]) == len(trainable) == 2 * len(lora_modules(m))
+        steps = [_grpo_step(m, ids, adv, opt) for _ in range(2)]
+        runs[name] = (steps, {n: p.detach().float().clone() for n, p in m.named_parameters() if p.requires_grad})
+        if delta == "adapters":
+            assert len(lora.frozen_deltas(m)) == len(lora_modules(m))       # it did stack on the frozen delta
+            assert m.layers[0].self_attn.q_proj.weight.dtype == dtype
+    (ref_steps, ref_w) = runs["merged"]
+    init = {n: p.detach().float() for n, p in _policy(sft, torch.float32, "merged")[0].named_parameters()
+            if p.requires_grad}
+    assert max(float((ref_w[k] - init[k]).abs().max()) for k in ref_w) > 1e-3   # the adapters did move
+    for (l0, g0), (l1, g1) in zip(ref_steps, runs["fp32"][0]):
+        assert l1 == pytest.approx(l0, rel=1e-5)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5 * float(g0[k].abs().max()) + 1e-9)
+    for k in ref_w:
+        torch.testing.assert_close(runs["fp32"][1][k], ref_w[k], rtol=0, atol=1e-5)
+    (l0, g0), (l1, g1) = ref_steps[0], runs["bf16"][0][0]
+    scale = max(float(v.abs().max()) for v in g0.values())
+    assert scale > 1e-6
+    err = max(float((g1[k] - g0[k]).abs().max()) for k in g0)
+    assert err <= 0.05 * scale, (err, scale)
+    for (l0, _), (l1, _) in zip(ref_steps, runs["bf16"][0]):
+        assert l1 == pytest.approx(l0, rel=0.05)
+
+
+def test_reference_under_lora_disabled_is_the_delta_model_not_the_bare_base(tmp_path):
+    """The GRPO reference policy (beta > 0) of a stacked LoRA is the SFT model: lora_disabled switches off only the
+    new adapter; the frozen delta stays. Bit-equal to the bf16 + delta load's own forward."""
+    from twice.lora import lora_disabled
+    sft = _sft_folder(tmp_path)
+    ids = torch.randint(0, PRESETS["tiny"].vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = Gemma3.from_pretrained(sft, dtype=torch.bfloat16, delta="adapters")(ids)
+        bare = Gemma3.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)(ids)
+        m, _ = _policy(sft, torch.bfloat16, "adapters")
+        for mod in lora_modules(m):
+            mod.lora_B.data.normal_(0, 0.05)
+        on = m(ids)
+        with lora_disabled(m):
+            off = m(ids)
+    assert torch.equal(off, want)
+    assert not torch.equal(off, bare) and not torch.equal(on, want)
+
+
+def test_export_after_stacked_training_equals_the_merged_paths(tmp_path):
+    """Same trained adapters on both paths: the stacked export (weights = bare base, frozen delta in buffers) writes
+    the same folder as the merged one: delta = [SFT's; new] (rank 4 + 2), merged weights = base + total."""
+    sft = _sft_folder(tmp_path)
+    d1, _ = read_delta(sft)
+    m32, _ = _policy(sft, torch.float32, "merged")
+    m16, _ = _policy(sft, torch.bfloat16, "adapters")
+    g = torch.Generator().manual_seed(4)
+    for a, b in zip(lora_modules(m32), lora_modules(m16)):
+        a.lora_B.data = torch.randn(a.lora_B.shape, generator=g) * 1e-2
+        b.lora_B.data = a.lora_B.data.clone()
+        assert torch.equal(a.lora_A, b.lora_A)      # same init on both paths (same generator order)
+    e32, e16 = export_hf(m32, tmp_path / "e32"), export_hf(m16, tmp_path / "e16")
+    (da, ma), (db, mb) = read_delta(e32), read_delta(e16)
+    assert ma["modules"] == mb["modules"] == {k: 6 for k in d1}
+    for k in d1:
+        assert torch.equal(da[k][0], db[k][0]) and torch.equal(da[k][1], db[k][1])
+        assert torch.equal(db[k][0][:4], d1[k][0]) and torch.equal(db[k][1][:, :4], d1[k][1])
+    wa, wb = load_file(e32 / "model.safetensors"), load_file(e16 / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-7, msg=k)
+    base = Gemma3.from_pretrained(tmp_path / "base", dtype=torch.float32).state_dict()
+    merged = Gemma3.from_pretrained(e16, dtype=torch.float32).state_dict()
+    for k, (A, B) in db.items():
+        torch.testing.assert_close(merged[k + ".weight"], base[k + ".weight"] + delta_dense(A, B), rtol=0, atol=1e-6)

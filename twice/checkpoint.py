@@ -63,7 +63,8 @@ from safetensors.torch import load_file, save_file
 from twice import dist
 from twice.config import InputError
 from twice.fileio import chmod_like_umask, write_atomic
-from twice.lora import cast_if_exact, concat_deltas, delta_dense, is_lora_key, lora_delta, lora_modules
+from twice.lora import (cast_if_exact, concat_deltas, delta_dense, frozen_deltas, is_lora_key, lora_delta,
+                        lora_modules)
 
 FORMAT_VERSION = 1
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -388,6 +389,8 @@ def export_hf(model: nn.Module, out_dir, dtype: torch.dtype | None = None, **sav
     unmerged instead of computing the whole model in fp32. When the model was loaded from a folder that already
     carried a delta (GRPO's LoRA trained on SFT's final/: hf.from_pretrained(delta="merged") leaves it in
     model.lora_delta), the delta written is both, concatenated (rank r1 + r2): always the total relative to the base.
+    The same when the new LoRA was stacked on the frozen delta (a delta="adapters" load, lora.stack_on_delta): the
+    weights are then the base itself and the frozen delta sits in the modules' buffers (lora.frozen_deltas).
     Collective under FSDP2 (the gather); rank 0 builds a plain CPU copy and writes. save_kwargs go to
     save_pretrained (e.g. tokenizer_path). Returns out_dir on rank 0, None elsewhere."""
     from twice.gemma3 import Gemma3
@@ -399,7 +402,10 @@ def export_hf(model: nn.Module, out_dir, dtype: torch.dtype | None = None, **sav
     if dist.get_rank() == 0:
         src = source_dtype(model)
         prev = getattr(model, "lora_delta", None) or {}   # already inside the loaded (merged) weights
+        stacked = frozen_deltas(model)   # a LoRA stacked on a frozen delta: the weights hold the bare base
         new = lora_delta(sd, scales.pop()) if scales else {}
+        if stacked:
+            new = concat_deltas(stacked, new)
         total = concat_deltas(prev, new) if new and dtype in (None, torch.float32) else {}
         if total:   # base + delta, per module, with the SAME product a bf16 load subtracts (lora.delta_dense)
             base_dtype = DTYPES.get(getattr(model, "lora_delta_base_dtype", "")) or src or sd[

@@ -407,8 +407,10 @@ def never_sample_mask(tokenizer, n_rows: int, device="cpu"):
 
 class Engine:
     def __init__(self, model, tokenizer=None, prefill_chunk: int | None = None, decode: str = "eager",
-                 compile: bool = False):
-        """prefill_chunk: run prompt prefills in chunks of this many slots (bounds the [P, H, T, T] attention
+                 compile: bool = False, dtype: torch.dtype | None = None):
+        """dtype: the activations' (= KV cache's) dtype; None = the weights'. Under FSDP2 with bf16 mixed precision
+        the weights are fp32 masters but the forward computes bf16: pass the compute dtype.
+        prefill_chunk: run prompt prefills in chunks of this many slots (bounds the [P, H, T, T] attention
         scores of long prompts; the cache attends each chunk over [ring ; chunk]). None = one pass.
         decode: "eager" (the reference: growing key views, compaction of finished rows), "static" (StaticKVCache:
         fixed shapes, no host sync in a step, no compaction) or "compiled" (the static step through
@@ -423,7 +425,7 @@ class Engine:
         self._compiled_step = None
         self.config = model.config
         w = model.embed_tokens.weight
-        self.dtype, self.device = w.dtype, w.device
+        self.dtype, self.device = dtype or w.dtype, w.device
         self.pad_id = getattr(self.config, "pad_token_id", 0) or 0
         self.never = never_sample_mask(tokenizer, w.shape[0], self.device)  # [V] bool or None
         self._wbuf = None  # fp32 staging buffer of the head (non-fp32 weights), allocated on first use

@@ -277,7 +277,9 @@ def from_pretrained(cls, path, dtype=torch.float32, device="cpu", delta: str = "
       "merged":   the stored (merged) weights as they are; model.lora_delta = {prefix: (A, B)} rides along so an
                   export of a model trained on top records the total delta (twice.checkpoint.export_hf).
       "auto":     "adapters" when `dtype` is bf16/fp16, else "merged" (fp32 holds the merged weights exactly).
-    Training loads "merged" (apply_lora does not stack on a frozen delta)."""
+    Training on it: "adapters" (any dtype: the base is rounded to lora_delta.json's base_dtype first, so an fp32
+    load holds the exact bf16 base) lets apply_lora stack a trainable LoRA on the frozen delta (bf16 compute);
+    "merged" is the fp32 path."""
     if delta not in ("auto", "adapters", "merged"):
         raise ValueError(f"from_pretrained: delta={delta!r}, expected auto | adapters | merged")
     path = Path(path).expanduser()
@@ -304,6 +306,8 @@ def from_pretrained(cls, path, dtype=torch.float32, device="cpu", delta: str = "
     if delta == "auto":
         delta = "adapters" if dtype in (torch.bfloat16, torch.float16) else "merged"
     adapters = found[0] if found and delta == "adapters" else {}
+    base_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        found[1].get("base_dtype") if found else None, dtype)
     for m, (A, B) in (found[0] if found else {}).items():
         if m + ".weight" not in table:
             raise KeyError(f"{path / DELTA_META}: module {m!r} has no weight in the Gemma-3 key table")
@@ -332,7 +336,9 @@ def from_pretrained(cls, path, dtype=torch.float32, device="cpu", delta: str = "
                     # half of W0's bf16 spacing (2^-9 |W0|) unless |W0| < ~2^-15 |D| (W0 nearly 0: then fp32 M no
                     # longer holds W0's bits at all), so the cast to bf16 lands exactly on W0 (tests/
                     # test_lora_delta.py checks it on the real 270m). Rounded entries are counted below.
-                    state[ours] = (t.float() - delta_dense(*adapters[ours[: -len(".weight")]])).to(device, dtype)
+                    # through the base's own dtype first: an fp32 load (FSDP2's masters) gets the same exact base
+                    state[ours] = (t.float() - delta_dense(*adapters[ours[: -len(".weight")]])).to(
+                        base_dtype).to(device, dtype)
                     continue   # not a rounding of stored values: the stored value is base + delta, both kept
                 state[ours] = t.to(device=device, dtype=dtype)
                 if t.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16):
@@ -357,8 +363,10 @@ def from_pretrained(cls, path, dtype=torch.float32, device="cpu", delta: str = "
         holder = model.get_submodule(parent)
         setattr(holder, name, attach_delta(getattr(holder, name), A, B))
     model.lora_delta_adapters = bool(adapters)
+    if found:
+        model.lora_delta_base_dtype = found[1].get("base_dtype")
     if found and not adapters:
-        model.lora_delta, model.lora_delta_base_dtype = found[0], found[1].get("base_dtype")
+        model.lora_delta = found[0]
     model.source_dir = str(path)  # save_pretrained copies tokenizer.model from here by default
     return model.eval()
 

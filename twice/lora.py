@@ -11,6 +11,10 @@
 y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with A [r, in] ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with
 a=sqrt(5), as nn.Linear and peft) and B [out, r] = 0, so the adapted model equals the base model at step 0.
 
+On a fine-tuned folder loaded as bf16 base + frozen delta (Gemma3.from_pretrained(delta="adapters")), apply_lora
+stacks the new adapter on the frozen one (stack_on_delta): y = x W^T + b + x dA^T dB^T + scale * x A^T B^T; only
+A/B train, lora_disabled leaves the delta on, and export_hf writes base + [delta; new] (twice/checkpoint.py).
+
 Key names: LoRALinear registers the base `weight`/`bias` under their ORIGINAL names (q_proj.weight) and adds
 `lora_A`/`lora_B` beside them (q_proj.lora_A), so pretrained checkpoints load into a LoRA model unchanged and a
 merged state dict is just the base key table.
@@ -50,9 +54,16 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))  # [out, r]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_enabled = True  # flipped by lora_disabled()
+        # a frozen lora_delta under this trainable LoRA (stack_on_delta): fp32 buffers, non-persistent, so they are
+        # no parameter (the optimizer and FSDP2's sharding never see them) and no state-dict key (checkpoints stay
+        # LoRA-only; the folder's lora_delta.safetensors is their source)
+        self.register_buffer("delta_A", None, persistent=False)   # [r_d, in]
+        self.register_buffer("delta_B", None, persistent=False)   # [out, r_d], scale folded in
 
     def forward(self, x):  # x [..., in] -> [..., out]
         y = F.linear(x, self.weight, self.bias)
+        if self.delta_A is not None:  # the frozen delta IS the model (SFT's fine-tune): lora_disabled keeps it
+            y = self._add_delta(x, y)
         if not self.lora_enabled:
             return y
         A, B = self.lora_A, self.lora_B
@@ -69,8 +80,36 @@ class LoRALinear(nn.Module):
         d = F.linear(F.linear(self.dropout(x), A), B)
         return y + (d if self.scale == 1 else d * self.scale)
 
+    def _add_delta(self, x, y):  # y [..., out] + x delta_A^T delta_B^T, in x's dtype (cast once, cached)
+        A, B = self.delta_A, self.delta_B
+        if A.dtype != x.dtype:
+            low = self.__dict__.get("_delta_low")
+            if low is None or low[0].dtype != x.dtype or low[0].device != A.device:
+                with torch.inference_mode(False):  # first call may be a rollout: a normal tensor, usable in backward
+                    low = self.__dict__["_delta_low"] = (A.to(x.dtype), B.to(x.dtype))
+            A, B = low
+        t = F.linear(x, A)  # [..., r_d]; y += t B^T in one addmm
+        return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
+
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
+        d = "" if self.delta_A is None else f", frozen delta r={self.delta_A.shape[0]}"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}{d}"
+
+
+def stack_on_delta(frozen: LoRALinear, r: int, alpha: float, dropout: float = 0.0, generator=None) -> LoRALinear:
+    """A trainable LoRALinear over a frozen-delta one (attach_delta, a bf16 + delta load): same base weight/bias,
+    the frozen (A, B) moved to non-persistent fp32 buffers delta_A/delta_B, fresh trainable lora_A/lora_B. Forward:
+    base(x) + x dA^T dB^T + scale * B(A x). Key names are a plain LoRA's (q_proj.weight, .lora_A, .lora_B)."""
+    lo = LoRALinear(frozen, r, alpha, dropout, generator=generator)
+    lo.delta_A = frozen.lora_A.detach().float()
+    lo.delta_B = frozen.lora_B.detach().float()
+    return lo
+
+
+def frozen_deltas(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module prefix: (delta_A, delta_B)} fp32 CPU of every stacked LoRALinear: the delta NOT inside the weights."""
+    return {n: (m.delta_A.detach().float().cpu(), m.delta_B.detach().float().cpu()) for n, m in model.named_modules()
+            if isinstance(m, LoRALinear) and m.delta_A is not None}
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, targets=TARGETS, dropout: float = 0.0,
@@ -81,13 +120,20 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, targets=TARGETS,
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
+    stray = [n for n, m in model.named_modules()
+             if getattr(m, "frozen_delta", False) and n.rpartition(".")[2] not in targets]
+    if stray:
+        raise ValueError(f"apply_lora: {stray[0]} carries a frozen lora_delta but is not in targets {tuple(targets)} "
+                         f"({len(stray)} such modules); load the folder with delta='merged' to train on it")
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if name in targets and getattr(child, "frozen_delta", False):
-                raise ValueError(f"apply_lora: {name} carries a frozen lora_delta (a bf16 + delta load, for "
-                                 f"inference); load the folder with delta='merged' to train on it")
-            if name in targets and type(child) is nn.Linear:
+                # a bf16 + delta load (Gemma3.from_pretrained(delta="adapters")): the new LoRA stacks on the frozen
+                # delta, same A init (same generator order) as on a plain Linear
+                setattr(parent, name, stack_on_delta(child, r, alpha, dropout, generator=gen))
+                n += 1
+            elif name in targets and type(child) is nn.Linear:
                 setattr(parent, name, LoRALinear(child, r, alpha, dropout, generator=gen))
                 n += 1
     if n == 0:
@@ -102,7 +148,7 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
     """Run the base model: every adapter is bypassed inside the block (the GRPO reference policy, no second copy).
-    Works under FSDP2 (it flips a plain attribute; parameters are untouched)."""
+    A frozen lora_delta (attach_delta, or under a stacked LoRA) stays on: it is the model. Works under FSDP2 (it flips a plain attribute; parameters are untouched)."""
     mods = [m for m in lora_modules(model) if not getattr(m, "frozen_delta", False)]  # a loaded delta is the model
     prev = [m.lora_enabled for m in mods]
     try:
@@ -204,8 +250,8 @@ def concat_deltas(first: dict, second: dict) -> dict:
 
 def attach_delta(module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> "LoRALinear":
     """A frozen LoRALinear over `module` (a plain nn.Linear holding the base weight) that adds x A^T B^T: rank
-    A.shape[0], scale 1 (B carries it), no dropout, nothing trains. Inference only (apply_lora refuses to stack on
-    it: training loads the merged weights instead)."""
+    A.shape[0], scale 1 (B carries it), no dropout, nothing trains. apply_lora replaces it by a trainable LoRA
+    stacked on it (stack_on_delta)."""
     r = A.shape[0]
     lo = LoRALinear(module, r, alpha=r, generator=torch.Generator())  # own generator: the global RNG is untouched
     dev = module.weight.device
@@ -229,7 +275,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 W = child.weight
                 # in the live model's dtype (its forward needs one dtype); an export uses merge_lora_state_dict,
                 # which keeps an update bf16 cannot represent in fp32
-                W.copy_((W.float() + child.scale * (child.lora_B.float() @ child.lora_A.float())).to(W.dtype))
+                upd = child.scale * (child.lora_B.float() @ child.lora_A.float())
+                if child.delta_A is not None:  # a stacked LoRA: the frozen delta goes in too
+                    upd = upd + child.delta_B.float() @ child.delta_A.float()
+                W.copy_((W.float() + upd).to(W.dtype))
                 lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                 device="meta")
                 lin.weight, lin.bias = W, child.bias

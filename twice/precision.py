@@ -17,8 +17,9 @@ The rule (`dtype: auto`, the default of every stage):
     folder also carries the LoRA delta it merged (lora_delta.safetensors, twice/hf.py) and the caller loads it as
     adapters (eval.py, twice.serve: `delta_adapters=True`): then every float32 tensor is a delta module's merged
     weight, the load recovers the exact bf16 base and keeps the delta as frozen fp32 adapters, so bf16 it is.
-    Training (train_sft.py, train_grpo.py) loads such a folder merged (a new LoRA does not stack on a frozen one)
-    and so still computes it in fp32 under `auto`.
+    Training under LoRA (train_sft.py, train_grpo.py, via training_load) does the same: bf16 base + frozen fp32
+    delta, the new trainable LoRA stacked on it (twice/lora.py stack_on_delta); `dtype: float32` (or a delta on a
+    module the LoRA does not target, or a full fine-tune) loads it merged and computes in fp32.
   - `dtype: float32` forces fp32 everywhere (parameters, activations, KV cache); `dtype: bfloat16` forces bf16.
 What stays fp32 whatever the compute dtype (so numerics only change where bf16 is harmless):
   - trainable parameters and their AdamW state: LoRA A/B are created fp32 and cast to the activations' dtype inside
@@ -99,6 +100,27 @@ def resolve_dtype(name: str, device="cpu", where: str = "dtype", choices=CHOICES
         print(f"precision: {where}={name} on {torch.device(device)} -> compute in {dtype_name(dt)} ({why})",
               flush=True)
     return dt
+
+
+def training_load(name: str, device, checkpoint, lora_targets=(), where: str = "model.dtype"
+                  ) -> tuple[torch.dtype, str]:
+    """-> (compute dtype, delta mode for Gemma3.from_pretrained) of a TRAINING stage starting from `checkpoint`.
+    A folder with a lora_delta (SFT's final/) under a LoRA whose targets cover the delta's modules: `auto` computes
+    in bf16 where bf16 is fast, loading "adapters" (the exact bf16 base + the frozen fp32 delta; apply_lora stacks
+    the new LoRA on it, twice/lora.py stack_on_delta). Otherwise, or under `dtype: float32`, "merged" (fp32 under
+    `auto`: the stored fp32 weights are not rounded). Logs which one, once."""
+    from twice.hf import delta_meta
+    meta = delta_meta(checkpoint) if checkpoint and lora_targets else None
+    stack = bool(meta) and all(m.rpartition(".")[2] in tuple(lora_targets) for m in meta["modules"])
+    compute = resolve_dtype(name, device, where, checkpoint=checkpoint, delta_adapters=stack)
+    mode = "adapters" if stack and compute != torch.float32 else "merged"
+    key = ("load", str(checkpoint), mode)
+    if meta and key not in _logged:
+        _logged.add(key)
+        how = ("bf16 base + frozen fp32 lora_delta, the new LoRA stacked on it" if mode == "adapters" else
+               "merged weights (base + lora_delta), the new LoRA on top")
+        print(f"precision: {checkpoint}: {how} ({dtype_name(compute)} compute)", flush=True)
+    return compute, mode
 
 
 def weights_note(compute: torch.dtype, checkpoint) -> str:
