@@ -76,6 +76,7 @@ from twice.fileio import write_atomic
 from twice.llm_api import ChatClient, LLMConfig, LLMError
 from twice.metrics import (bootstrap_interval, mcnemar_exact, paired_bootstrap, random_ranker, set_expectation,
                            spearman, uniform_sampler, uniform_sampler_set, wilson_interval)
+from twice.precision import weights_note
 from twice.rewards import normalize_item, parse_completion
 from twice.tasks import AUTHORS_TAGS, TaskConfig, authors_prompts, encode_response, prompt_ids, recommend_example
 
@@ -277,11 +278,18 @@ def candidate_continuations(tok, rationale: str, candidate_ids: list[str], tags)
 def _parse_dtype(name: str, device, checkpoint=None) -> torch.dtype:
     from twice.precision import resolve_dtype
     return resolve_dtype(name, device, "dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint, delta_adapters=True)   # loaded with delta="auto": bf16 + delta
 
 
-def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list, info) -> list[dict]:
-    """Run every enabled protocol for one LLM on this rank's users -> one record per user (JSON-ready)."""
+def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list, info,
+                   times: dict | None = None) -> list[dict]:
+    """Run every enabled protocol for one LLM on this rank's users -> one record per user (JSON-ready).
+
+    Per batch of users: ONE prefill of their prompts serves everything: one decode runs each user's greedy row
+    and its K sampled rows together (Engine.generate with per-slot temperatures and lengths: the same tokens as
+    separate greedy and sampling calls, with fewer decode steps), then exact scoring continues each user's row of
+    that prefill (Engine.score(prefix=...)) instead of prefilling the prompt again. times (if given) receives the
+    wall seconds of each phase: prefill, decode (greedy + sampling rows), exact, total."""
     from twice.gemma3 import Gemma3
     from twice.tokenizer import Tokenizer
 
@@ -292,17 +300,21 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
     tok = Tokenizer.from_pretrained(path, tags=(cfg.task.think_tag, cfg.task.item_tag))
     model = Gemma3.from_pretrained(path, dtype=_parse_dtype(cfg.dtype, info.device, path), device=info.device).eval()
     engine = Engine(model, tok)
-    authors = authors_prompts(ds) if cfg.prompts == "authors" else None   # user -> the released prompt, verbatim
-    tags = AUTHORS_TAGS if authors else cfg.task.tags
+    released = authors_prompts(ds) if cfg.prompts == "authors" else None   # user -> the released prompt, verbatim
+    tags = AUTHORS_TAGS if released else cfg.task.tags
     item_close = f"</{tags.item}>"
     S = cfg.sampling
+    G = int(cfg.greedy.enabled or cfg.exact.enabled)   # the exact protocol scores after the greedy rationale
+    K = S.num_samples if S.enabled else 0
+    clock = dict.fromkeys(("prefill", "decode", "exact"), 0.0)
+    t_model = time.perf_counter()
     records = []
     bar = tqdm(total=len(users), desc=f"eval {name}", disable=not info.is_main, dynamic_ncols=True)
     for b0 in range(0, len(users), cfg.batch_size):
         batch = users[b0:b0 + cfg.batch_size]
         exs, pids = [], []
         for cs in batch:
-            ex = authors[cs.user] if authors else recommend_example(
+            ex = released[cs.user] if released else recommend_example(
                 ds, ds.user(cs.user), cfg.split, list(cs.candidates), cfg.task, tokenizer=tok,
                 reasoning=spec.reasoning, with_response=False)
             exs.append(ex)
@@ -310,9 +322,21 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
         recs = [{"user": cs.user, "target": ex.target_id, "candidates": ex.candidate_ids,
                  "prompt_tokens": len(p), "truncated": ex.truncated} for cs, ex, p in zip(batch, exs, pids)]
 
-        if cfg.greedy.enabled or cfg.exact.enabled:
-            g = engine.greedy(pids, max_new_tokens=cfg.greedy.max_new_tokens, stop_strings=[item_close])
-            for r, text, reason in zip(recs, g.texts, g.stop_reasons):
+        if G + K:
+            t = time.perf_counter()
+            pre = engine.prefill(pids)     # (cache, last logits): copied by each use below, never modified
+            clock["prefill"] += time.perf_counter() - t
+            t = time.perf_counter()
+            # row i*(G+K) + 0: greedy (if G); the next K: samples, seeded per user and sample (batch-independent)
+            seeds = [x for cs in batch for x in [0] * G + [S.seed + cs.user * K + k for k in range(K)]]
+            out = engine.generate(pids, num_samples=G + K, temperature=[0.0] * G + [S.temperature] * K,
+                                  max_new_tokens=[cfg.greedy.max_new_tokens] * G + [S.max_new_tokens] * K,
+                                  top_k=S.top_k if K else None, top_p=S.top_p if K else 1.0,
+                                  stop_strings=[item_close], seeds=seeds, prefill=pre)
+            clock["decode"] += time.perf_counter() - t
+        if G:
+            rows = range(0, len(batch) * (G + K), G + K)
+            for r, text, reason in zip(recs, [out.texts[j] for j in rows], [out.stop_reasons[j] for j in rows]):
                 p = parse_completion(text, tags.think, tags.item)
                 item = normalize_item(p.item) if p.item is not None else None
                 r["greedy"] = {"text": text, "rationale": p.think, "item": item, "stop": reason,
@@ -322,10 +346,12 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
                                (p.n_item_open == 1 and p.n_item_close == 1 and bool(item))}
 
         if cfg.exact.enabled:
-            for r, pid in zip(recs, pids):
+            t = time.perf_counter()
+            for i, (r, pid) in enumerate(zip(recs, pids)):
                 rationale = rationale_text(r["greedy"]["text"], tags.think, tags.item) if spec.reasoning else ""
                 shared, conts = candidate_continuations(tok, rationale, r["candidates"], tags)
-                per_tok = engine.score(pid + shared, conts, per_token=True, batch_size=cfg.exact.score_batch_size)
+                per_tok = engine.score(pid + shared, conts, per_token=True, batch_size=cfg.exact.score_batch_size,
+                                       prefix=(pre[0], i, pre[1]))   # the prompt comes from the batch prefill
                 scores = [float(sum(x)) for x in per_tok]
                 ti = r["candidates"].index(r["target"])
                 r["exact"] = {"rank": pessimistic_rank(scores, ti), "scores": scores, "rationale_scored": rationale,
@@ -333,21 +359,19 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
                 if cfg.exact.constrained:
                     c = r["candidates"][trie_greedy(conts, per_tok)]
                     r["constrained"] = {"item": c, "hit": c == r["target"]}
+            clock["exact"] += time.perf_counter() - t
+        pre = None   # the batch's cache: free it before the next batch's prefill
 
         if S.enabled:
-            K = S.num_samples
-            seeds = [S.seed + cs.user * K + k for cs in batch for k in range(K)]
-            out = engine.generate(pids, num_samples=K, max_new_tokens=S.max_new_tokens, temperature=S.temperature,
-                                  top_k=S.top_k, top_p=S.top_p, stop_strings=[item_close], seeds=seeds)
             for i, r in enumerate(recs):
-                texts = out.texts[i * K:(i + 1) * K]
+                texts = out.texts[i * (G + K) + G:(i + 1) * (G + K)]
                 parsed = [parse_completion(t, tags.think, tags.item) for t in texts]
                 items = [normalize_item(p.item) if p.item is not None else None for p in parsed]
                 ranked = sample_order_ranking(items, r["candidates"])
                 cset = set(r["candidates"])
-                authors = authors_id_set(items, S.authors_id_pattern)
+                id_set = authors_id_set(items, S.authors_id_pattern)
                 r["sampling"] = {"items": items, "ranked": ranked,
-                                 "authors": {"ids": authors, "in": normalize_item(r["target"]) in authors},
+                                 "authors": {"ids": id_set, "in": normalize_item(r["target"]) in id_set},
                                  "rank": list_rank(ranked, r["target"], len(r["candidates"])),
                                  "no_tag": sum(it is None for it in items),
                                  "hallucinated": sum(it is not None and it not in cset for it in items),
@@ -356,6 +380,8 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
         bar.update(len(batch))
     bar.close()
     del model, engine
+    if times is not None:
+        times.update({k: round(v, 3) for k, v in clock.items()}, total=round(time.perf_counter() - t_model, 3))
     return records
 
 
@@ -789,7 +815,10 @@ def main(argv: list[str]) -> dict | None:
                      "data_dir": cfg.data_dir, "complete": False, "models": {},
                      "baselines": {"random": random_baseline([len(cs.candidates) for cs in all_sets], cfg)},
                      "compute_dtype": {n: str(_parse_dtype(cfg.dtype, info.device, s.path)).removeprefix("torch.")
-                                       for n, s in cfg.models.items()}}
+                                       for n, s in cfg.models.items()},
+                     # how the weights met that dtype: "merged", or a bf16 base + the fine-tune's fp32 lora_delta
+                     "weights": {n: weights_note(_parse_dtype(cfg.dtype, info.device, s.path),
+                                                 Path(s.path).expanduser()) for n, s in cfg.models.items()}}
     per_model: dict[str, tuple[str, torch.Tensor]] = {}   # per-user rows, for the paired tests
     finished = load_finished(out_dir, cfg, all_sets)
     if info.is_main:   # results.md exists only for a COMPLETE run (the pipeline's done-check reads it)
@@ -815,10 +844,14 @@ def main(argv: list[str]) -> dict | None:
             results["models"][name], per_model[name] = block, ("llm", rows)
             print0(f"{name}: finished in {out_dir}/results.json for this config, skipped (resume=false redoes it)")
             continue
-        records = evaluate_model(cfg, name, spec, ds, [all_sets[i] for i in mine], info)
+        times: dict = {}
+        records = evaluate_model(cfg, name, spec, ds, [all_sets[i] for i in mine], info, times)
         rows = gather_values({p: per_user_values(r) for p, r in zip(mine, records)}, U, len(PER_USER))
         block = summarize_model(rows, cfg)
         block["label"] = spec.label or name
+        # where eval time goes (rank 0's wall seconds): prefill (once per batch of prompts, shared), decode (the
+        # greedy and sampled rows together), exact (scoring from the shared prefill), total (+ model load, parsing)
+        block["time_s"] = {**times, "users": len(mine), "batch_size": cfg.batch_size}
         block["fingerprint"] = model_fingerprint(cfg, name, spec)
         per_model[name] = ("llm", rows)
         merged = merge_predictions(out_dir, f"predictions_{name}", mine, records, info)

@@ -394,17 +394,28 @@ def open_run(cfg: GRPORunConfig, info):
     return run_dir, log
 
 
+def policy_load(cfg: GRPORunConfig, dev) -> tuple[torch.dtype, str]:
+    """(compute dtype, delta load mode) of the policy: twice/precision.py training_load."""
+    return precision.training_load(cfg.model.dtype, dev, cfg.model.path,
+                                   lora_targets=tuple(cfg.lora.targets) if cfg.lora.enabled else ())
+
+
 def build_policy(cfg: GRPORunConfig, dev):
     """Model (+ LoRA, + FSDP2), reference, optimizer: same seed on every rank before wrapping."""
     dist.seed_everything(cfg.seed)
-    compute = precision.resolve_dtype(cfg.model.dtype, dev, "model.dtype", checkpoint=cfg.model.path)
+    compute, delta = policy_load(cfg, dev)
     dtype = precision.param_dtype(compute, dist.is_distributed())
-    model = Gemma3.from_pretrained(cfg.model.path, dtype=dtype, device=dev)
+    # SFT's final/ carries its lora_delta: "adapters" = exact bf16 base + frozen fp32 delta, the new LoRA stacked on
+    # it (bf16 compute); "merged" = the fp32 path, the delta riding along (model.lora_delta). Either way the export
+    # writes the total delta (twice/checkpoint.py export_hf)
+    model = Gemma3.from_pretrained(cfg.model.path, dtype=dtype, device=dev, delta=delta)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     ref_model = None
     if cfg.objective.beta > 0 and (cfg.reference.source != "auto" or not cfg.lora.enabled):
+        # a separate reference folder with a delta: in bf16 its delta stays exact as frozen adapters
+        ref_delta = "merged" if compute == torch.float32 else "adapters"
         ref_model = (copy.deepcopy(model) if cfg.reference.source == "auto"
-                     else Gemma3.from_pretrained(cfg.reference.source, dtype=dtype, device=dev))
+                     else Gemma3.from_pretrained(cfg.reference.source, dtype=dtype, device=dev, delta=ref_delta))
         ref_model.requires_grad_(False).eval()
         ref_model = dist.wrap_fsdp(ref_model, mixed_precision=precision.fsdp_mixed(compute))
     if cfg.lora.enabled:
@@ -695,8 +706,7 @@ def step_record(c: Ctx, step: int, sc: Scored, ps: Passes, res, skipped: int, up
         **{f"time/{k}": v for k, v in times.items()},
         "tokens_per_s/sample": float(lens_t[0]) / max(times["sample"], 1e-9),
         "tokens_per_s/step": float(lens_t[0]) / max(times["step"], 1e-9),
-        "compute_dtype": precision.dtype_name(precision.resolve_dtype(c.cfg.model.dtype, c.info.device,
-                                                                      checkpoint=c.cfg.model.path)),
+        "compute_dtype": precision.dtype_name(policy_load(c.cfg, c.info.device)[0]),
     }
 
 
@@ -737,7 +747,8 @@ def main(argv: list[str]) -> dict:
     model, ref_model, opt = build_policy(cfg, info.device)
     c = load_inputs(cfg, info, run_dir, log)
     start = resume(c, model, opt)
-    engine = Engine(model, c.tok, prefill_chunk=cfg.rollout.prefill_chunk, decode=cfg.rollout.decode)
+    engine = Engine(model, c.tok, prefill_chunk=cfg.rollout.prefill_chunk, decode=cfg.rollout.decode,
+                    dtype=policy_load(cfg, info.device)[0])  # FSDP2 bf16: fp32 masters, bf16 activations + cache
     metrics_f = JsonlWriter(run_dir / "metrics.jsonl", info.is_main)
     sink = open_sinks(cfg.log, run_dir, cfg, enabled=info.is_main)
     comp_f = JsonlWriter(run_dir / "completions.jsonl", info.is_main)

@@ -497,9 +497,12 @@ def main(argv: list[str]) -> dict:
 
     # ---- model (+ LoRA, + FSDP2): the SAME seed on every rank before wrapping (FSDP2 never syncs initial weights)
     dist.seed_everything(cfg.seed)
-    compute = precision.resolve_dtype(cfg.model.dtype, dev, "model.dtype", checkpoint=cfg.model.path)
+    compute, delta = precision.training_load(cfg.model.dtype, dev, cfg.model.path,
+                                             lora_targets=tuple(cfg.lora.targets) if cfg.lora.enabled else ())
     model = Gemma3.from_pretrained(cfg.model.path, dtype=precision.param_dtype(compute, dist.is_distributed()),
-                                   device=dev)  # also the frozen base for resume
+                                   device=dev, delta=delta)  # the frozen base for resume; a fine-tune's
+    # lora_delta is either frozen fp32 adapters under this run's LoRA (bf16) or rides along merged (fp32): the
+    # export records it plus this run's LoRA either way
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     if cfg.lora.enabled:
         apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),

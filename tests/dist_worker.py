@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 from twice import dist  # noqa: E402
 from twice.checkpoint import export_hf, load_latest, save_checkpoint  # noqa: E402
 from twice.gemma3 import PRESETS, Gemma3  # noqa: E402
-from twice.lora import apply_lora, load_lora_state_dict, lora_state_dict  # noqa: E402
+from twice.lora import TARGETS, apply_lora, attach_delta, load_lora_state_dict, lora_state_dict  # noqa: E402
 from twice.optim import build_adamw, clip_grad_norm_, lr_at, set_lr  # noqa: E402
 
 T = 12            # tokens per row
@@ -53,6 +53,26 @@ def build_model(lora: bool, dropout: float = 0.0, init_seed: int = 0, train_norm
             for n, p in model.named_parameters():
                 if n.endswith("lora_B"):
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.02)
+    return model.train()
+
+
+def build_stacked(init_seed: int = 0):
+    """build_model(lora=True) stacked on a frozen rank-2 delta on every target (attach_delta, what a
+    delta="adapters" load makes; twice/lora.py stack_on_delta): an FSDP2 unit then holds the frozen base, the delta
+    buffers and the trainable adapters."""
+    torch.manual_seed(init_seed)
+    model = Gemma3.from_config(CFG)
+    g = torch.Generator().manual_seed(7)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in TARGETS:
+                A = torch.randn(2, child.in_features, generator=g) * 0.1
+                setattr(parent, name, attach_delta(child, A, torch.randn(child.out_features, 2, generator=g) * 0.02))
+    apply_lora(model, r=4, alpha=8, seed=init_seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.02)
     return model.train()
 
 
@@ -167,6 +187,16 @@ def fsdp_main(out: Path):
         save_file(sd, str(out / "lora_final.safetensors"))
         save_file(lsd, str(out / "lora_adapters.safetensors"))
         save_file(reloaded, str(out / "lora_reloaded.safetensors"))
+
+    # 2b) a LoRA stacked on a frozen lora_delta: the delta buffers replicate, the adapters shard; export gathers
+    stacked = build_stacked()
+    dist.wrap_fsdp(stacked)
+    res["stacked"] = run_fixed(stacked, N_FIXED, rank, world)
+    ssd = dist.full_state_dict(stacked)
+    export_hf(stacked, out / "hf_stacked")
+    if rank == 0:
+        save_file(ssd, str(out / "stacked_final.safetensors"))
+    del stacked
 
     # 3) unsharded(): one gather for many forwards; ranks run DIFFERENT numbers of forwards inside (a collective
     #    inside would hang and time out); params are plain tensors inside and DTensor shards again after

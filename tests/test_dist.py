@@ -95,6 +95,29 @@ def test_fsdp_export_hf_merges_lora(fsdp_run):
         assert torch.allclose(back(ids), want, atol=1e-5, rtol=0)
 
 
+def test_fsdp_stacked_lora_on_a_frozen_delta_equals_one_process(fsdp_run, tmp_path):
+    """A LoRA stacked on a frozen lora_delta (twice/lora.py stack_on_delta) under FSDP2, 2 ranks: same losses, grad
+    norms and adapters as one process; the delta is never a parameter (not sharded, not trained); the gathered
+    export writes the same concatenated delta (rank 2 + 4) and merged weights as the one-process export."""
+    from twice.checkpoint import export_hf
+    from twice.hf import read_delta
+    out, res = fsdp_run
+    model = W.build_stacked()
+    assert not any("delta" in n for n, _ in model.named_parameters())
+    losses, norms = W.run_fixed(model, W.N_FIXED)
+    got_losses, got_norms = res["stacked"]
+    assert got_losses == pytest.approx(losses, rel=1e-5) and got_norms == pytest.approx(norms, rel=1e-5)
+    assert_state_close(load_file(out / "stacked_final.safetensors"), model.state_dict(), atol=1e-5)
+    here = export_hf(model, tmp_path / "hf")
+    (d1, m1), (d2, m2) = read_delta(here), read_delta(out / "hf_stacked")
+    assert m1["modules"] == m2["modules"] and set(m1["modules"].values()) == {6}
+    for k in d1:
+        torch.testing.assert_close(d2[k][0], d1[k][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(d2[k][1], d1[k][1], rtol=0, atol=1e-5)
+    assert_state_close(load_file(out / "hf_stacked" / "model.safetensors"), load_file(here / "model.safetensors"),
+                       atol=1e-5)
+
+
 def test_unsharded_gathers_once_and_reshards(fsdp_run):
     _, res = fsdp_run
     u = res["unsharded"]

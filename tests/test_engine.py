@@ -567,3 +567,64 @@ def test_compiled_decode_equals_eager(model, engine):
         assert a.tokens == b.tokens
         for x, y in zip(a.full_logprobs + a.logprobs, b.full_logprobs + b.logprobs):
             assert x == pytest.approx(y, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One prefill, several uses (eval: greedy + sampled slots in one decode, then exact scoring from the same prefill)
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_greedy_and_sampled_slots_in_one_decode_equal_separate_calls(model, engine, decode):
+    """Per-slot temperatures and lengths: slot 0 greedy (its own max_new_tokens), slots 1..K sampled with their
+    seeds == greedy() and generate() called apart, token for token, with the same stop reasons and log-probs;
+    also when the prompts' batch prefill is passed in (it is copied, so a second use gives the same result)."""
+    prompts, K = [P1, P2, P3], 3
+    stops = dict(stop_ids=list(range(3, 512, 7)), check_every=2)
+    seeds = [100 + 10 * i + k for i in range(len(prompts)) for k in range(K)]
+    g = engine.generate(prompts, 1, max_new_tokens=6, temperature=0.0, seeds=0, **stops)  # == greedy()
+    s = engine.generate(prompts, K, max_new_tokens=11, temperature=0.9, top_k=40, top_p=0.9, seeds=seeds, **stops)
+    eng = engine if decode == "eager" else Engine(model, decode="static")
+    joint_seeds = [x for i in range(len(prompts)) for x in [0] + seeds[i * K:(i + 1) * K]]
+    pre = engine.prefill(prompts)
+    for prefill in (None, pre, pre):
+        j = eng.generate(prompts, K + 1, max_new_tokens=[6] + [11] * K, temperature=[0.0] + [0.9] * K, top_k=40,
+                         top_p=0.9, seeds=joint_seeds, prefill=prefill, **stops)
+        for i in range(len(prompts)):
+            r = i * (K + 1)
+            assert j.tokens[r] == g.tokens[i] and j.stop_reasons[r] == g.stop_reasons[i]
+            assert j.full_logprobs[r] == pytest.approx(g.full_logprobs[i], abs=1e-5)
+            assert j.tokens[r + 1:r + K + 1] == s.tokens[i * K:(i + 1) * K]
+            assert j.stop_reasons[r + 1:r + K + 1] == s.stop_reasons[i * K:(i + 1) * K]
+            for x, y in zip(j.logprobs[r + 1:r + K + 1], s.logprobs[i * K:(i + 1) * K]):
+                assert x == pytest.approx(y, abs=1e-5)
+    assert "length" in j.stop_reasons and len({len(t) for t in j.tokens}) > 2  # limits and stops both exercised
+    with pytest.raises(ValueError, match="same prompts"):
+        engine.generate([P1, P3, P2], 2, max_new_tokens=4, prefill=pre)
+    with pytest.raises(ValueError, match="nonzero"):
+        engine.generate([P1], 2, max_new_tokens=4, temperature=[0.5, 1.0])
+
+
+def test_score_from_a_batch_prefill_row_equals_its_own_prefill(engine):
+    """score(prefix=(batch cache, row, logits)): the prompt's ids already in a left-padded batch prefill row are
+    not run again, only the rest; the log-probs equal score() with its own prefill (which matches cache-less
+    forwards: test_score_matches_full_forward), and the shared cache is left as it was."""
+    conts = [[30, 31], [32], [33, 34, 35, 36, 37]]
+    prompts = [P2, P1, P3]
+    cache, logits = engine.prefill(prompts)
+    k0 = [t.clone() for t in cache.k]
+    for i, p in enumerate(prompts):
+        for extra in ([], [70, 71, 72]):
+            ref = engine.score(p + extra, conts, per_token=True)
+            got = engine.score(p + extra, conts, per_token=True, prefix=(cache, i, logits))
+            for a, b in zip(got, ref):
+                assert a == pytest.approx(b, abs=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(cache.k, k0))
+
+
+def test_prefill_called_directly_with_bf16_weights():
+    """eval calls Engine.prefill itself (outside generate's inference mode): with bf16 weights the head's out=
+    matmul must not see grad-tracking tensors, and the kept prefill gives generate() its own prefill's tokens."""
+    torch.manual_seed(0)
+    eng = Engine(Gemma3.from_config(PRESETS["tiny"], dtype=torch.bfloat16).eval())
+    pre = eng.prefill([P1, P2])
+    kw = dict(num_samples=2, max_new_tokens=6, temperature=1.0, seeds=3, stop_ids=[])
+    assert eng.generate([P1, P2], prefill=pre, **kw).tokens == eng.generate([P1, P2], **kw).tokens

@@ -339,6 +339,46 @@ def test_exact_ranking_equals_full_forward_loglik(world, tmp_path):
             assert p["exact"]["rank"] == ref_rank
 
 
+def test_one_prefill_one_decode_equals_separate_protocol_calls(world, tmp_path):
+    """eval's batch path (one prefill per batch, greedy + sampled rows in one decode, exact scoring continuing the
+    batch prefill) gives what separate calls give: Engine.greedy, Engine.generate with the per-user seeds, and
+    Engine.score with its own prefill -- the same texts and the same scores. And the per-user results do not
+    depend on how users are batched (batch_size 4 vs 5: other batch mates, other padding)."""
+    res = _run(world, tmp_path / "run")
+    _run(world, tmp_path / "b5", "batch_size=5")
+    from twice.data import load_dataset
+    from twice.engine import Engine
+    from twice.tasks import TaskConfig, prompt_ids, recommend_example
+    tok = world["tok"]
+    ds = load_dataset(world["data"])
+    task = TaskConfig(max_history=3, desc_chars=0, review_chars=0)
+    engine = Engine(Gemma3.from_pretrained(world["model"]).eval(), tok)
+    K, seed = 3, 0                                              # _run: sampling.num_samples=3, sampling.seed=0
+    preds = [json.loads(x) for x in (tmp_path / "run" / "predictions_base.jsonl").read_text().splitlines()]
+    other = [json.loads(x) for x in (tmp_path / "b5" / "predictions_base.jsonl").read_text().splitlines()]
+    sets = {c.user: c for c in ds.candidates("test")}
+    for b0 in range(0, len(preds), 4):                          # _run: batch_size=4
+        batch = preds[b0:b0 + 4]
+        pids = [prompt_ids(tok, recommend_example(ds, ds.user(p["user"]), "test", list(sets[p["user"]].candidates),
+                                                  task, tokenizer=tok, reasoning=True, with_response=False))
+                for p in batch]
+        g = engine.greedy(pids, max_new_tokens=6, stop_strings=["</item>"])
+        s = engine.generate(pids, num_samples=K, max_new_tokens=5, temperature=1.5, top_k=120, top_p=0.95,
+                            stop_strings=["</item>"], seeds=[seed + p["user"] * K + k for p in batch for k in range(K)])
+        for i, p in enumerate(batch):
+            assert p["greedy"]["text"] == g.texts[i]
+            assert p["sampling"]["texts"] == s.texts[i * K:(i + 1) * K]
+            shared, conts = ev.candidate_continuations(tok, p["exact"]["rationale_scored"], p["candidates"],
+                                                       ev.TaskConfig().tags)
+            assert p["exact"]["scores"] == pytest.approx(engine.score(pids[i] + shared, conts), abs=1e-4)
+    for p, q in zip(preds, other):
+        assert p["greedy"]["text"] == q["greedy"]["text"] and p["sampling"]["texts"] == q["sampling"]["texts"]
+        assert p["exact"]["scores"] == pytest.approx(q["exact"]["scores"], abs=1e-4)
+    t = res["models"]["base"]["time_s"]                         # where the wall time went, per phase
+    assert set(t) == {"prefill", "decode", "exact", "total", "users", "batch_size"} and t["users"] == N_USERS
+    assert min(t["prefill"], t["decode"], t["exact"]) >= 0 and t["prefill"] + t["decode"] + t["exact"] <= t["total"]
+
+
 # ----------------------------------------------------------------------------------------------- judge
 
 class _FakeJudge(http.server.BaseHTTPRequestHandler):
@@ -424,6 +464,8 @@ def _assert_close(a, b, where):
     if isinstance(a, dict):
         assert set(a) == set(b), where
         for k in a:
+            if k == "time_s":  # wall seconds: differ from run to run
+                continue
             _assert_close(a[k], b[k], (*where, k))
     elif isinstance(a, list):
         assert len(a) == len(b), where
@@ -457,7 +499,7 @@ def test_two_ranks_equal_one_process(world, tmp_path):
     for m in ("sasrec", "base"):
         a, b = one["models"][m], two["models"][m]
         for proto in a:
-            if proto == "label":
+            if proto in ("label", "time_s"):
                 continue
             _assert_close(a[proto], b[proto], (m, proto))
     p1 = [json.loads(x) for x in (tmp_path / "one" / "predictions_base.jsonl").read_text().splitlines()]
@@ -527,6 +569,24 @@ def test_crash_after_first_model_keeps_its_rows_and_resume_skips_it(world, tmp_p
     calls.clear()
     _run(world, tmp_path / "run", "sampling.enabled=false", "greedy.max_new_tokens=5")
     assert calls == ["base", "plain"]
+
+
+def test_id_shaped_samples_of_one_batch_do_not_leak_into_the_next(world, tmp_path, monkeypatch):
+    """A user whose samples hold ID-shaped answers must not change how the NEXT batch's prompts are built (the
+    per-user ID set once shadowed the released-prompts table: batch 2 then indexed that list by user and crashed as
+    soon as a trained model answered with IDs)."""
+    seen = []
+
+    def fake_ids(items, pattern):
+        seen.append(items)
+        return ["I3"]                    # an ID-shaped answer for every user
+    monkeypatch.setattr(ev, "authors_id_set", fake_ids)
+    res = _run(world, tmp_path / "run", "batch_size=1", "models.plain.path=",
+               "models={base: {path: " + world["model"] + "}}")
+    preds = [json.loads(x) for x in (tmp_path / "run" / "predictions_base.jsonl").read_text().splitlines()]
+    assert [p["user"] for p in preds] == list(range(1, N_USERS + 1)) and len(seen) == N_USERS
+    assert all(p["sampling"]["authors"] == {"ids": ["I3"], "in": p["target"] == "I3"} for p in preds)
+    assert res["complete"]
 
 
 def test_candidate_orderings_report_spread(world, tmp_path):

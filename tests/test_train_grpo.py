@@ -361,3 +361,107 @@ def test_static_decode_rollouts_equal_eager(world, tmp_path):
     assert completions("static") == completions("eager")
     with pytest.raises(train_grpo.ConfigError, match="rollout.decode"):
         train_grpo.main(overrides(world, tmp_path / "x", **{"rollout.decode": "graph"}))
+
+
+def test_grpo_on_a_delta_folder_exports_the_concatenated_delta(world, tmp_path):
+    """GRPO trains a fresh LoRA on SFT's final/, which carries SFT's lora_delta (twice/hf.py): build_policy loads it
+    merged with the delta riding along, and the export records base -> total delta, rank r_sft + r_grpo, SFT's part
+    first, with the merged weights = base + that delta."""
+    from twice.checkpoint import export_hf
+    from twice.hf import read_delta
+    from twice.lora import apply_lora, delta_dense, lora_modules
+    m = Gemma3.from_pretrained(world["warm"])
+    apply_lora(m, r=2, alpha=4, seed=5)
+    g = torch.Generator().manual_seed(0)
+    for mod in lora_modules(m):
+        mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 1e-3
+    sft = export_hf(m, tmp_path / "sft")
+    d1, _ = read_delta(sft)
+    run(dict(world, sft=str(sft)), tmp_path / "grpo", model="sft", **{"lora.enabled": True, "lora.r": 4,
+                                                                      "lora.alpha": 8})
+    final = tmp_path / "grpo" / "final"
+    d, meta = read_delta(final)
+    assert meta["modules"] == {k: 6 for k in d1}
+    base = Gemma3.from_pretrained(world["warm"]).state_dict()
+    merged = Gemma3.from_pretrained(final, dtype=torch.float32).state_dict()
+    for k, (A, B) in d.items():
+        assert torch.equal(A[:2], d1[k][0]) and torch.equal(B[:, :2], d1[k][1])
+        torch.testing.assert_close(merged[k + ".weight"], base[k + ".weight"] + delta_dense(A, B), rtol=0,
+                                   atol=1e-6)
+
+
+def test_grpo_on_a_delta_folder_under_auto_stacks_in_bf16_and_resumes_exactly(world, tmp_path, monkeypatch, capsys):
+    """`model.dtype: auto` on a delta folder where bf16 is fast (the CPU flag is faked: the same code path as a GPU):
+    the policy is the exact bf16 base + SFT's frozen fp32 delta + the new LoRA stacked on it, metrics say
+    bfloat16, the KL reference is the SFT model (lora_disabled keeps the delta), a kill after the step-2 checkpoint
+    resumes to the same step 3 and final weights, and the export holds the concatenated delta (rank 2 + 4)."""
+    from twice import precision
+    from twice.checkpoint import export_hf
+    from twice.hf import read_delta
+    from twice.lora import apply_lora, lora_modules
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda *a: ["avx512_bf16"])
+    monkeypatch.setattr(precision, "_logged", set())
+    warm16 = Gemma3.from_pretrained(world["warm"], dtype=torch.bfloat16).save_pretrained(tmp_path / "warm16")
+    m = Gemma3.from_pretrained(warm16, delta="merged")        # a bf16 base (as Google's), SFT's LoRA in fp32
+    apply_lora(m, r=2, alpha=4, seed=5)
+    g = torch.Generator().manual_seed(0)
+    for mod in lora_modules(m):
+        mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 1e-3
+    sft = export_hf(m, tmp_path / "sft")
+    d1, _ = read_delta(sft)
+    paths = dict(world, sft=str(sft))
+    kw = {"steps": 3, "checkpoint_every": 1, "optim.warmup_steps": 1, "model.dtype": "auto", "lora.enabled": True,
+          "lora.r": 4, "lora.alpha": 8, "objective.beta": 0.04}
+    train_grpo.main(overrides(paths, tmp_path / "a", model="sft", **kw))
+    straight = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+    assert "frozen fp32 lora_delta, the new LoRA stacked on it" in capsys.readouterr().out
+    assert {r["compute_dtype"] for r in straight} == {"bfloat16"}
+    real_save = train_grpo.save_checkpoint
+
+    def save_then_die(ckpt_dir, step, *a, **k):
+        out = real_save(ckpt_dir, step, *a, **k)
+        if step == 2:
+            raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
+        return out
+
+    monkeypatch.setattr(train_grpo, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo.main(overrides(paths, tmp_path / "b", model="sft", **kw))
+    monkeypatch.setattr(train_grpo, "save_checkpoint", real_save)
+    train_grpo.main(overrides(paths, tmp_path / "b", model="sft", **kw))
+    resumed = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for k in straight[2]:
+        if not k.startswith(("time/", "tokens_per_s")):
+            assert resumed[2][k] == straight[2][k], k
+    wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    d, meta = read_delta(tmp_path / "a" / "final")
+    assert meta["modules"] == {k: 6 for k in d1}
+    assert all(torch.equal(d[k][0][:2], d1[k][0]) and torch.equal(d[k][1][:, :2], d1[k][1]) for k in d1)
+    assert any(float(d[k][1][:, 2:].abs().max()) > 0 for k in d)    # GRPO's own part trained
+
+
+def test_world_size_2_bf16_on_a_delta_folder_runs_and_exports_the_total_delta(world, tmp_path):
+    """FSDP2 (2 gloo ranks) with bf16 compute on a delta folder: fp32 master shards of the exact bf16 base, the
+    frozen delta as replicated buffers, the stacked LoRA sharded; rollouts run with a bf16 KV cache (the Engine
+    takes the compute dtype: the weights are fp32 masters, the activations bf16) and the export gathers base +
+    [SFT's delta; GRPO's]."""
+    from twice.checkpoint import export_hf
+    from twice.hf import read_delta
+    from twice.lora import apply_lora, lora_modules
+    w16 = Gemma3.from_pretrained(world["warm"], dtype=torch.bfloat16).save_pretrained(tmp_path / "warm16")
+    m = Gemma3.from_pretrained(w16, delta="merged")
+    apply_lora(m, r=2, alpha=4, seed=5)
+    for mod in lora_modules(m):
+        mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+    sft = export_hf(m, tmp_path / "sft")
+    res = torchrun(overrides(dict(world, sft=str(sft)), tmp_path / "w2", model="sft", **{
+        "model.dtype": "bfloat16", "lora.enabled": True, "lora.r": 4, "lora.alpha": 8, "objective.beta": 0.04,
+        "rollout.prompts_per_step": 3}))
+    assert "the new LoRA stacked on it" in res.stdout
+    assert [json.loads(l)["compute_dtype"] for l in open(tmp_path / "w2" / "metrics.jsonl")] == ["bfloat16"]
+    d, meta = read_delta(tmp_path / "w2" / "final")
+    assert set(meta["modules"].values()) == {6}
+    assert any(float(d[k][1][:, 2:].abs().max()) > 0 for k in d)

@@ -63,7 +63,8 @@ from safetensors.torch import load_file, save_file
 from twice import dist
 from twice.config import InputError
 from twice.fileio import chmod_like_umask, write_atomic
-from twice.lora import cast_if_exact, lora_modules, merge_lora_state_dict
+from twice.lora import (cast_if_exact, concat_deltas, delta_dense, frozen_deltas, is_lora_key, lora_delta,
+                        lora_modules)
 
 FORMAT_VERSION = 1
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -383,6 +384,13 @@ def export_hf(model: nn.Module, out_dir, dtype: torch.dtype | None = None, **sav
     dtype: the `torch_dtype` of the folder it was loaded from (bf16 for Google's Gemma-3 releases and our converted
     270m) for every tensor that cast leaves exact, fp32 for the others (what training changed below bf16's
     resolution), else its parameters' dtype.
+    With LoRA adapters (and dtype None or float32) the folder also gets the low-rank delta that was merged
+    (lora_delta.safetensors/.json, twice/hf.py), so a bf16 load recovers the exact bf16 base and applies the delta
+    unmerged instead of computing the whole model in fp32. When the model was loaded from a folder that already
+    carried a delta (GRPO's LoRA trained on SFT's final/: hf.from_pretrained(delta="merged") leaves it in
+    model.lora_delta), the delta written is both, concatenated (rank r1 + r2): always the total relative to the base.
+    The same when the new LoRA was stacked on the frozen delta (a delta="adapters" load, lora.stack_on_delta): the
+    weights are then the base itself and the frozen delta sits in the modules' buffers (lora.frozen_deltas).
     Collective under FSDP2 (the gather); rank 0 builds a plain CPU copy and writes. save_kwargs go to
     save_pretrained (e.g. tokenizer_path). Returns out_dir on rank 0, None elsewhere."""
     from twice.gemma3 import Gemma3
@@ -392,14 +400,36 @@ def export_hf(model: nn.Module, out_dir, dtype: torch.dtype | None = None, **sav
         raise ValueError(f"export_hf: adapters with different scales {sorted(scales)}")
     sd = dist.full_state_dict(model)  # rank 0: full CPU tensors
     if dist.get_rank() == 0:
-        if scales:
-            sd = merge_lora_state_dict(sd, scales.pop())
+        src = source_dtype(model)
+        prev = getattr(model, "lora_delta", None) or {}   # already inside the loaded (merged) weights
+        stacked = frozen_deltas(model)   # a LoRA stacked on a frozen delta: the weights hold the bare base
+        new = lora_delta(sd, scales.pop()) if scales else {}
+        if stacked:
+            new = concat_deltas(stacked, new)
+        total = concat_deltas(prev, new) if new and dtype in (None, torch.float32) else {}
+        if total:   # base + delta, per module, with the SAME product a bf16 load subtracts (lora.delta_dense)
+            base_dtype = DTYPES.get(getattr(model, "lora_delta_base_dtype", "")) or src or sd[
+                "embed_tokens.weight"].dtype
+            sd = {k: v for k, v in sd.items() if not is_lora_key(k)}
+            for m, (A, B) in total.items():
+                W = sd[m + ".weight"].float()
+                if m in prev:   # the loaded weight is base + previous delta: take the base back out (exact, hf.py)
+                    W = (W - delta_dense(*prev[m])).to(base_dtype).float()
+                sd[m + ".weight"] = W + delta_dense(A, B)
+            save_kwargs.update(lora_delta=total, base_dtype=base_dtype)
+        elif new:
+            sd = {k: v for k, v in sd.items() if not is_lora_key(k)}
+            for m, (A, B) in new.items():
+                sd[m + ".weight"] = sd[m + ".weight"].float() + delta_dense(A, B)
         if dtype is not None:   # asked for: every floating weight in it
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        elif (src := source_dtype(model)) is not None:   # the source's dtype wherever that rounds nothing: a
-            sd = {k: cast_if_exact(v, src) if v.is_floating_point() else v for k, v in sd.items()}  # fine-tune's
-            # changed weights stay fp32 (an update below bf16's resolution would be lost; twice.precision's auto
-            # then computes this folder in fp32), the untouched ones (embedding, norms under LoRA) return to bf16
+        elif src is not None:   # the source's dtype wherever that rounds nothing: a fine-tune's
+            sd = {k: cast_if_exact(v, src) if v.is_floating_point() else v for k, v in sd.items()}
+            # changed weights stay fp32 (an update below bf16's resolution would be lost; the delta file lets a
+            # bf16 load keep it), the untouched ones (embedding, norms under LoRA) return to bf16
+        else:   # merged weights back in the parameters' dtype where that is exact (merge_lora_state_dict's rule)
+            own = {k: v.dtype for k, v in model.state_dict().items()}
+            sd = {k: cast_if_exact(v, own[k]) if v.is_floating_point() and k in own else v for k, v in sd.items()}
         with torch.device("meta"):
             plain = Gemma3(model.config)
         plain.load_state_dict(sd, strict=True, assign=True)

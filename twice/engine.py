@@ -189,21 +189,27 @@ class KVCache:
         self._init_decode_masks()
 
     # ---- group fan-out -------------------------------------------------------------------------------------
-    def fan_out(self, K: int, max_len: int) -> "KVCache":
-        """A new cache with B*K rows (row b*K + k copies row b) and room for max_len slots; copied once."""
-        B = self.batch_size
+    def fan_out(self, K: int, max_len: int, rows=None) -> "KVCache":
+        """A new cache with B*K rows (row b*K + k copies row b) and room for max_len slots; copied once. rows: the
+        source rows to fan out, in that order (a list or [B] long tensor; None = all): one prefill of a batch of
+        prompts can then feed several later calls (eval: the joint decode, then each user's exact scoring)."""
         if max_len < self.pos:
             raise ValueError(f"fan_out: max_len {max_len} < {self.pos} slots already cached")
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        start = self.start if rows is None else self.start.index_select(0, rows)
+        B = start.shape[0]
         cfg = SimpleNamespace(layer_types=self.layer_types, sliding_window=self.window,
                               num_key_value_heads=self.k[0].shape[1], head_dim=self.k[0].shape[3])
-        new = KVCache(cfg, B * K, max_len, self.dtype, self.device, start=self.start.repeat_interleave(K))
+        new = KVCache(cfg, B * K, max_len, self.dtype, self.device, start=start.repeat_interleave(K))
         for l, kind in enumerate(self.layer_types):
             # full: slots [0, pos) at the same indices. sliding: the old ring (R0 <= R1) holds slot s at s % R0, and
             # either R0 == R1 == W or nothing ever wrapped (pos <= R0), so the same indices are right in the new ring.
             n = self.pos if kind == FULL else self.ring
             for src, dst in ((self.k[l], new.k[l]), (self.v[l], new.v[l])):
+                src = src[:, :, :n] if rows is None else src[:, :, :n].index_select(0, rows)  # [B, KV, n, hd]
                 # broadcast copy into a [B, K, ...] view of the destination: no temporary [B*K, ...] tensor
-                dst.view(B, K, *dst.shape[1:])[:, :, :, :n].copy_(src[:, None, :, :n])
+                dst.view(B, K, *dst.shape[1:])[:, :, :, :n].copy_(src[:, None])
         new.pos = self.pos
         return new
 
@@ -401,8 +407,10 @@ def never_sample_mask(tokenizer, n_rows: int, device="cpu"):
 
 class Engine:
     def __init__(self, model, tokenizer=None, prefill_chunk: int | None = None, decode: str = "eager",
-                 compile: bool = False):
-        """prefill_chunk: run prompt prefills in chunks of this many slots (bounds the [P, H, T, T] attention
+                 compile: bool = False, dtype: torch.dtype | None = None):
+        """dtype: the activations' (= KV cache's) dtype; None = the weights'. Under FSDP2 with bf16 mixed precision
+        the weights are fp32 masters but the forward computes bf16: pass the compute dtype.
+        prefill_chunk: run prompt prefills in chunks of this many slots (bounds the [P, H, T, T] attention
         scores of long prompts; the cache attends each chunk over [ring ; chunk]). None = one pass.
         decode: "eager" (the reference: growing key views, compaction of finished rows), "static" (StaticKVCache:
         fixed shapes, no host sync in a step, no compaction) or "compiled" (the static step through
@@ -417,7 +425,7 @@ class Engine:
         self._compiled_step = None
         self.config = model.config
         w = model.embed_tokens.weight
-        self.dtype, self.device = w.dtype, w.device
+        self.dtype, self.device = dtype or w.dtype, w.device
         self.pad_id = getattr(self.config, "pad_token_id", 0) or 0
         self.never = never_sample_mask(tokenizer, w.shape[0], self.device)  # [V] bool or None
         self._wbuf = None  # fp32 staging buffer of the head (non-fp32 weights), allocated on first use
@@ -478,6 +486,7 @@ class Engine:
         start = torch.tensor([L - len(p) for p in prompts], dtype=torch.long)
         return ids.to(self.device), start.to(self.device)
 
+    @torch.inference_mode()  # callers may hold the cache and reuse it (generate(prefill=), score(prefix=))
     def prefill(self, prompts: list[list[int]], max_len: int | None = None):
         """Left-padded batch prefill -> (cache [P rows], last-position fp32 logits [P, V])."""
         ids, start = self._left_pad(prompts)
@@ -490,10 +499,10 @@ class Engine:
 
     # ---- generation --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], num_samples: int = 1, max_new_tokens: int = 256,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, stop_ids=None,
-                 stop_strings=(), seeds=None, min_new_tokens: int = 0, check_every: int = 8,
-                 compact: bool = True, on_done=None) -> GenerationResult:
+    def generate(self, prompts: list[list[int]], num_samples: int = 1, max_new_tokens: int | list[int] = 256,
+                 temperature: float | list[float] = 1.0, top_k: int | None = None, top_p: float = 1.0,
+                 stop_ids=None, stop_strings=(), seeds=None, min_new_tokens: int = 0, check_every: int = 8,
+                 compact: bool = True, on_done=None, prefill=None) -> GenerationResult:
         """Sample num_samples continuations of every prompt (token id lists, BOS included by the caller).
 
         stop_ids: default tokenizer.stop_ids or [eos, <end_of_turn>] = [1, 106]; pass [] to disable.
@@ -503,12 +512,26 @@ class Engine:
         compact: at those syncs, once >= 1/4 of the batch has finished, drop the finished rows from the cache
         (one index_select per layer) so later steps stop paying for them; results are unchanged.
         on_done(rows): called at those syncs (no extra one) with the output rows that finished since the last call,
-        each as (row, its final token ids), and once at the end with the rest: progress as rows finish."""
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+        each as (row, its final token ids), and once at the end with the rest: progress as rows finish.
+        Per sample slot k (row i*K + k): temperature and max_new_tokens may be lists of K values, e.g. eval's
+        greedy row and its K sampled rows in ONE decode ([0.0, T, ..., T]): a greedy slot (0) ignores top_k/top_p
+        and gets exactly the tokens greedy() gives it; at most one nonzero temperature per call.
+        prefill: (cache, logits) = self.prefill(prompts) of these same prompts, reused instead of prefilling again
+        (it is copied, never modified, so one prefill can serve several calls and score(prefix=...))."""
+        K, P = num_samples, len(prompts)
+        temps = [float(x) for x in temperature] if isinstance(temperature, (list, tuple)) else [float(temperature)] * K
+        limits = [int(x) for x in max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else \
+            [int(max_new_tokens)] * K
+        if len(temps) != K or len(limits) != K:
+            raise ValueError(f"generate: {len(temps)} temperatures / {len(limits)} max_new_tokens for {K} samples")
+        if min(temps) < 0 or not 0 < top_p <= 1 or len({x for x in temps if x > 0}) > 1:
+            raise ValueError(f"generate: need temperatures >= 0 (at most one nonzero value) and 0 < top_p <= 1 "
+                             f"(got {temperature}, {top_p})")
         if stop_strings and self.tokenizer is None:
             raise ValueError("generate: stop_strings need Engine(model, tokenizer)")
-        K, P, N = num_samples, len(prompts), max_new_tokens
+        N = max(limits)
+        temperature = max(temps)  # the sampled slots' temperature (0: every slot greedy)
+        mixed = len(set(temps)) > 1  # greedy and sampled slots in one decode
         rows = P * K
         if stop_ids is None:
             stop_ids = getattr(self.tokenizer, "stop_ids", None) or [1, 106]
@@ -525,9 +548,12 @@ class Engine:
                 if mine := [x for x in got if x[0] < rows]:
                     on_done(mine)
             done_cb = None if on_done is None else real_rows_done
-            return self.generate(prompts + [prompts[0]] * (Pb - P), K, N, temperature, top_k, top_p, stop_ids,
+            if prefill is not None:  # the same padding rows (copies of prompt 0) in the prefilled cache
+                idx = list(range(P)) + [0] * (Pb - P)
+                prefill = (prefill[0].fan_out(1, prefill[0].pos, rows=idx), prefill[1][idx])
+            return self.generate(prompts + [prompts[0]] * (Pb - P), K, limits, temps, top_k, top_p, stop_ids,
                                  stop_strings, list(seeds) + [0] * ((Pb - P) * K), min_new_tokens, check_every,
-                                 compact, done_cb).head(rows)
+                                 compact, done_cb, prefill).head(rows)
         dev = self.device
 
         # all uniforms up front, one generator per row: row r's sample never depends on the batch it sits in
@@ -541,7 +567,12 @@ class Engine:
         # static decode: cache length bucketed to a multiple of 256, so one compiled step serves many prompt lengths
         S = -(-(L + N) // STATIC_BUCKET) * STATIC_BUCKET if static else L + N
         with span("engine.prefill"):
-            if K == 1:  # nothing to share: prefill straight into a cache with room for the new tokens
+            if prefill is not None:  # the caller's prefill of these prompts: copied to the K rows, never modified
+                small, logits = prefill
+                if small.batch_size != P or small.pos != L or small.start.tolist() != [L - len(p) for p in prompts]:
+                    raise ValueError("generate: prefill must be Engine.prefill(prompts) of these same prompts")
+                cache = small.fan_out(K, S)  # [rows]
+            elif K == 1:  # nothing to share: prefill straight into a cache with room for the new tokens
                 cache, logits = self.prefill(prompts, max_len=S)
             else:  # each prompt once, then its cache copied to its K rows (once)
                 small, logits = self.prefill(prompts)
@@ -555,7 +586,10 @@ class Engine:
         out_tok = torch.full((rows, N), self.pad_id, dtype=torch.long, device=dev)
         out_lp = torch.zeros(rows, N, device=dev)
         out_full = torch.zeros(rows, N, device=dev)
-        length = torch.full((rows,), N, dtype=torch.long, device=dev)  # tokens kept per row
+        limit = torch.tensor(limits, dtype=torch.long, device=dev).repeat(P)  # [rows] max_new_tokens per row
+        uneven = len(set(limits)) > 1
+        length = limit.clone()  # tokens kept per row
+        greedy_row = torch.tensor([x == 0 for x in temps], device=dev).repeat(P) if mixed else None  # [rows]
         done = torch.zeros(rows, dtype=torch.bool, device=dev)
         reason_id = torch.zeros(rows, dtype=torch.bool, device=dev)  # ended on a stop id
         stop_t = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
@@ -571,8 +605,12 @@ class Engine:
         steps = 0
         for t in range(N):
             with span("engine.sample"):  # draw + per-row bookkeeping, all on device
-                tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p,
-                                              ban_early if t < min_new_tokens else ban)  # [n] each
+                banned = ban_early if t < min_new_tokens else ban
+                tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p, banned)  # [n] each
+                if mixed:  # greedy slots: the argmax (no sync: both computed, selected per row)
+                    g = greedy_row[act]
+                    tg, lg, fg = sample_tokens(logits, u[act, t], 0.0, None, 1.0, banned)
+                    tok, lp, full = torch.where(g, tg, tok), torch.where(g, lg, lp), torch.where(g, fg, full)
                 live = ~done[act]
                 out_tok[act, t] = torch.where(live, tok, self.pad_id)
                 out_lp[act, t] = torch.where(live, lp, 0.0)
@@ -582,6 +620,8 @@ class Engine:
                     length[act] = torch.where(hit, t + 1, length[act])
                     reason_id[act] |= hit
                     done[act] |= hit
+                if uneven:  # a row whose own max_new_tokens is reached ends here ("length")
+                    done[act] |= limit[act] <= t + 1
             steps = t + 1
             if steps == N:
                 break
@@ -688,16 +728,29 @@ class Engine:
     # ---- scoring -----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def score(self, prompt: list[int], continuations: list[list[int]], per_token: bool = False,
-              batch_size: int = 64):
+              batch_size: int = 64, prefix=None):
         """Sum log p(continuation | prompt) for each continuation (temperature 1, full vocabulary), from ONE prompt
         prefill fanned out to the continuations, which run teacher-forced in one right-padded forward per
         `batch_size` chunk (right pads sit after every real token, so causality alone keeps them out).
-        per_token=True returns the per-token log-prob lists instead of their sums."""
+        per_token=True returns the per-token log-prob lists instead of their sums.
+        prefix: (cache, row, logits) from self.prefill(batch): row `row` of that batch prefill holds the first
+        n = cache.pos - cache.start[row] ids of `prompt` (eval: the user's prompt; `prompt` adds the ids all
+        candidates share), so only prompt[n:] runs here instead of a whole prefill. The cache is not modified."""
         if any(len(c) == 0 for c in continuations):
             raise ValueError("score: every continuation needs at least one token")
         if not continuations:
             return []
-        small, last = self.prefill([prompt])  # [1, ...], last-position logits [1, V]
+        if prefix is None:
+            small, last = self.prefill([prompt])  # [1, ...], last-position logits [1, V]
+        else:
+            pc, row, last = prefix
+            n0 = pc.pos - int(pc.start[row])  # prompt ids that row already holds
+            rest = prompt[n0:]
+            small = pc.fan_out(1, pc.pos + len(rest), rows=[row])  # the row alone, with room for the rest
+            last = last[row:row + 1]
+            if rest:
+                h = self._forward(torch.tensor([rest], dtype=torch.long, device=self.device), small)
+                last = self._logits(h[:, -1])
         first_lp = torch.log_softmax(last, -1)[0]  # [V]: predicts each continuation's first token
         out = []
         for c0 in range(0, len(continuations), batch_size):

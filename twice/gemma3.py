@@ -303,9 +303,10 @@ class Gemma3(nn.Module):
         return model.to(dtype)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", delta: str = "auto"):
+        """delta: how a folder's lora_delta is loaded (twice.hf.from_pretrained): auto | adapters | merged."""
         from twice.hf import from_pretrained  # lazy: importing the model needs no safetensors
-        return from_pretrained(cls, path, dtype=dtype, device=device)
+        return from_pretrained(cls, path, dtype=dtype, device=device, delta=delta)
 
     def set_attn_implementation(self, impl: str) -> "Gemma3":
         """"sdpa" (default: fused kernels) or "eager" (materialised scores, bit-exact with transformers' eager)."""

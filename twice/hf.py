@@ -15,6 +15,10 @@ so a load never holds two copies of the weights.
 Writes a folder that transformers 4.5x/5.x `Gemma3ForCausalLM.from_pretrained` (and vLLM) load: config.json with
 both the v4 and v5 keys, generation_config.json, model.safetensors (sharded with an index above max_shard_bytes),
 tokenizer.model. Everything is written to a temp dir first, then renamed into place.
+A fine-tune's folder (twice.checkpoint.export_hf, LoRA merged) also carries the low-rank delta that was merged:
+lora_delta.safetensors ({module}.lora_A [r, in], {module}.lora_B [out, r], fp32, the LoRA scale folded into B) and
+lora_delta.json (format, base_dtype, rank per module). transformers ignores both files. `from_pretrained` in bf16
+recovers the bf16 base from them and keeps the delta as frozen fp32 adapters (see load_delta_state).
 Imports are one-way: twice/gemma3.py calls into this module from `Gemma3.from_pretrained` / `save_pretrained`; this
 module never imports the model. The model class is handed in (`cls`, with `cls.config_class` for its config).
 """
@@ -29,7 +33,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from twice.lora import attach_delta, delta_dense
 
 # HF's layer_types strings (Gemma3Config.layer_types uses the same two, so they pass through unchanged)
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -191,20 +197,91 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def stored_float32(path) -> int:
+def stored_float32(path, skip_modules=()) -> int:
     """Number of float32-stored tensors in an HF folder's weights (headers only: no tensor is read). Our exports store
     a tensor in the source model's dtype only where that is exact, so a fine-tune's changed weights are the float32
-    ones (twice.checkpoint.export_hf); twice.precision's `auto` will not round them to bf16."""
+    ones (twice.checkpoint.export_hf); twice.precision's `auto` will not round them to bf16. skip_modules: module
+    prefixes ("layers.0.self_attn.q_proj") whose weight is not counted (those a lora_delta restores exactly)."""
     path = Path(path).expanduser()
+    skip = {p + m + ".weight" for p in PREFIXES for m in skip_modules}
     n = 0
     for file in sorted(set(_weight_files(path).values())):
         with safe_open(file, framework="pt") as f:
-            n += sum(f.get_slice(k).get_dtype() == "F32" for k in f.keys())
+            n += sum(f.get_slice(k).get_dtype() == "F32" and k not in skip for k in f.keys())
     return n
 
 
-def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-    """HF folder -> a `cls` (Gemma3) in `dtype` on `device`, eval mode. Strict: every tensor accounted for, by name."""
+DELTA_FILE, DELTA_META = "lora_delta.safetensors", "lora_delta.json"
+DELTA_FORMAT = 1
+
+
+def delta_meta(path) -> dict | None:
+    """lora_delta.json of an HF folder ({"format", "base_dtype", "modules": {prefix: rank}}), None when absent."""
+    f = Path(path).expanduser() / DELTA_META
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text())
+    except ValueError as e:
+        raise ValueError(f"{f}: not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != DELTA_FORMAT or not isinstance(meta.get("modules"), dict):
+        raise ValueError(f"{f}: expected {{\"format\": {DELTA_FORMAT}, \"base_dtype\", \"modules\": {{module: rank}}}}")
+    return meta
+
+
+def read_delta(path) -> tuple[dict, dict] | None:
+    """-> ({prefix: (A [r, in], B [out, r])} fp32 CPU, meta) from lora_delta.safetensors/.json; None when absent.
+    Strict: every module the JSON lists has both tensors with its rank, and the file has nothing else."""
+    path = Path(path).expanduser()
+    meta = delta_meta(path)
+    if meta is None:
+        return None
+    file = path / DELTA_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path / DELTA_META} lists a delta but {file} is missing")
+    tensors = load_file(str(file))
+    want = {f"{m}.lora_{x}" for m in meta["modules"] for x in "AB"}
+    if set(tensors) != want:
+        raise KeyError(f"{file}: tensors do not match {DELTA_META}: missing {sorted(want - set(tensors))[:4]}, "
+                       f"unexpected {sorted(set(tensors) - want)[:4]}")
+    delta = {}
+    for m, r in meta["modules"].items():
+        A, B = tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+            raise ValueError(f"{file}: {m}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are not [r, in] / "
+                             f"[out, r] with r={r} from {DELTA_META}")
+        delta[m] = (A.float(), B.float())
+    return delta, meta
+
+
+def write_delta(folder: Path, delta: dict, base_dtype: torch.dtype) -> None:
+    """lora_delta.safetensors + lora_delta.json into `folder` (save_pretrained's temp dir)."""
+    tensors = {}
+    for m, (A, B) in delta.items():
+        tensors[f"{m}.lora_A"] = A.float().cpu().contiguous()
+        tensors[f"{m}.lora_B"] = B.float().cpu().contiguous()
+    save_file(tensors, str(folder / DELTA_FILE), metadata={"format": "pt"})
+    meta = {"format": DELTA_FORMAT, "base_dtype": str(base_dtype).removeprefix("torch."),
+            "note": "model.safetensors = base + lora_B @ lora_A per module (scale folded into lora_B, fp32)",
+            "modules": {m: int(A.shape[0]) for m, (A, _) in delta.items()}}
+    (folder / DELTA_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def from_pretrained(cls, path, dtype=torch.float32, device="cpu", delta: str = "auto"):
+    """HF folder -> a `cls` (Gemma3) in `dtype` on `device`, eval mode. Strict: every tensor accounted for, by name.
+
+    A folder with a lora_delta (a merged fine-tune, see the module docstring), by `delta`:
+      "adapters": each delta module's weight is loaded as the recovered base, (merged - B @ A) in `dtype`, and the
+                  delta stays a frozen fp32 adapter applied unmerged (twice.lora.attach_delta): bf16 compute without
+                  rounding the fine-tune away. model.lora_delta_adapters = True.
+      "merged":   the stored (merged) weights as they are; model.lora_delta = {prefix: (A, B)} rides along so an
+                  export of a model trained on top records the total delta (twice.checkpoint.export_hf).
+      "auto":     "adapters" when `dtype` is bf16/fp16, else "merged" (fp32 holds the merged weights exactly).
+    Training on it: "adapters" (any dtype: the base is rounded to lora_delta.json's base_dtype first, so an fp32
+    load holds the exact bf16 base) lets apply_lora stack a trainable LoRA on the frozen delta (bf16 compute);
+    "merged" is the fp32 path."""
+    if delta not in ("auto", "adapters", "merged"):
+        raise ValueError(f"from_pretrained: delta={delta!r}, expected auto | adapters | merged")
     path = Path(path).expanduser()
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -225,9 +302,23 @@ def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
                        f"layers; missing: {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
                        f"unexpected: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
 
+    found = read_delta(path)
+    if delta == "auto":
+        delta = "adapters" if dtype in (torch.bfloat16, torch.float16) else "merged"
+    adapters = found[0] if found and delta == "adapters" else {}
+    base_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        found[1].get("base_dtype") if found else None, dtype)
+    for m, (A, B) in (found[0] if found else {}).items():
+        if m + ".weight" not in table:
+            raise KeyError(f"{path / DELTA_META}: module {m!r} has no weight in the Gemma-3 key table")
+
     with torch.device("meta"):
         model = cls(config)
     expected_shapes = {n: p.shape for n, p in model.named_parameters()}
+    for m, (A, B) in (found[0] if found else {}).items():
+        if (B.shape[0], A.shape[1]) != tuple(expected_shapes[m + ".weight"]):
+            raise ValueError(f"{path / DELTA_FILE}: {m}: B @ A is {(B.shape[0], A.shape[1])}, the weight is "
+                             f"{tuple(expected_shapes[m + '.weight'])}")
     by_file: dict[Path, list[str]] = {}
     for ours, theirs in table.items():
         by_file.setdefault(files[theirs], []).append(ours)
@@ -239,6 +330,16 @@ def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
                 if t.shape != expected_shapes[ours]:
                     raise ValueError(f"{file.name}: {table[ours]} has shape {tuple(t.shape)}, expected "
                                      f"{tuple(expected_shapes[ours])} from config.json")
+                if ours[: -len(".weight")] in adapters:
+                    # The merged weight is M = fl(W0 + D) with D = delta_dense(A, B), the same CPU product as here,
+                    # and W0 the bf16 base. M - D is W0 up to fp32 rounding (|err| <= a few 2^-24 |M|), far below
+                    # half of W0's bf16 spacing (2^-9 |W0|) unless |W0| < ~2^-15 |D| (W0 nearly 0: then fp32 M no
+                    # longer holds W0's bits at all), so the cast to bf16 lands exactly on W0 (tests/
+                    # test_lora_delta.py checks it on the real 270m). Rounded entries are counted below.
+                    # through the base's own dtype first: an fp32 load (FSDP2's masters) gets the same exact base
+                    state[ours] = (t.float() - delta_dense(*adapters[ours[: -len(".weight")]])).to(
+                        base_dtype).to(device, dtype)
+                    continue   # not a rounding of stored values: the stored value is base + delta, both kept
                 state[ours] = t.to(device=device, dtype=dtype)
                 if t.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16):
                     low, flat = state[ours].reshape(-1), t.reshape(-1)
@@ -257,6 +358,15 @@ def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
             raise ValueError(f"{path}: {head} differs from the embeddings, but Gemma-3's LM head is tied")
         del t
     model.load_state_dict(state, strict=True, assign=True)
+    for m, (A, B) in adapters.items():  # frozen fp32 adapters over the recovered base, applied unmerged
+        parent, _, name = m.rpartition(".")
+        holder = model.get_submodule(parent)
+        setattr(holder, name, attach_delta(getattr(holder, name), A, B))
+    model.lora_delta_adapters = bool(adapters)
+    if found:
+        model.lora_delta_base_dtype = found[1].get("base_dtype")
+    if found and not adapters:
+        model.lora_delta = found[0]
     model.source_dir = str(path)  # save_pretrained copies tokenizer.model from here by default
     return model.eval()
 
@@ -281,12 +391,15 @@ def _shards(table: dict[str, str], state: dict[str, torch.Tensor], max_shard_byt
 
 
 def save_pretrained(model, path, max_shard_bytes: int = 2_000_000_000, tokenizer_path=None,
-                    state_dict: dict | None = None):
+                    state_dict: dict | None = None, lora_delta: dict | None = None,
+                    base_dtype: torch.dtype | None = None):
     """Write an HF folder (config.json, generation_config.json, safetensors [+ index], tokenizer.model).
 
     tokenizer_path: a tokenizer.model file or a folder holding one; default: the folder the model was loaded from
     (if it has one). state_dict: full (unsharded) tensors to write instead of model.state_dict(), e.g. what a
-    sharded trainer gathered on rank 0. The folder is assembled in a temp dir and renamed into place."""
+    sharded trainer gathered on rank 0. lora_delta {prefix: (A, B)} + base_dtype: the delta merged into these
+    weights (lora_delta.safetensors/.json; twice.checkpoint.export_hf). The folder is assembled in a temp dir and
+    renamed into place."""
     path = Path(path)
     cfg = model.config
     state = model.state_dict() if state_dict is None else state_dict
@@ -329,6 +442,8 @@ def save_pretrained(model, path, max_shard_bytes: int = 2_000_000_000, tokenizer
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        if lora_delta:
+            write_delta(tmp, lora_delta, base_dtype or dtype)
         _move_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -343,7 +458,8 @@ def _move_into_place(tmp: Path, path: Path):
         os.replace(tmp, path)
         return
     new = {p.name for p in tmp.iterdir()}
-    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+    stale = [path / f for f in ("model.safetensors.index.json", DELTA_FILE, DELTA_META)]  # a delta of an earlier
+    for old in list(path.glob("model*.safetensors")) + [f for f in stale if f.exists()]:  # save must not outlive it
         if old.name not in new:
             old.unlink()
     for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last: it marks the folder complete

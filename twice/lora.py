@@ -11,6 +11,10 @@
 y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with A [r, in] ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with
 a=sqrt(5), as nn.Linear and peft) and B [out, r] = 0, so the adapted model equals the base model at step 0.
 
+On a fine-tuned folder loaded as bf16 base + frozen delta (Gemma3.from_pretrained(delta="adapters")), apply_lora
+stacks the new adapter on the frozen one (stack_on_delta): y = x W^T + b + x dA^T dB^T + scale * x A^T B^T; only
+A/B train, lora_disabled leaves the delta on, and export_hf writes base + [delta; new] (twice/checkpoint.py).
+
 Key names: LoRALinear registers the base `weight`/`bias` under their ORIGINAL names (q_proj.weight) and adds
 `lora_A`/`lora_B` beside them (q_proj.lora_A), so pretrained checkpoints load into a LoRA model unchanged and a
 merged state dict is just the base key table.
@@ -50,18 +54,62 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))  # [out, r]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_enabled = True  # flipped by lora_disabled()
+        # a frozen lora_delta under this trainable LoRA (stack_on_delta): fp32 buffers, non-persistent, so they are
+        # no parameter (the optimizer and FSDP2's sharding never see them) and no state-dict key (checkpoints stay
+        # LoRA-only; the folder's lora_delta.safetensors is their source)
+        self.register_buffer("delta_A", None, persistent=False)   # [r_d, in]
+        self.register_buffer("delta_B", None, persistent=False)   # [out, r_d], scale folded in
 
     def forward(self, x):  # x [..., in] -> [..., out]
         y = F.linear(x, self.weight, self.bias)
+        if self.delta_A is not None:  # the frozen delta IS the model (SFT's fine-tune): lora_disabled keeps it
+            y = self._add_delta(x, y)
         if not self.lora_enabled:
             return y
         A, B = self.lora_A, self.lora_B
         if A.dtype != x.dtype:  # fp32 adapters on a bf16 base: compute in bf16, autograd hands back fp32 grads
-            A, B = A.to(x.dtype), B.to(x.dtype)
-        return y + F.linear(F.linear(self.dropout(x), A), B) * self.scale
+            if getattr(self, "frozen_delta", False):  # nothing trains: cast once, not per call (decode: 126 modules)
+                low = self.__dict__.get("_low")
+                if low is None or low[0].dtype != x.dtype or low[0].device != A.device:
+                    low = self.__dict__["_low"] = (A.to(x.dtype), B.to(x.dtype))
+                A, B = low
+                t = F.linear(x, A)   # [..., r]; then y += t B^T in one addmm (no [..., out] temporary)
+                return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
+            else:
+                A, B = A.to(x.dtype), B.to(x.dtype)
+        d = F.linear(F.linear(self.dropout(x), A), B)
+        return y + (d if self.scale == 1 else d * self.scale)
+
+    def _add_delta(self, x, y):  # y [..., out] + x delta_A^T delta_B^T, in x's dtype (cast once, cached)
+        A, B = self.delta_A, self.delta_B
+        if A.dtype != x.dtype:
+            low = self.__dict__.get("_delta_low")
+            if low is None or low[0].dtype != x.dtype or low[0].device != A.device:
+                with torch.inference_mode(False):  # first call may be a rollout: a normal tensor, usable in backward
+                    low = self.__dict__["_delta_low"] = (A.to(x.dtype), B.to(x.dtype))
+            A, B = low
+        t = F.linear(x, A)  # [..., r_d]; y += t B^T in one addmm
+        return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
+        d = "" if self.delta_A is None else f", frozen delta r={self.delta_A.shape[0]}"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}{d}"
+
+
+def stack_on_delta(frozen: LoRALinear, r: int, alpha: float, dropout: float = 0.0, generator=None) -> LoRALinear:
+    """A trainable LoRALinear over a frozen-delta one (attach_delta, a bf16 + delta load): same base weight/bias,
+    the frozen (A, B) moved to non-persistent fp32 buffers delta_A/delta_B, fresh trainable lora_A/lora_B. Forward:
+    base(x) + x dA^T dB^T + scale * B(A x). Key names are a plain LoRA's (q_proj.weight, .lora_A, .lora_B)."""
+    lo = LoRALinear(frozen, r, alpha, dropout, generator=generator)
+    lo.delta_A = frozen.lora_A.detach().float()
+    lo.delta_B = frozen.lora_B.detach().float()
+    return lo
+
+
+def frozen_deltas(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module prefix: (delta_A, delta_B)} fp32 CPU of every stacked LoRALinear: the delta NOT inside the weights."""
+    return {n: (m.delta_A.detach().float().cpu(), m.delta_B.detach().float().cpu()) for n, m in model.named_modules()
+            if isinstance(m, LoRALinear) and m.delta_A is not None}
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, targets=TARGETS, dropout: float = 0.0,
@@ -72,10 +120,20 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, targets=TARGETS,
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
+    stray = [n for n, m in model.named_modules()
+             if getattr(m, "frozen_delta", False) and n.rpartition(".")[2] not in targets]
+    if stray:
+        raise ValueError(f"apply_lora: {stray[0]} carries a frozen lora_delta but is not in targets {tuple(targets)} "
+                         f"({len(stray)} such modules); load the folder with delta='merged' to train on it")
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if name in targets and type(child) is nn.Linear:
+            if name in targets and getattr(child, "frozen_delta", False):
+                # a bf16 + delta load (Gemma3.from_pretrained(delta="adapters")): the new LoRA stacks on the frozen
+                # delta, same A init (same generator order) as on a plain Linear
+                setattr(parent, name, stack_on_delta(child, r, alpha, dropout, generator=gen))
+                n += 1
+            elif name in targets and type(child) is nn.Linear:
                 setattr(parent, name, LoRALinear(child, r, alpha, dropout, generator=gen))
                 n += 1
     if n == 0:
@@ -90,8 +148,8 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
     """Run the base model: every adapter is bypassed inside the block (the GRPO reference policy, no second copy).
-    Works under FSDP2 (it flips a plain attribute; parameters are untouched)."""
-    mods = lora_modules(model)
+    A frozen lora_delta (attach_delta, or under a stacked LoRA) stays on: it is the model. Works under FSDP2 (it flips a plain attribute; parameters are untouched)."""
+    mods = [m for m in lora_modules(model) if not getattr(m, "frozen_delta", False)]  # a loaded delta is the model
     prev = [m.lora_enabled for m in mods]
     try:
         for m in mods:
@@ -145,17 +203,62 @@ def cast_if_exact(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """Pure function on a FULL state dict (e.g. dist.full_state_dict(model) on rank 0): W' = W + scale * B @ A
-    (computed in fp32; cast back to W's dtype only where exact, see cast_if_exact), adapter keys dropped. The result
-    has exactly the base model's key names."""
+    """Pure function on a FULL state dict (e.g. dist.full_state_dict(model) on rank 0): W' = W + (scale * B) @ A
+    (computed in fp32 by delta_dense, the same product a lora_delta load subtracts; cast back to W's dtype only where
+    exact, see cast_if_exact), adapter keys dropped. The result has exactly the base model's key names."""
     out = {k: v for k, v in state_dict.items() if not is_lora_key(k)}
+    for prefix, (A, B) in lora_delta(state_dict, scale).items():
+        W = out[prefix + ".weight"]
+        out[prefix + ".weight"] = cast_if_exact(W.float() + delta_dense(A, B), W.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The low-rank delta an export merged (lora_delta.safetensors beside the merged weights; twice/hf.py reads/writes it)
+#   {module prefix "layers.0.self_attn.q_proj": (A [r, in] fp32, B [out, r] fp32 with the scale folded in)}
+# so delta_dense(A, B) = B @ A is exactly what was added to that module's base weight.
+
+def lora_delta(state_dict: dict[str, torch.Tensor], scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapters of a full state dict as a delta: {prefix: (A, scale * B)}, fp32 on CPU."""
+    out = {}
     for k in state_dict:
         if k.endswith(".lora_A"):
             prefix = k[: -len(".lora_A")]
-            A, B = state_dict[k].float(), state_dict[prefix + ".lora_B"].float()  # [r, in], [out, r]
-            W = out[prefix + ".weight"]
-            out[prefix + ".weight"] = cast_if_exact(W.float() + scale * (B @ A), W.dtype)
+            A, B = state_dict[k].float().cpu(), state_dict[prefix + ".lora_B"].float().cpu()  # [r, in], [out, r]
+            out[prefix] = (A, B * scale)
     return out
+
+
+def delta_dense(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """[out, in] fp32 = B @ A on the CPU. One function for the merge and for the base recovery at load, so both
+    compute the same product (same device, same kernel)."""
+    return B.float().cpu() @ A.float().cpu()
+
+
+def concat_deltas(first: dict, second: dict) -> dict:
+    """The delta of two successive merges (SFT's, then GRPO's LoRA on top): per module A = [A1; A2] [r1+r2, in],
+    B = [B1, B2] [out, r1+r2], so B @ A = B1 @ A1 + B2 @ A2. A module in only one of them keeps its own pair."""
+    out = dict(first)
+    for prefix, (A2, B2) in second.items():
+        if prefix in out:
+            A1, B1 = out[prefix]
+            out[prefix] = (torch.cat([A1, A2], 0), torch.cat([B1, B2], 1))
+        else:
+            out[prefix] = (A2, B2)
+    return out
+
+
+def attach_delta(module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> "LoRALinear":
+    """A frozen LoRALinear over `module` (a plain nn.Linear holding the base weight) that adds x A^T B^T: rank
+    A.shape[0], scale 1 (B carries it), no dropout, nothing trains. apply_lora replaces it by a trainable LoRA
+    stacked on it (stack_on_delta)."""
+    r = A.shape[0]
+    lo = LoRALinear(module, r, alpha=r, generator=torch.Generator())  # own generator: the global RNG is untouched
+    dev = module.weight.device
+    lo.lora_A = nn.Parameter(A.float().to(dev), requires_grad=False)
+    lo.lora_B = nn.Parameter(B.float().to(dev), requires_grad=False)
+    lo.frozen_delta = True
+    return lo
 
 
 @torch.no_grad()
@@ -172,7 +275,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 W = child.weight
                 # in the live model's dtype (its forward needs one dtype); an export uses merge_lora_state_dict,
                 # which keeps an update bf16 cannot represent in fp32
-                W.copy_((W.float() + child.scale * (child.lora_B.float() @ child.lora_A.float())).to(W.dtype))
+                upd = child.scale * (child.lora_B.float() @ child.lora_A.float())
+                if child.delta_A is not None:  # a stacked LoRA: the frozen delta goes in too
+                    upd = upd + child.delta_B.float() @ child.delta_A.float()
+                W.copy_((W.float() + upd).to(W.dtype))
                 lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                 device="meta")
                 lin.weight, lin.bias = W, child.bias

@@ -14,17 +14,19 @@ paths under --out (identical to the YAMLs' own for the default out) and, under -
                                                         on the dataset's text, saved as an HF folder: OUT/model)
     sasrec     python train_sasrec.py                  -> OUT/sasrec/best          (eval's SASRec row: CE)
     sasrec_reward  python train_sasrec.py              -> OUT/sasrec-reward/best   (GRPO's reward model: BCE, calibrated)
-    rationales python build_rationales.py              -> OUT/rationales/rationales.jsonl (local teacher = the model)
+    rationales python build_rationales.py              -> OUT/rationales/rationales.jsonl (evidence teacher, brief;
+                                                        --tiny: the tiny model as the local teacher)
     sft        python train_sft.py                     -> OUT/sft/final          (LoRA, T1 + T2 + T3)
     grpo_D     python train_grpo.py                    -> OUT/grpo_D/final       (rewards: item match + format)
     grpo_E     python train_grpo.py                    -> OUT/grpo_E/final       (rewards: rho_cg + format, the paper)
     eval       python eval.py                          -> OUT/eval/results.json, results.md, predictions_*.jsonl
 Resumable: a stage whose outputs are complete (its script exited 0 and its outputs exist; OUT/pipeline.json
 records it) is skipped; an interrupted stage is rerun and resumes from its own checkpoints. Stage 1 keeps no
-rationale when the teacher writes nothing usable (a 270m teacher often does not): SFT then trains T1 + T2 only,
-and the pipeline says so. The final table (SASRec, base, +SFT, +SFT+GRPO (D), +SFT+GRPO (E); HR@1, HR@5, NDCG@5
-under the paper's sampling protocol and under exact ranking) is printed and written to OUT/results.md; the wall and
-CPU seconds of every stage go to OUT/pipeline.json.
+rationale when the teacher writes nothing usable (an LLM teacher as small as the 270m often does not): SFT then
+trains T1 + T2 only, and the pipeline says so. The final table (SASRec, base, +SFT, +SFT+GRPO (D), +SFT+GRPO (E),
+random; HR@1, HR@5, NDCG@5 under the paper's sampling protocol and under exact ranking, with 95% intervals, greedy
+validity and format; then the paired tests of each stage against the one it builds on) is printed and written to
+OUT/results.md; the wall and CPU seconds of every stage go to OUT/pipeline.json.
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_D", "+SF
         ("grpo_E", "+SFT+GRPO (E)"))
 
 # The real quickstart's sizing lives in configs/quickstart/*.yaml (so the README's stage-by-stage commands ARE the main
-# job): SASRec 10 epochs (an epoch count, not a time cap: same seed, same numbers on any machine), stage 1 asks 8
-# users, SFT takes 12 LoRA steps, each GRPO variant 4 steps (2 prompts x 4 samples x 64 tokens), eval 8 test users.
+# job): SASRec 10 epochs (an epoch count, not a time cap: same seed, same numbers on any machine), stage 1 asks the
+# evidence teacher about 300 users (~200 kept), SFT takes 44 LoRA steps of 4 examples, each GRPO variant 6 steps
+# (2 prompts x 4 samples, auto completion budget), eval 100 test users (batches of 8, 88-token completions).
 # Wall seconds each stage took in the README's main-job run (2 shared CPU cores), for the overall ETA; "model" is the
 # one-time conversion (about 2 min when ~/.cache/twice/gemma-3-270m is not there yet).
 # sasrec_reward (added after that run) is budgeted like sasrec: same size, same 10 epochs.

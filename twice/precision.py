@@ -13,7 +13,13 @@ The rule (`dtype: auto`, the default of every stage):
     `amx_bf16` or `avx512_bf16` (oneDNN then runs bf16 matmuls 3-7x faster than fp32: AMX on Xeon Sapphire
     Rapids+, AVX512-BF16 on Zen 4+/Cooper Lake); fp32 elsewhere. The choice is logged once per process.
   - `auto` never rounds stored weights: a checkpoint that stores float32 tensors (our exports keep a fine-tune's
-    changed weights in float32, twice/checkpoint.py) is computed in fp32, logged with the reason.
+    changed weights in float32, twice/checkpoint.py) is computed in fp32, logged with the reason. Except where the
+    folder also carries the LoRA delta it merged (lora_delta.safetensors, twice/hf.py) and the caller loads it as
+    adapters (eval.py, twice.serve: `delta_adapters=True`): then every float32 tensor is a delta module's merged
+    weight, the load recovers the exact bf16 base and keeps the delta as frozen fp32 adapters, so bf16 it is.
+    Training under LoRA (train_sft.py, train_grpo.py, via training_load) does the same: bf16 base + frozen fp32
+    delta, the new trainable LoRA stacked on it (twice/lora.py stack_on_delta); `dtype: float32` (or a delta on a
+    module the LoRA does not target, or a full fine-tune) loads it merged and computes in fp32.
   - `dtype: float32` forces fp32 everywhere (parameters, activations, KV cache); `dtype: bfloat16` forces bf16.
 What stays fp32 whatever the compute dtype (so numerics only change where bf16 is harmless):
   - trainable parameters and their AdamW state: LoRA A/B are created fp32 and cast to the activations' dtype inside
@@ -63,30 +69,69 @@ def auto_dtype(device) -> tuple[torch.dtype, str]:
     return torch.float32, f"no bf16 policy for device type {device.type!r}"
 
 
-def resolve_dtype(name: str, device="cpu", where: str = "dtype", choices=CHOICES, checkpoint=None) -> torch.dtype:
+def resolve_dtype(name: str, device="cpu", where: str = "dtype", choices=CHOICES, checkpoint=None,
+                  delta_adapters: bool = False) -> torch.dtype:
     """Config value -> torch dtype. "auto" follows the rule in the module docstring; the choice is logged once.
     checkpoint: the HF folder about to be loaded. `auto` never rounds stored weights: a folder that stores float32
-    tensors (a merged fine-tune: its update is often below bf16's resolution, 2^-8 relative) computes in float32."""
+    tensors (a merged fine-tune: its update is often below bf16's resolution, 2^-8 relative) computes in float32,
+    unless delta_adapters (the caller loads with Gemma3.from_pretrained(delta="auto")) and every float32 tensor is
+    the merged weight of a module whose delta the folder carries (lora_delta.json): bf16 base + fp32 delta."""
     if name not in choices:
         from twice.config import ConfigError
         raise ConfigError(f"{where}: expected one of {list(choices)}, got {name!r}")
     if name == "auto":
         dt, why = auto_dtype(device)
         if dt != torch.float32 and checkpoint:
-            from twice.hf import stored_float32
-            n = stored_float32(checkpoint)
+            from twice.hf import delta_meta, stored_float32
+            meta = delta_meta(checkpoint) if delta_adapters else None
+            n = stored_float32(checkpoint, skip_modules=meta["modules"] if meta else ())
             if n:
                 dt, why = torch.float32, (f"{checkpoint} stores {n} float32 tensors (a fine-tune's weights): "
                                           f"bf16 would round them")
+            elif meta:
+                why += (f"; {checkpoint}: bf16 base + its fp32 LoRA delta ({len(meta['modules'])} modules, "
+                        f"lora_delta.safetensors) applied unmerged")
     else:
         dt, why = NAMES[name], "forced by the config"
-    key = (name, str(torch.device(device)), str(checkpoint or ""))
+    key = (name, str(torch.device(device)), str(checkpoint or ""), delta_adapters)
     if key not in _logged:
         _logged.add(key)
         # stdout, like the stages' other progress lines (stderr is kept for errors: a bad config is ONE line there)
         print(f"precision: {where}={name} on {torch.device(device)} -> compute in {dtype_name(dt)} ({why})",
               flush=True)
     return dt
+
+
+def training_load(name: str, device, checkpoint, lora_targets=(), where: str = "model.dtype"
+                  ) -> tuple[torch.dtype, str]:
+    """-> (compute dtype, delta mode for Gemma3.from_pretrained) of a TRAINING stage starting from `checkpoint`.
+    A folder with a lora_delta (SFT's final/) under a LoRA whose targets cover the delta's modules: `auto` computes
+    in bf16 where bf16 is fast, loading "adapters" (the exact bf16 base + the frozen fp32 delta; apply_lora stacks
+    the new LoRA on it, twice/lora.py stack_on_delta). Otherwise, or under `dtype: float32`, "merged" (fp32 under
+    `auto`: the stored fp32 weights are not rounded). Logs which one, once."""
+    from twice.hf import delta_meta
+    meta = delta_meta(checkpoint) if checkpoint and lora_targets else None
+    stack = bool(meta) and all(m.rpartition(".")[2] in tuple(lora_targets) for m in meta["modules"])
+    compute = resolve_dtype(name, device, where, checkpoint=checkpoint, delta_adapters=stack)
+    mode = "adapters" if stack and compute != torch.float32 else "merged"
+    key = ("load", str(checkpoint), mode)
+    if meta and key not in _logged:
+        _logged.add(key)
+        how = ("bf16 base + frozen fp32 lora_delta, the new LoRA stacked on it" if mode == "adapters" else
+               "merged weights (base + lora_delta), the new LoRA on top")
+        print(f"precision: {checkpoint}: {how} ({dtype_name(compute)} compute)", flush=True)
+    return compute, mode
+
+
+def weights_note(compute: torch.dtype, checkpoint) -> str:
+    """What a results.json records beside compute_dtype for a folder loaded with delta="auto": "bf16 base + fp32
+    lora_delta (rank R)" where the delta is applied unmerged, "merged" otherwise."""
+    from twice.hf import delta_meta
+    meta = delta_meta(checkpoint) if checkpoint and compute in (torch.bfloat16, torch.float16) else None
+    if not meta:
+        return "merged"
+    ranks = sorted(set(meta["modules"].values()))
+    return f"{dtype_name(compute)} base + float32 lora_delta (rank {'/'.join(map(str, ranks))}) unmerged"
 
 
 def dtype_name(dt: torch.dtype) -> str:

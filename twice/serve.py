@@ -530,7 +530,8 @@ def load_backend(model_dir: str, dtype: str = "auto", name: str | None = None) -
     from twice.gemma3 import Gemma3
     from twice.precision import resolve_dtype
     from twice.tokenizer import Tokenizer
-    dt = resolve_dtype(dtype, "cpu", "dtype", checkpoint=os.path.expanduser(model_dir))  # twice/precision.py
+    dt = resolve_dtype(dtype, "cpu", "dtype", checkpoint=os.path.expanduser(model_dir),  # twice/precision.py
+                       delta_adapters=True)   # a fine-tune's lora_delta: bf16 base + fp32 adapters
     model = Gemma3.from_pretrained(os.path.expanduser(model_dir), dtype=dt).eval()
     return EngineBackend(model, Tokenizer.from_pretrained(os.path.expanduser(model_dir)),
                          name=name or os.path.basename(os.path.normpath(model_dir)))
