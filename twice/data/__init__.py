@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twice.config import InputError
+
 RATING_WORDS = {1: "Terrible", 2: "Bad", 3: "Okay", 4: "Good", 5: "Excellent"}
 WORD_RATINGS = {w: r for r, w in RATING_WORDS.items()}
 FORMAT_VERSION = 2   # 2: numeric ids zero-padded, negatives from the eligible items only, users.jsonl 'dropped'
@@ -91,8 +93,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                 continue
             try:
                 out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+            except json.JSONDecodeError as e:   # InputError: every script prints it as one line
+                raise InputError(f"{path}:{n}: not valid JSON: {e}") from None
     return out
 
 
@@ -146,7 +148,11 @@ class Dataset:
             if not (self.root / name).exists():
                 raise FileNotFoundError(f"{self.root}: not a dataset dir (missing {name}); "
                                         f"build one with `python -m twice.data prepare cfg.yaml`")
-        self.meta = json.loads((self.root / "meta.json").read_text())
+        try:
+            self.meta = json.loads((self.root / "meta.json").read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{self.root / 'meta.json'}: not valid JSON ({e}); rebuild the dataset dir with "
+                             f"`python -m twice.data prepare cfg.yaml`") from None
         if self.meta.get("format_version", 0) < FORMAT_VERSION:
             print(f"[twice.data] WARNING: {self.root} was built by an older twice (format_version "
                   f"{self.meta.get('format_version')} < {FORMAT_VERSION}: numeric ids unpadded, negatives from every "
