@@ -295,7 +295,11 @@ def test_eval_prompts_authors_feeds_the_verbatim_prompts(official, tmp_path, mon
         def __init__(self, model, tok, **kw):
             pass
 
-        def greedy(self, pids, max_new_tokens, stop_strings):
+        def prefill(self, pids):        # eval.py: one prefill per batch, handed to generate (and score)
+            return ("cache", "logits")
+
+        def generate(self, pids, num_samples, prefill, **kw):   # sampling off: num_samples = 1, the greedy row
+            assert num_samples == 1 and prefill == ("cache", "logits") and kw["temperature"] == [0.0]
             texts = [f"<think>x</think><item_id>{target}</item_id>" for target in targets[:len(pids)]]
             del targets[:len(pids)]
             return type("G", (), {"texts": texts, "stop_reasons": ["stop"] * len(pids)})
