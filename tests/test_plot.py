@@ -60,6 +60,27 @@ def test_pngs_for_the_keys_that_exist(tmp_path, capsys):
     assert mpl is not None
 
 
+def test_one_colour_per_run_in_every_panel(tmp_path, monkeypatch):
+    """A run keeps its colour across panels and figures, also where an earlier run has no line (SFT has no pg_loss:
+    matplotlib's colour cycle would give GRPO the SFT colour there)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+    drawn, legends = [], []
+    plot_, legend_ = Axes.plot, Axes.legend
+    monkeypatch.setattr(Axes, "plot", lambda ax, *a, **k: (drawn.append((id(ax), k["label"], k["color"])),
+                                                            plot_(ax, *a, **k))[1])
+    monkeypatch.setattr(Axes, "legend", lambda ax, *a, **k: (legends.append(list(a[1])), legend_(ax, *a, **k))[1])
+    sft = write_run(tmp_path / "sft", SFT_ROWS)
+    grpo = write_run(tmp_path / "grpo_E", GRPO_ROWS)
+    assert plot.main([str(sft), str(grpo), "--out", str(tmp_path / "png")]) == 0
+    colours = {}
+    for _, label, c in drawn:
+        colours.setdefault(label, set()).add(c)
+    assert colours == {"sft": {"C0"}, "grpo_E": {"C1"}}
+    assert any(label == "grpo_E" and not any(a == ax and l == "sft" for a, l, _ in drawn) for ax, label, _ in drawn)
+    assert legends and all(lg == ["sft", "grpo_E"] for lg in legends)
+
+
 def test_clear_errors(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     with pytest.raises(SystemExit, match="does not exist"):

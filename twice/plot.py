@@ -108,6 +108,7 @@ def plot_runs(run_paths: list[Path], out: Path) -> list[Path]:
     if not keys:
         raise SystemExit(f"twice.plot: no numeric metrics in {[str(p) for p in run_paths]}")
     out.mkdir(parents=True, exist_ok=True)
+    color = {label: f"C{i}" for i, label in enumerate(runs)}   # one colour per run in every panel of every figure
     written = []
     for panel, pkeys in assign(keys).items():
         n = len(pkeys)
@@ -118,15 +119,17 @@ def plot_runs(run_paths: list[Path], out: Path) -> list[Path]:
             for label, s in runs.items():
                 if k in s:
                     xs, ys = s[k]
-                    ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+                    ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label,
+                            color=color[label])
             ax.set_title(k, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        if len(runs) > 1:
-            axes.flat[0].legend(fontsize=7)
+        if len(runs) > 1:   # every run in the legend, even one absent from the first panel (SFT has no pg_loss)
+            from matplotlib.lines import Line2D
+            axes.flat[0].legend([Line2D([], [], color=color[r]) for r in runs], list(runs), fontsize=7)
         fig.suptitle(panel)
         fig.tight_layout()
         path = out / f"{panel}.png"
