@@ -142,12 +142,8 @@ def test_world_size_2_fsdp_matches_1_and_zero_std_groups_do_not_hang(world, tmp_
 # ---------------------------------------------------------------- resume
 
 
-def test_resume_after_kill_reproduces_next_step(world, tmp_path, monkeypatch):
-    """Run 3 steps straight; separately run with a 'kill' right after the step-2 checkpoint, then resume in a new
-    main(): step 3's metrics and the final weights are identical (rollout seeds, data cursor, AdamW, RNG)."""
-    kw = {"steps": 3, "checkpoint_every": 1, "optim.warmup_steps": 1}
-    straight = run(world, tmp_path / "a", **kw)
-
+def killed_after_step_2(monkeypatch, start_run) -> None:
+    """start_run() dies (KeyboardInterrupt) right after writing its step-2 checkpoint; save_checkpoint restored."""
     real_save = train_grpo.save_checkpoint
 
     def save_then_die(ckpt_dir, step, *a, **k):
@@ -158,8 +154,17 @@ def test_resume_after_kill_reproduces_next_step(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_grpo, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run(world, tmp_path / "b", **kw)
+        start_run()
     monkeypatch.setattr(train_grpo, "save_checkpoint", real_save)
+
+
+def test_resume_after_kill_reproduces_next_step(world, tmp_path, monkeypatch):
+    """Run 3 steps straight; separately run with a 'kill' right after the step-2 checkpoint, then resume in a new
+    main(): step 3's metrics and the final weights are identical (rollout seeds, data cursor, AdamW, RNG)."""
+    kw = {"steps": 3, "checkpoint_every": 1, "optim.warmup_steps": 1}
+    straight = run(world, tmp_path / "a", **kw)
+
+    killed_after_step_2(monkeypatch, lambda: run(world, tmp_path / "b", **kw))
     resumed = run(world, tmp_path / "b", **kw)
     assert [r["step"] for r in resumed] == [1, 2, 3]
     a3, b3 = straight[2], resumed[2]
@@ -416,18 +421,7 @@ def test_grpo_on_a_delta_folder_under_auto_stacks_in_bf16_and_resumes_exactly(wo
     straight = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
     assert "frozen fp32 lora_delta, the new LoRA stacked on it" in capsys.readouterr().out
     assert {r["compute_dtype"] for r in straight} == {"bfloat16"}
-    real_save = train_grpo.save_checkpoint
-
-    def save_then_die(ckpt_dir, step, *a, **k):
-        out = real_save(ckpt_dir, step, *a, **k)
-        if step == 2:
-            raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
-        return out
-
-    monkeypatch.setattr(train_grpo, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_grpo.main(overrides(paths, tmp_path / "b", model="sft", **kw))
-    monkeypatch.setattr(train_grpo, "save_checkpoint", real_save)
+    killed_after_step_2(monkeypatch, lambda: train_grpo.main(overrides(paths, tmp_path / "b", model="sft", **kw)))
     train_grpo.main(overrides(paths, tmp_path / "b", model="sft", **kw))
     resumed = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["step"] for r in resumed] == [1, 2, 3]
