@@ -142,6 +142,19 @@ def test_world_size_2_fsdp_matches_1_and_zero_std_groups_do_not_hang(world, tmp_
 # ---------------------------------------------------------------- resume
 
 
+def sft_folder_with_delta(m, out):
+    """An 'SFT final/' of model m: a rank-2 LoRA with small random B, exported -> (folder, its lora_delta)."""
+    from twice.checkpoint import export_hf
+    from twice.hf import read_delta
+    from twice.lora import apply_lora, lora_modules
+    apply_lora(m, r=2, alpha=4, seed=5)
+    g = torch.Generator().manual_seed(0)
+    for mod in lora_modules(m):
+        mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 1e-3
+    sft = export_hf(m, out)
+    return sft, read_delta(sft)[0]
+
+
 def killed_after_step_2(monkeypatch, start_run) -> None:
     """start_run() dies (KeyboardInterrupt) right after writing its step-2 checkpoint; save_checkpoint restored."""
     real_save = train_grpo.save_checkpoint
@@ -372,16 +385,9 @@ def test_grpo_on_a_delta_folder_exports_the_concatenated_delta(world, tmp_path):
     """GRPO trains a fresh LoRA on SFT's final/, which carries SFT's lora_delta (twice/hf.py): build_policy loads it
     merged with the delta riding along, and the export records base -> total delta, rank r_sft + r_grpo, SFT's part
     first, with the merged weights = base + that delta."""
-    from twice.checkpoint import export_hf
     from twice.hf import read_delta
-    from twice.lora import apply_lora, delta_dense, lora_modules
-    m = Gemma3.from_pretrained(world["warm"])
-    apply_lora(m, r=2, alpha=4, seed=5)
-    g = torch.Generator().manual_seed(0)
-    for mod in lora_modules(m):
-        mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 1e-3
-    sft = export_hf(m, tmp_path / "sft")
-    d1, _ = read_delta(sft)
+    from twice.lora import delta_dense
+    sft, d1 = sft_folder_with_delta(Gemma3.from_pretrained(world["warm"]), tmp_path / "sft")
     run(dict(world, sft=str(sft)), tmp_path / "grpo", model="sft", **{"lora.enabled": True, "lora.r": 4,
                                                                       "lora.alpha": 8})
     final = tmp_path / "grpo" / "final"
@@ -401,19 +407,12 @@ def test_grpo_on_a_delta_folder_under_auto_stacks_in_bf16_and_resumes_exactly(wo
     bfloat16, the KL reference is the SFT model (lora_disabled keeps the delta), a kill after the step-2 checkpoint
     resumes to the same step 3 and final weights, and the export holds the concatenated delta (rank 2 + 4)."""
     from twice import precision
-    from twice.checkpoint import export_hf
     from twice.hf import read_delta
-    from twice.lora import apply_lora, lora_modules
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda *a: ["avx512_bf16"])
     monkeypatch.setattr(precision, "_logged", set())
     warm16 = Gemma3.from_pretrained(world["warm"], dtype=torch.bfloat16).save_pretrained(tmp_path / "warm16")
-    m = Gemma3.from_pretrained(warm16, delta="merged")        # a bf16 base (as Google's), SFT's LoRA in fp32
-    apply_lora(m, r=2, alpha=4, seed=5)
-    g = torch.Generator().manual_seed(0)
-    for mod in lora_modules(m):
-        mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 1e-3
-    sft = export_hf(m, tmp_path / "sft")
-    d1, _ = read_delta(sft)
+    # a bf16 base (as Google's), SFT's LoRA in fp32
+    sft, d1 = sft_folder_with_delta(Gemma3.from_pretrained(warm16, delta="merged"), tmp_path / "sft")
     paths = dict(world, sft=str(sft))
     kw = {"steps": 3, "checkpoint_every": 1, "optim.warmup_steps": 1, "model.dtype": "auto", "lora.enabled": True,
           "lora.r": 4, "lora.alpha": 8, "objective.beta": 0.04}
