@@ -63,32 +63,27 @@ class LoRALinear(nn.Module):
     def forward(self, x):  # x [..., in] -> [..., out]
         y = F.linear(x, self.weight, self.bias)
         if self.delta_A is not None:  # the frozen delta IS the model (SFT's fine-tune): lora_disabled keeps it
-            y = self._add_delta(x, y)
+            y = self._add_frozen(x, y, self.delta_A, self.delta_B, "_delta_low")
         if not self.lora_enabled:
             return y
+        if getattr(self, "frozen_delta", False):  # attach_delta: the adapter itself is the frozen delta (scale 1)
+            return self._add_frozen(x, y, self.lora_A, self.lora_B, "_low")
         A, B = self.lora_A, self.lora_B
         if A.dtype != x.dtype:  # fp32 adapters on a bf16 base: compute in bf16, autograd hands back fp32 grads
-            if getattr(self, "frozen_delta", False):  # nothing trains: cast once, not per call (decode: 126 modules)
-                low = self.__dict__.get("_low")
-                if low is None or low[0].dtype != x.dtype or low[0].device != A.device:
-                    low = self.__dict__["_low"] = (A.to(x.dtype), B.to(x.dtype))
-                A, B = low
-                t = F.linear(x, A)   # [..., r]; then y += t B^T in one addmm (no [..., out] temporary)
-                return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
-            else:
-                A, B = A.to(x.dtype), B.to(x.dtype)
+            A, B = A.to(x.dtype), B.to(x.dtype)
         d = F.linear(F.linear(self.dropout(x), A), B)
         return y + (d if self.scale == 1 else d * self.scale)
 
-    def _add_delta(self, x, y):  # y [..., out] + x delta_A^T delta_B^T, in x's dtype (cast once, cached)
-        A, B = self.delta_A, self.delta_B
+    def _add_frozen(self, x, y, A, B, cache: str):
+        """y [..., out] + x A^T B^T for a frozen pair, in x's dtype: cast once and cached under `cache`, not per call
+        (decode: 126 modules per step), then one addmm (no [..., out] temporary)."""
         if A.dtype != x.dtype:
-            low = self.__dict__.get("_delta_low")
+            low = self.__dict__.get(cache)
             if low is None or low[0].dtype != x.dtype or low[0].device != A.device:
                 with torch.inference_mode(False):  # first call may be a rollout: a normal tensor, usable in backward
-                    low = self.__dict__["_delta_low"] = (A.to(x.dtype), B.to(x.dtype))
+                    low = self.__dict__[cache] = (A.detach().to(x.dtype), B.detach().to(x.dtype))
             A, B = low
-        t = F.linear(x, A)  # [..., r_d]; y += t B^T in one addmm
+        t = F.linear(x, A)  # [..., r]
         return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
 
     def extra_repr(self) -> str:
