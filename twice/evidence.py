@@ -67,10 +67,10 @@ def write_rationale(ds, cowatch: CoWatch, user_idx: int, history: list[int], tar
                     seed: int, style: str = "full") -> tuple[str, str]:
     """One instance -> (rationale, verdict). history: item idxs oldest first; only the last `window` are used.
 
-    style "full": taste, dislikes, the genre link and the co-watching, 4-5 sentences (~125 tokens with the tags on
-    ml-100k). "brief": the same evidence and the same verdict in one sentence (~45 tokens): the liked film that
-    shares a genre with i+ and the co-watching count. Why brief exists: on a 2-core CPU every rationale token is
-    decoded per sample in GRPO and eval, so the main job's budget buys ~2.5x more users and steps with it."""
+    style "full": taste, dislikes, the genre link and the co-watching, 4-5 sentences (~128 tokens as SFT renders the
+    response on ml-100k). "brief": the same evidence and the same verdict in one sentence (~65 tokens): the liked film
+    that shares a genre with i+ and the co-watching count. Why brief exists: on a 2-core CPU every rationale token is
+    decoded per sample in GRPO and eval, so the main job's budget buys about twice the users and steps with it."""
     if style not in STYLES:
         raise ValueError(f"teacher.evidence_style must be one of {STYLES}, got {style!r}")
     user = ds.user(user_idx)

@@ -254,7 +254,7 @@ class TeacherConfig:
     batch_size: int = 8           # local: prompts per Engine.generate call
     prefill: str = ""             # local: text the answer starts with, e.g. "<rationale>" (the model continues
                                   #   inside the tag instead of choosing a format; the prefix is part of the text parsed)
-    evidence_style: str = "full"  # evidence: "full" (4-5 sentences, ~125 tokens) | "brief" (one sentence, ~45 tokens:
+    evidence_style: str = "full"  # evidence: "full" (4-5 sentences, ~128 tokens) | "brief" (one sentence, ~65 tokens:
                                   #   the same evidence and verdict; what a 2-core CPU budget can decode per sample)
     tries: int = 1                # api/local: asks per instance; an unparseable / empty / degenerate answer is re-asked
                                   #   with a new seed up to tries-1 times (an IRRELEVANT verdict is never re-asked)
