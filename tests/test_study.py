@@ -74,6 +74,8 @@ def test_study_preset_commands(tmp_path):
     e = stage_command("eval", out, model, tiny=False, configs=cfgs, preset="study")
     assert f"models.grpo_C.path={out / 'grpo_C' / 'final'}" in e
     assert "models.grpo_C.path" not in " ".join(stage_command("eval", out, model, tiny=False))   # quickstart as before
+    e2 = stage_command("eval", out, model, tiny=False, configs=cfgs, preset="study", eval_procs=2)
+    assert e2[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] and e2[5:] == e[1:]
     assert STUDY_STAGES.index("grpo_C") == STUDY_STAGES.index("sft") + 1
     r = subprocess.run([sys.executable, "-m", "twice.pipeline", "--preset", "study", "--dry-run", "--out",
                         str(tmp_path / "d")], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -384,7 +384,7 @@ class GenerationResult:
 # Engine
 
 STATIC_BUCKET = 256  # static decode: cache slots rounded up to a multiple of this (fewer shapes to compile)
-HEAD_CHUNK = 2048  # vocabulary rows of the head upcast per matmul for non-fp32 weights (5 MB fp32 at D = 640)
+REFINE_TOP = 256  # logits per row recomputed in fp32 after a bf16 head (Engine._logits); > the samplers' top_k
 # Gemma-3 image pieces: a text policy must never emit them (the ids exist for the vision tower's soft tokens)
 _NEVER_PIECE = re.compile(r"<start_of_image>|<end_of_image>|<image_soft_token>")
 
@@ -428,36 +428,29 @@ class Engine:
         self.dtype, self.device = dtype or w.dtype, w.device
         self.pad_id = getattr(self.config, "pad_token_id", 0) or 0
         self.never = never_sample_mask(tokenizer, w.shape[0], self.device)  # [V] bool or None
-        self._wbuf = None  # fp32 staging buffer of the head (non-fp32 weights), allocated on first use
 
     # ---- small helpers -----------------------------------------------------------------------------------
     def _logits(self, h):
         """h [B, D] final normed hidden -> fp32 logits [B, V] (tied head). Computing the head ourselves lets the
         prefill skip the [B, T, V] logits of every prompt position.
 
-        Accumulated and returned in fp32 whatever the weight dtype, like the trainer's kernel (kernels/logprobs.py
-        upcasts W chunk by chunk): a bf16 output would round each logit to 8 bits (+-0.06 at |z| = 30), a gap to
-        the trainer's log-probs that is rounding, not policy mismatch. Without a bf16 x bf16 -> fp32 matmul on
-        CPU, W is upcast HEAD_CHUNK rows at a time into one reused buffer (it stays in cache), so the step reads
-        W once, in its own dtype, as a bf16 matmul would."""
+        fp32 weights: one fp32 matmul. bf16 weights: one bf16 matmul for the whole vocabulary (fp32 accumulation
+        inside, bf16 output: what transformers' bf16 generate samples from), then the REFINE_TOP largest logits of
+        each row recomputed exactly in fp32 from their W rows and written back. Why both: the bf16 output rounds
+        each logit to 8 bits (+-0.06 at |z| = 30), which would put rounding, not policy, between the sampler's
+        log-probs and the trainer's fp32 kernel (kernels/logprobs.py); but an exact fp32 head over all 262k rows
+        costs 4-7x the bf16 one on CPU (no bf16 x bf16 -> fp32 matmul there; `python bench/generate.py` prints
+        the head's share). Every token top-k/top-p can keep and the argmax sit in the refined set unless more than
+        REFINE_TOP - top_k tokens lie within the rounding (+-2^-8 |z|) of the k-th logit, so the sampled and
+        greedy tokens see exact logits; the tail outside keeps its bf16 value (it only enters the normaliser)."""
         W = self.model.embed_tokens.weight.detach()  # [V, D]; the sampler never needs a graph
         if W.dtype == torch.float32:
             logits = F.linear(h.float(), W)
         else:
-            V, D = W.shape
-            C = min(HEAD_CHUNK, V)
-            if self._wbuf is None or self._wbuf.shape != (C, D) or self._wbuf.device != W.device:
-                self._wbuf = torch.empty(C, D, dtype=torch.float32, device=W.device)
-            h32 = h.float()
-            logits = torch.empty(h.shape[0], V, dtype=torch.float32, device=W.device)
-            buf_t = self._wbuf.t()  # [D, C] view
-            for wc, out in zip(W.split(C), logits.split(C, dim=1)):  # two ops per chunk: upcast, matmul
-                if wc.shape[0] == C:
-                    self._wbuf.copy_(wc)
-                    torch.mm(h32, buf_t, out=out)
-                else:  # the last, partial chunk
-                    self._wbuf[:wc.shape[0]].copy_(wc)
-                    torch.mm(h32, buf_t[:, :wc.shape[0]], out=out)
+            logits = F.linear(h.to(W.dtype), W).float()  # [B, V]
+            top = logits.topk(min(REFINE_TOP, W.shape[0]), dim=-1).indices  # [B, R]
+            exact = torch.bmm(W[top].float(), h.float()[:, :, None])[..., 0]  # [B, R, D] @ [B, D, 1] -> [B, R]
+            logits.scatter_(1, top, exact)
         c = getattr(self.config, "final_logit_softcapping", None)
         return torch.tanh(logits / c) * c if c else logits
 
