@@ -53,14 +53,34 @@ def test_rq3_table_from_hand_made_predictions(tmp_path):
     (ev / "results.json").write_text(json.dumps(res))
     t = rq3_table(tmp_path)
     # E vs SFT, HR@5: E hits users 1,2,3 (ranks 1,1,2), SFT hits 1,2,4 (3,1,2): d = [0,0,1,-1] -> mean 0, p = 1
-    row = next(x for x in t.splitlines() if x.startswith("| (E)") and "| +SFT | exact |" in x)
+    row = next(x for x in t.splitlines() if x.startswith("| (E)") and "| (B) +SFT | exact |" in x)
     assert "+0.000 [" in row and "| 1 |" in row
     # D vs SFT NDCG@5: D = 1/log2(3) for all; SFT = [1/log2 4, 1, 0, 1/log2 3]
-    row = next(x for x in t.splitlines() if x.startswith("| (D)") and "| +SFT | sampling |" in x)
+    row = next(x for x in t.splitlines() if x.startswith("| (D)") and "| (B) +SFT | sampling |" in x)
     d = [1 / math.log2(3) - 0.5, 1 / math.log2(3) - 1, 1 / math.log2(3), 0.0]
     assert f"{sum(d) / 4:+.3f}" in row.split("|")[6]
     assert "SASRec" not in t.split("Paired")[1]       # no OUT/sasrec/best: no SASRec comparison rows
     assert "4 users x 10 candidates" in t
+    # E vs D (the paper's "E > D"), HR@5: E hits users 1, 2, 3; D all four -> d = [0, 0, 0, -1], sign test p = 1
+    row = next(x for x in t.splitlines() if x.startswith("| (E)") and "| (D) +SFT+GRPO match+format | exact |" in x)
+    assert "| -0.250 [" in row and "| 1 |" in row
+    assert "| (A) base |" not in t                    # base not evaluated: no row, no pair
+
+    # a model evaluated in another run_dir (the study's base, exact protocol only): joined by `extra`
+    other = tmp_path / "eval_base"
+    other.mkdir()
+    (other / "predictions_base.jsonl").write_text("".join(
+        json.dumps({"user": u, "exact": {"rank": r}}) + "\n" for u, r in zip(users, [9, 9, 1, 9])))
+    (other / "results.json").write_text(json.dumps({"split": "test", "n_candidates": 10, "models": {"base": {
+        "exact": {"hr@1": val(0.25), "hr@5": val(0.25), "ndcg@5": val(0.25)}, "greedy": {"valid": val(0.0)}}}}))
+    t = rq3_table(tmp_path, extra=[other])
+    assert "| (A) base | - | - | - | 0.250 | 0.250 | 0.250 | 0.000 | - |" in t
+    row = next(x for x in t.splitlines() if x.startswith("| (B) +SFT | (A) base | exact |"))
+    assert "+0.500 [" in row                           # HR@5: SFT hits 1, 2, 4; base hits 3 -> (1+1-1+1)/4
+    assert not any(x.startswith("| (B) +SFT | (A) base | sampling |") for x in t.splitlines())  # base: no sampling
+    (other / "predictions_base.jsonl").write_text(json.dumps({"user": 1, "exact": {"rank": 1}}) + "\n")
+    with pytest.raises(ValueError, match="other users"):
+        rq3_table(tmp_path, extra=[other])
 
 
 def test_study_preset_commands(tmp_path):
