@@ -169,11 +169,12 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
     if stage == "eval":
         launch = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={eval_procs}"] \
             if eval_procs > 1 else [py]
-        return launch + [str(ROOT / "eval.py"), str(configs / "eval.yaml"), f"run_dir={out / 'eval'}", f"data_dir={data}",
-                f"sasrec_dir={sas / 'best'}", f"models.base.path={model_dir}",
-                f"models.sft.path={out / 'sft' / 'final'}", f"models.grpo_D.path={out / 'grpo_D' / 'final'}",
-                f"models.grpo_E.path={out / 'grpo_E' / 'final'}"] + task + t("eval") + (
-                [f"models.grpo_C.path={out / 'grpo_C' / 'final'}"] if preset == "study" else [])
+        return launch + [
+            str(ROOT / "eval.py"), str(configs / "eval.yaml"), f"run_dir={out / 'eval'}", f"data_dir={data}",
+            f"sasrec_dir={sas / 'best'}", f"models.base.path={model_dir}",
+            f"models.sft.path={out / 'sft' / 'final'}", f"models.grpo_D.path={out / 'grpo_D' / 'final'}",
+            f"models.grpo_E.path={out / 'grpo_E' / 'final'}"] + task + t("eval") + (
+            [f"models.grpo_C.path={out / 'grpo_C' / 'final'}"] if preset == "study" else [])
     raise ValueError(f"unknown stage {stage!r}")
 
 
