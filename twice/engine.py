@@ -233,6 +233,12 @@ class StaticKVCache:
         self.slots = {FULL: torch.arange(self.max_len, device=self.device),
                       SLIDING: torch.arange(self.ring, device=self.device)}
         self._masks = {}
+        if self.device.type == "cuda":
+            # a CUDA graph may write in place only into inputs at fixed addresses: without this, inductor skips
+            # graphs for the step ("mutated inputs": the k/v buffers and pos) and replays it kernel by kernel.
+            # guard=False: a later generate's new buffers re-record the graph instead of recompiling the step.
+            for t in (*self.k, *self.v, self.pos):
+                torch._dynamo.mark_static_address(t, guard=False)
 
     def position_ids(self, T: int = 1):
         if T != 1:
