@@ -165,14 +165,14 @@ def test_triton_bf16_dz_rounding_bound(small_chunks, monkeypatch):
     n, v, d, temperature = 37, 1000, 72, 0.7
     h, w, y = make_case(n, v, d, torch.bfloat16, device=TRITON_DEV)
     g = torch.Generator().manual_seed(1)
-    g_lp, g_h = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    g_lp, g_h = torch.randn(n, generator=g).to(TRITON_DEV), torch.randn(n, generator=g).to(TRITON_DEV)
     _, _, dh, dw = run_and_grad(lambda *a: token_logprobs(*a, return_entropy=True, impl="triton"), h, w, y,
                                 temperature, "both", g_lp, g_h)
     h64, w64 = h.double().cpu(), w.double().cpu()
     z = (h64 @ w64.T).requires_grad_()                                   # [N, V]
     logp_all = torch.log_softmax(z / temperature, -1)
     lp, ent = logp_all.gather(1, y.cpu()[:, None])[:, 0], -(logp_all.exp() * logp_all).sum(-1)
-    (gz,) = torch.autograd.grad((lp * g_lp.double()).sum() + (ent * g_h.double()).sum(), z)  # dz / T, exact
+    (gz,) = torch.autograd.grad((lp * g_lp.double().cpu()).sum() + (ent * g_h.double().cpu()).sum(), z)  # dz / T, exact
     ref_dh, ref_dw = gz @ w64, gz.T @ h64
     for name, got, ref, mass in (("dh", dh, ref_dh, gz.abs() @ w64.abs()), ("dW", dw, ref_dw, gz.abs().T @ h64.abs())):
         err = (got.double().cpu() - ref).abs()

@@ -52,6 +52,9 @@ def init_distributed(timeout_min: float = 30.0) -> DistInfo:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        if cuda and local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"init_distributed: local rank {local_rank} but this node has {torch.cuda.device_count()}"
+                               " GPU(s): use --nproc_per_node <= the GPU count, or CUDA_VISIBLE_DEVICES= for gloo on CPU")
         if cuda:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
