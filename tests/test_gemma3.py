@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from twice.engine import KVCache
 from twice.gemma3 import FULL, PRESETS, SLIDING, Gemma3, Gemma3Config, build_mask
 
 TINY = PRESETS["tiny"]
@@ -220,6 +221,41 @@ def test_gradient_checkpointing_same_grads_and_recomputes():
     assert (n_plain, n_ckpt) == (1, 2)  # checkpointing really re-ran the block in backward
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], atol=1e-7, rtol=0, msg=n)
+
+
+def test_compiled_blocks_match_eager_with_checkpointing_and_decode_stays_eager():
+    """compile_blocks: fused log-probs and every grad as the eager model (activation checkpointing on, pre-hooks
+    still fire, i.e. FSDP2's would); a forward with a KV cache takes the eager path (no compile per decode step)."""
+    m = random_model().train()
+    m.gradient_checkpointing = True
+    ids = ids_batch()
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        logp = m(ids, targets=targets)
+        (-logp.sum()).backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    lp_eager, g_eager = run()
+    calls = []
+    m.layers[1].register_forward_pre_hook(lambda *_: calls.append(1))
+    m.compile_blocks()
+    lp_comp, g_comp = run()
+    assert len(calls) == 2  # forward + checkpoint recompute went through the module call (hooks outside the graph)
+    torch.testing.assert_close(lp_comp, lp_eager, atol=1e-5, rtol=1e-5)
+    for n in g_eager:
+        torch.testing.assert_close(g_comp[n], g_eager[n], atol=1e-5, rtol=1e-4, msg=n)
+    m.eval()
+    seen = []
+    orig = m.layers[0].compiled
+    m.layers[0].compiled = lambda *a: seen.append(1) or orig(*a)
+    cache = KVCache(m.config, batch_size=1, max_len=8)
+    with torch.no_grad():
+        m(ids[:1, :3], position_ids=torch.arange(3)[None], kv_cache=cache)
+        assert seen == []  # the cached forward stayed eager
+        m(ids[:1, :3])
+    assert seen == [1]
 
 
 def test_meta_build_then_init_weights():

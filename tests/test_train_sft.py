@@ -178,12 +178,16 @@ def test_resume_refuses_changed_batch_size(world, ref_run, tmp_path):
         run(world, tmp_path, **{"optim.batch_size": 5, "steps": 6})
 
 
-def test_fsdp_two_ranks_equals_one_process(world, ref_run, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled_blocks"])
+def test_fsdp_two_ranks_equals_one_process(world, ref_run, tmp_path, compiled):
+    """2 gloo ranks (FSDP2) == one process; also with model.compile (compiled blocks under FSDP2's hooks, LoRA and
+    activation checkpointing) against the eager one-process run."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train_sft.py"), *W.overrides(world, tmp_path, keep_checkpoints=0, threads=1)]
+           str(ROOT / "train_sft.py"), *W.overrides(world, tmp_path, keep_checkpoints=0, threads=1),
+           f"model.compile={str(compiled).lower()}"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"torchrun failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     one, two = read_metrics(ref_run), read_metrics(tmp_path)
@@ -198,8 +202,12 @@ def test_fsdp_two_ranks_equals_one_process(world, ref_run, tmp_path):
     w1 = load_file(ref_run / "checkpoints" / "step_000004" / "model.safetensors")
     w2 = load_file(tmp_path / "checkpoints" / "step_000004" / "model.safetensors")
     assert set(w1) == set(w2)
+    # compiled: inductor sums fp32 in another order, and Adam's normalised step turns ulp-level differences of
+    # near-zero grads into a fraction of a whole step (lr = 3e-3): measured 1.1e-6 and 1.9e-5 in two runs, so the
+    # bound is 2% of one step (6e-5); losses and grad norms above still agree to 1e-5
+    atol = 0.02 * 3e-3 if compiled else 1e-6
     for k in w1:
-        assert torch.allclose(w2[k], w1[k], atol=1e-6, rtol=0), (k, (w2[k] - w1[k]).abs().max())
+        assert torch.allclose(w2[k], w1[k], atol=atol, rtol=0), (k, (w2[k] - w1[k]).abs().max())
     assert max(float(w1[k].abs().max()) for k in w1 if k.endswith("lora_B")) > 1e-3  # adapters really moved
 
 

@@ -265,8 +265,14 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(D, eps)
         self.mlp = MLP(cfg)
         self.post_feedforward_layernorm = RMSNorm(D, eps)
+        self.compiled = None  # torch.compile(self.sandwich), set by Gemma3.compile_blocks
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
+        if kv_cache is None and self.compiled is not None:  # training shapes only: decoding stays eager
+            return self.compiled(x, cos, sin, mask)
+        return self.sandwich(x, cos, sin, mask, kv_cache)
+
+    def sandwich(self, x, cos, sin, mask, kv_cache=None):
         # "sandwich" norms: each sub-block's OUTPUT is normalised before the residual add
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -282,6 +288,17 @@ class Gemma3(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def compile_blocks(self):
+        """torch.compile each decoder block's cache-free forward (training and scoring; decoding with a KV cache
+        stays eager). Why: on a GPU the eager SFT step is launch-bound (Gemma-3-1B, T = 4,096 on an H100: 246 ms of
+        CPU for 130 ms of kernels, MFU 18%); compiled blocks fuse the norms, casts and RoPE: MFU 26%, 1.47x
+        (bench/gpu.py, sft rows). Module hooks (FSDP2's unshard/reshard) and activation checkpointing stay outside
+        the compiled function. Call after LoRA and before FSDP wrapping; a deepcopy of the model shares the
+        compiled functions of the original, so copy first. -> self"""
+        for layer in self.layers:
+            layer.compiled = torch.compile(layer.sandwich)
+        return self
 
     # ---- construction ------------------------------------------------------------------------------------------
     @torch.no_grad()
