@@ -2,6 +2,7 @@
 
     python bench/gpu.py              # one H100/H200: <= 8 min (kernel, correctness, decode, SFT MFU, GRPO step)
     python bench/gpu.py --dry-run    # CPU, toy shapes, seconds: proves the script itself runs (tests/test_bench_gpu.py)
+    python bench/gpu.py --only sft --profile   # one section; --profile prints the eager SFT step's top GPU kernels
 
 Sections (each runs inside its own try: a failing section prints its error and the others still run; the exit code
 is 1 if any section failed, after the table is printed):
@@ -21,7 +22,8 @@ is 1 if any section failed, after the table is printed):
   4. sft         one SFT step (forward with fused log-probs + backward + AdamW) at the Gemma-3-1B shape on one
                  4,096-token sequence, bf16 weights, activation checkpointing: tokens/s and MFU = (6 x params x
                  tokens + 6 x L x T^2 x H x hd causal attention) / time / the measured bf16 GEMM rate (and / the
-                 card's datasheet dense bf16 peak when the name is known).
+                 card's datasheet dense bf16 peak when the name is known); eager, then with compiled blocks
+                 (Gemma3.compile_blocks, train_sft's model.compile).
   5. grpo        one train_grpo.py step in a subprocess on 1 rank (nccl process group, FSDP2 wrap, as torchrun gives
                  it) on the tiny tests/grpo_fixture world with a Gemma-3-270m-shaped random model: s/step and phases.
 Targets (issue 14): kernel fwd+bwd <= 2x its FLOP bound; decode >= 5k tokens/s compiled on an H100; SFT MFU >= 40%.
@@ -214,10 +216,13 @@ def bench_correctness(args, dev):
         from kernels.logprobs import select_impl
         used = impl or select_impl(h)
         tol_g = {torch.float32: 2e-5, torch.bfloat16: 1e-2 if h.is_cuda else 5e-3}[dt]
-        ok = e_lp <= 2e-5 and e_ent <= 2e-5 and e_dh <= tol_g and e_dw <= tol_g
+        # outputs: |err| <= 2e-5 + 5e-6 |ref| (assert_close's form). The relative term is fp32's own rounding over a
+        # 262k-term sum: H ~ 12 nats here, so 5e-6 |H| ~ 40 ulps; the torch/cuBLAS fp32 route errs as much.
+        over_out = lambda got, ref: ((got.double() - ref).abs() - 5e-6 * ref.abs()).max().item() > 2e-5  # noqa: E731
+        ok = not over_out(lp, lp_r) and not over_out(ent, ent_r) and e_dh <= tol_g and e_dw <= tol_g
         row("correctness", f"{str(dt).removeprefix('torch.')} via {used}",
             f"logp {e_lp:.1e}, H {e_ent:.1e}, dh {e_dh:.1e}, dW {e_dw:.1e}",
-            f"{'OK' if ok else 'OVER'} (tol: out 2e-5 abs, grads {tol_g:.0e} of max; N={N} D={D} V={V})")
+            f"{'OK' if ok else 'OVER'} (tol: out 2e-5 + 5e-6 |ref|, grads {tol_g:.0e} of max; N={N} D={D} V={V})")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -274,7 +279,8 @@ def bench_attention(args, dev):
     cfg = model_config(args)
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = Gemma3.from_config(dataclasses.replace(cfg, num_hidden_layers=min(cfg.num_hidden_layers, 6)),
+    n = min(cfg.num_hidden_layers, 6)  # the first 6 layers keep both kinds (sliding, full) of the real pattern
+    model = Gemma3.from_config(dataclasses.replace(cfg, num_hidden_layers=n, layer_types=cfg.layer_types[:n]),
                                dtype=dt, device=dev).train()
     T = args.prompt_len
     ids = torch.randint(3, cfg.vocab_size, (2, T), device=dev)
@@ -307,11 +313,18 @@ def bench_attention(args, dev):
 
 @section("sft")
 def bench_sft(args, dev, peak):
+    for compiled in (False, True):
+        sft_step(args, dev, peak, compiled)
+
+
+def sft_step(args, dev, peak, compiled: bool):
     cfg = model_config(args)
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model = Gemma3.from_config(cfg, dtype=dt, device=dev).train()
     model.gradient_checkpointing = True
+    if compiled:
+        model.compile_blocks()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
     T = args.sft_tokens
     ids = torch.randint(3, cfg.vocab_size, (1, T), device=dev)
@@ -325,6 +338,12 @@ def bench_sft(args, dev, peak):
         opt.zero_grad(set_to_none=True)
 
     t = timed(step, dev, args.reps)
+    if args.profile and dev.type == "cuda" and not compiled:  # where the step's time goes: the top kernels by GPU time
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            sync(dev)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     P = model.num_params()  # tied head counted once: it is both the lookup (no FLOPs) and the head matmul
     L, H, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
     flops = 6 * P * T + 6 * L * T * T * H * hd  # causal attention: half of 4 T^2 H hd forward, x3 with backward
@@ -333,8 +352,9 @@ def bench_sft(args, dev, peak):
     note = f"{P / 1e9:.3f} B params, T={T}, {t:.3f} s/step, {rate(flops / t / 1e12)}"
     if sheet:
         note += f"; {flops / t / (sheet * 1e12):.1%} of the {sheet:.0f} TFLOP/s datasheet peak"
-    row("sft", "MFU (vs measured GEMM rate)", f"{mfu:.1%}", note + "; target >= 40%")
-    row("sft", "tokens/s", f"{T / t:,.0f}", "activation checkpointing on (recompute not counted as useful FLOPs)")
+    how = "compiled blocks" if compiled else "eager"
+    row("sft", f"MFU, {how} (vs measured GEMM rate)", f"{mfu:.1%}", note + "; target >= 40%")
+    row("sft", f"tokens/s, {how}", f"{T / t:,.0f}", "activation checkpointing on (recompute not counted as useful FLOPs)")
     del model, opt
 
 
@@ -390,6 +410,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy shapes (CI): proves the script runs")
     ap.add_argument("--only", nargs="*", default=None, help="sections to run (default: all)")
+    ap.add_argument("--profile", action="store_true", help="print the SFT step's top GPU kernels (torch.profiler)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if dev.type == "cpu" and not args.dry_run:
