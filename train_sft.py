@@ -31,6 +31,11 @@ rank sorts its share by length and packs it into micro-batches under `optim.micr
 passes so FSDP2's collectives line up). Validation: the loss of the T2 prompts of a fixed slice of valid users
 (fixed candidate sets) and HR@1 of greedy decoding on a slice of them.
 
+The loop, each arrow a named function below that main() calls in order (so it reads as this table of contents):
+
+    step_examples (this rank's share, skips counted) -> forward_backward (global token count, micro-batches)
+    -> optimizer_step (clip, lr, step) -> step_record (global sums) -> eval_and_stop -> log_line -> checkpoint
+
 Run dir: config.yaml, log.txt, metrics.jsonl (one line per step; eval lines carry "eval/..." keys),
 checkpoints/step_XXXXXX (atomic, keep last N; exact resume: weights (LoRA adapters only when LoRA is on: the frozen
 base is re-read from model.path), AdamW, LR schedule position, RNG streams of every rank, data cursor),
@@ -468,9 +473,62 @@ def peak_memory_mb(device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run
+# The run's phases, in the order main() calls them
 
-def main(argv: list[str]) -> dict:
+@dataclass
+class Ctx:                      # what every phase reads: set up once, never mutated by the loop
+    cfg: SFTConfig
+    info: object                # dist.init_distributed(): rank, world_size, device, is_main
+    run_dir: Path
+    log: RunLog
+    compute: torch.dtype        # the compute dtype (precision.training_load), logged on every step
+    tok: Tokenizer
+    stream: Stream              # global example index -> encoded example
+    load_stats: dict            # bad record lines skipped while building the pools
+    val: list                   # valid_examples(): [(Example, ids, mask)]
+    total: int                  # optimizer steps of the run (the cap under early stopping; the LR schedule's length)
+
+
+class RunLog:
+    """log(msg): rank 0 -> console (above the tqdm bar) + log.txt, flushed per line; other ranks write nothing."""
+
+    def __init__(self, path: Path, is_main: bool):
+        self.f = open(path, "a") if is_main else None
+
+    def __call__(self, msg: str) -> None:
+        if self.f:
+            tqdm.write(msg)
+            self.f.write(msg + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+
+
+class Metrics:
+    """metrics.jsonl on rank 0, flushed per line (a kill loses at most the line being written), mirrored to the
+    optional TensorBoard / W&B sinks (twice/logsink.py)."""
+
+    def __init__(self, cfg: SFTConfig, run_dir: Path, is_main: bool):
+        self.f = open(run_dir / "metrics.jsonl", "a") if is_main else None
+        self.sink = open_sinks(cfg.log, run_dir, cfg, enabled=is_main)
+
+    def write(self, rec: dict) -> None:
+        if self.f:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+        self.sink.write(rec)
+
+    def close(self) -> None:
+        self.sink.close()
+        if self.f:
+            self.f.close()
+
+
+def parse_and_check(argv: list[str]) -> SFTConfig:
+    """The config (unknown keys, bad values: one-line errors), and the inputs it names, checked before any model
+    load (a missing folder or an empty rationales file fails in one line, not after minutes of loading)."""
     cfg = parse_args(SFTConfig, argv)
     expand_paths(cfg)
     check_config(cfg)
@@ -481,24 +539,22 @@ def main(argv: list[str]) -> dict:
             ln.strip() for ln in open(cfg.mix.t3_source, encoding="utf-8", errors="replace")):
         raise InputError(f"mix.t3_source: {cfg.mix.t3_source} has no records (stage 1 kept no rationale?): "
                          f"set mix.reason=0 to train T1 + T2 only")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    info = dist.init_distributed()
-    dev, R, W = info.device, info.rank, info.world_size
+    return cfg
+
+
+def open_run(cfg: SFTConfig, info) -> tuple[Path, RunLog]:
+    """Run dir and resolved config.yaml (rank 0; the others wait for the dir), and the logger."""
     run_dir = Path(cfg.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     dist.barrier()
-    log_f = open(run_dir / "log.txt", "a") if info.is_main else None
+    return run_dir, RunLog(run_dir / "log.txt", info.is_main)
 
-    def log(msg: str) -> None:
-        if info.is_main:
-            tqdm.write(msg)
-            log_f.write(msg + "\n")
-            log_f.flush()
 
-    # ---- model (+ LoRA, + FSDP2): the SAME seed on every rank before wrapping (FSDP2 never syncs initial weights)
+def build_model(cfg: SFTConfig, dev):
+    """Model (+ LoRA, + compiled blocks, + FSDP2) and AdamW: the SAME seed on every rank before wrapping (FSDP2 never
+    syncs initial weights). -> (model, opt, compute dtype)"""
     dist.seed_everything(cfg.seed)
     compute, delta = precision.training_load(cfg.model.dtype, dev, cfg.model.path,
                                              lora_targets=tuple(cfg.lora.targets) if cfg.lora.enabled else ())
@@ -515,162 +571,229 @@ def main(argv: list[str]) -> dict:
     model = dist.wrap_fsdp(model, mixed_precision=precision.fsdp_mixed(compute))
     model.train()
     opt = build_adamw(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    loss_scale = W if dist.is_fsdp(model) else 1  # FSDP2 averages grads over ranks; our loss uses global totals
+    return model, opt, compute
 
-    # ---- data
+
+def load_inputs(cfg: SFTConfig, info, run_dir: Path, log: RunLog, compute: torch.dtype) -> Ctx:
+    """Tokenizer, dataset, the task pools (bad record lines counted), the example stream, the run's length in steps
+    (`steps`, else `epochs` over the mixture) and the fixed valid slice."""
     tok = Tokenizer.from_pretrained(cfg.model.path)
     ds = load_dataset(cfg.data_dir)
     pools, load_stats = build_pools(ds, cfg)
     stream = Stream(ds, tok, cfg, pools)
-    G = cfg.optim.batch_size
-    total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * stream.epoch_len / G))
+    total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * stream.epoch_len / cfg.optim.batch_size))
     val = valid_examples(ds, tok, cfg) if (cfg.eval.loss_users > 0) else []
+    return Ctx(cfg, info, run_dir, log, compute, tok, stream, load_stats, val, total)
 
-    # ---- resume
-    state = load_latest(run_dir / "checkpoints", model, opt)
+
+def resume(c: Ctx, model, opt) -> tuple[int, EarlyStop, int]:
+    """Latest checkpoint (weights, AdamW, RNG streams, data cursor, early-stop state) -> (start step, early-stop
+    state, end step); per-rank RNG streams either way; metrics.jsonl lines of steps to redo dropped."""
+    cfg, R, G = c.cfg, c.info.rank, c.cfg.optim.batch_size
+    state = load_latest(c.run_dir / "checkpoints", model, opt)
     start = state["step"] if state else 0
     if state:
         if state["data"].get("cursor") != start * G:
             raise ValueError(f"{state['path']}: data cursor {state['data']} != step {start} x batch_size {G} "
                              f"(was optim.batch_size changed?)")
-        log(f"resumed from {state['path']} at step {start}")
-        if state["world_size"] != W:  # its RNG streams were not restored: fresh, distinct per-rank streams
+        c.log(f"resumed from {state['path']} at step {start}")
+        if state["world_size"] != c.info.world_size:  # its RNG streams were not restored: fresh, distinct per rank
             dist.seed_everything(cfg.seed + R + 1_000_003 * start)
-        if info.is_main:
-            rewrite_metrics(run_dir / "metrics.jsonl", start)
+        if c.info.is_main:
+            rewrite_metrics(c.run_dir / "metrics.jsonl", start)
     else:  # per-rank streams from here on (adapter dropout); a resume restored each rank's own streams instead
         dist.seed_everything(cfg.seed + R)
     es = EarlyStop(**state["data"].get("early_stop", {})) if state else EarlyStop()
     stop_on = cfg.eval.patience > 0
     if not stop_on or es.bad_evals < cfg.eval.patience:  # started again with more patience (or none): train on
         es.stopped_at = 0
-    if stop_on and info.is_main:
-        prune_best(run_dir / "best", es.best_step)
-    end = es.stopped_at or total  # a run that stopped early and is started again as it was does not train on
-    metrics_f = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
-    sink = open_sinks(cfg.log, run_dir, cfg, enabled=info.is_main)
-    log("SFT: pools " + ", ".join(f"{t} {len(pools[t])} (w {getattr(cfg.mix, t)})" for t in TASKS)
-        + f" | epoch {stream.epoch_len} examples, {G}/step, {total} steps, {W} rank(s) | "
-        f"lora={cfg.lora.enabled} trainable {n_train:,} | valid {len(val)} | skipped records {load_stats}"
-        + (f" | early stop: patience {cfg.eval.patience} evals (every {cfg.eval.every} steps), min_delta "
-           f"{cfg.eval.min_delta}" if stop_on else ""))
+    if stop_on and c.info.is_main:
+        prune_best(c.run_dir / "best", es.best_step)
+    end = es.stopped_at or c.total  # a run that stopped early and is started again as it was does not train on
+    return start, es, end
 
-    def write_metrics(rec: dict) -> None:
-        if metrics_f:
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
-        sink.write(rec)
 
-    bar = tqdm(total=total, initial=start, disable=not info.is_main, desc="sft", dynamic_ncols=True)
+def summary_line(c: Ctx, model) -> str:
+    cfg, G = c.cfg, c.cfg.optim.batch_size
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    pools = c.stream.pools
+    return ("SFT: pools " + ", ".join(f"{t} {len(pools[t])} (w {getattr(cfg.mix, t)})" for t in TASKS)
+            + f" | epoch {c.stream.epoch_len} examples, {G}/step, {c.total} steps, {c.info.world_size} rank(s) | "
+            f"lora={cfg.lora.enabled} trainable {n_train:,} | valid {len(c.val)} | skipped records {c.load_stats}"
+            + (f" | early stop: patience {cfg.eval.patience} evals (every {cfg.eval.every} steps), min_delta "
+               f"{cfg.eval.min_delta}" if cfg.eval.patience > 0 else ""))
+
+
+def step_examples(c: Ctx, step: int) -> tuple[list, list[str], torch.Tensor]:
+    """This rank's strided share of the step's global examples, encoded; a bad one is a counted, logged skip.
+    -> (rows [(ids, loss mask)], their tasks, counts [skipped, truncated prompts, input tokens, examples])"""
+    G, R, W = c.cfg.optim.batch_size, c.info.rank, c.info.world_size
+    rows, tasks_of = [], []
+    counts = torch.zeros(4, dtype=torch.float64)  # skipped, truncated prompts, input tokens, examples
+    for i in range(step * G + R, (step + 1) * G, W):
+        task, ids, mask, truncated = c.stream.get(i)
+        if ids is None:
+            counts[0] += 1  # a counted, logged skip (the reason names the user / example)
+            msg = f"[rank {R}] skip example {i} ({task}): {mask}"
+            c.log(msg) if c.info.is_main else print(msg, file=sys.stderr, flush=True)
+            continue
+        rows.append((ids, mask))
+        tasks_of.append(task)
+        counts[1] += truncated > 0
+        counts[2] += len(ids)
+        counts[3] += 1
+    return rows, tasks_of, counts
+
+
+def forward_backward(c: Ctx, model, rows: list, tasks_of: list[str]) -> tuple[torch.Tensor, int]:
+    """Gradient accumulation over this rank's length-bucketed micro-batches; the loss is divided by the GLOBAL
+    response-token count. Collective: every rank runs the same number of passes. -> (per-task sums, passes)"""
+    cfg, tok, dev = c.cfg, c.tok, c.info.device
+    loss_scale = c.info.world_size if dist.is_fsdp(model) else 1  # FSDP2 averages grads over ranks; loss: totals
+    mbs = pack([len(ids) for ids, _ in rows], cfg.optim.micro_batch_tokens)
+    # global response-token count FIRST (the loss divides by it), and the pass count every rank runs
+    n_resp = torch.tensor([float(sum(sum(m[1:]) for _, m in rows))], dtype=torch.float64)
+    n_resp = dist.all_reduce_sum(n_resp)
+    n_pass = int(dist.all_reduce_max(torch.tensor([len(mbs)])))
+    denom = max(float(n_resp), 1.0)
+    task_sums = torch.zeros(2 * len(TASKS), dtype=torch.float64)  # per task: nll, response tokens
+    for j in range(n_pass):
+        if j < len(mbs):
+            x, y = collate([rows[i] for i in mbs[j]], tok.pad_id)
+            w = 1.0
+        else:  # zero-weight pass: FSDP2 needs the same collectives on every rank
+            x, y, w = torch.full((1, 2), tok.bos_id), torch.tensor([[tok.bos_id, -100]]), 0.0
+        if dist.is_fsdp(model) and cfg.optim.defer_grad_sync:
+            dist.set_grad_sync(model, j == n_pass - 1)
+        nll = response_nll(model, x.to(dev), y.to(dev))  # [B]
+        (nll.sum() * (w * loss_scale / denom)).backward()
+        if w > 0:
+            ntok = (y != -100).sum(1)
+            for r, i in enumerate(mbs[j]):
+                k = TASKS.index(tasks_of[i])
+                task_sums[2 * k] += float(nll[r].detach())
+                task_sums[2 * k + 1] += float(ntok[r])
+    return task_sums, n_pass
+
+
+def optimizer_step(c: Ctx, model, opt, step: int) -> tuple[torch.Tensor, float]:
+    """Clip the global gradient norm (collective), set the step's LR, step, drop the grads. -> (grad norm, lr)"""
+    o = c.cfg.optim
+    gnorm = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], o.max_grad_norm)
+    lr = lr_at(step, c.total, o.warmup_steps, o.lr, o.min_lr_ratio)
+    set_lr(opt, lr)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm, lr
+
+
+def step_record(c: Ctx, step: int, task_sums, counts, n_pass: int, gnorm, lr: float, t0: float) -> dict:
+    """One metrics.jsonl line: global sums (all-reduced), per-task losses, throughput, memory."""
+    task_sums, counts = dist.all_reduce_sum(task_sums), dist.all_reduce_sum(counts)
+    dt = time.time() - t0
+    tot_nll, tot_tok = float(task_sums[0::2].sum()), float(task_sums[1::2].sum())
+    return {"step": step + 1, "epoch": (step + 1) * c.cfg.optim.batch_size / c.stream.epoch_len,
+            "loss": tot_nll / max(tot_tok, 1.0),
+            **{f"loss/{t}": float(task_sums[2 * k]) / float(task_sums[2 * k + 1])
+               for k, t in enumerate(TASKS) if task_sums[2 * k + 1] > 0},
+            "lr": lr, "grad_norm": float(gnorm), "examples": int(counts[3]), "skipped": int(counts[0]),
+            "truncated": int(counts[1]), "response_tokens": int(tot_tok), "tokens": int(counts[2]),
+            "micro_batches": n_pass, "time": dt, "tokens_per_s": float(counts[2]) / max(dt, 1e-9),
+            "peak_mem_mb": peak_memory_mb(c.info.device), "compute_dtype": precision.dtype_name(c.compute)}
+
+
+def eval_and_stop(c: Ctx, model, es: EarlyStop, rec: dict, step: int) -> bool:
+    """Eval when due (and after the last step; collective), then the early-stopping rule on its valid loss; adds the
+    eval keys to rec. -> done: the run's last step (the cap, or patience ran out)"""
+    cfg = c.cfg
+    done = step + 1 == c.total
+    if (cfg.eval.every and (step + 1) % cfg.eval.every == 0) or done:
+        if c.val:
+            rec.update(evaluate(model, c.tok, cfg, c.val, c.info))
+    if cfg.eval.patience > 0 and "eval/loss" in rec:
+        done = track_best(es, rec, step + 1, model, c.run_dir, cfg) or done
+        if done:  # the run's summary: which weights final/ holds, and whether patience ended it
+            rec.update({"best_step": es.best_step, "best_loss": es.best_loss, "stopped_at": es.stopped_at})
+    return done
+
+
+def log_line(rec: dict, total: int) -> str:
+    return (f"step {rec['step']:5d}/{total} | loss {rec['loss']:.4f} "
+            + " ".join(f"{t[:3]} {rec[f'loss/{t}']:.3f}" for t in TASKS if f"loss/{t}" in rec)
+            + f" | lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.3f} | {rec['examples']} ex {rec['response_tokens']} "
+            f"resp tok" + (f" skip {rec['skipped']}" if rec["skipped"] else "")
+            + (f" trunc {rec['truncated']}" if rec["truncated"] else "")
+            + f" | {rec['micro_batches']} mb {rec['time']:.2f}s {rec['tokens_per_s']:.0f} tok/s "
+            f"{rec['peak_mem_mb']:.0f} MB"
+            + (f" | eval loss {rec['eval/loss']:.4f}" if "eval/loss" in rec else "")
+            + (f" hr@1 {rec['eval/hr@1']:.3f}" if "eval/hr@1" in rec else "")
+            + (f" (best {rec['eval/best_loss']:.4f} at step {rec['eval/best_step']})" if "eval/best_step" in rec
+               else ""))
+
+
+def checkpoint(c: Ctx, model, opt, es: EarlyStop, step: int) -> None:
+    """Weights (trainable part under LoRA), AdamW, every rank's RNG streams, the data cursor and the early-stop
+    state, atomically (collective); then rank 0 drops best/ weights no checkpoint refers to."""
+    stop_on = c.cfg.eval.patience > 0
+    save_checkpoint(c.run_dir / "checkpoints", step + 1, model, opt,
+                    data={"cursor": (step + 1) * c.cfg.optim.batch_size,
+                          **({"early_stop": asdict(es)} if stop_on else {})},
+                    config=c.cfg, keep_last=c.cfg.keep_checkpoints, trainable_only=c.cfg.lora.enabled)
+    if stop_on and c.info.is_main:
+        prune_best(c.run_dir / "best", es.best_step)
+
+
+def export_final(c: Ctx, model, es: EarlyStop) -> None:
+    """final/: an HF folder (LoRA merged, tokenizer copied) of the best eval's weights under early stopping, else of
+    the last step's."""
+    cfg = c.cfg
+    if cfg.eval.patience > 0 and es.best_step:
+        load_checkpoint(c.run_dir / "best" / f"step_{es.best_step:06d}", model)
+        c.log(f"final = step {es.best_step} (best valid loss {es.best_loss:.4f}"
+              + (f"; early stop at step {es.stopped_at})" if es.stopped_at else f"; ran to the cap, {c.total} steps)"))
+    export_hf(model, c.run_dir / "final", tokenizer_path=Path(cfg.model.path) / "tokenizer.model",
+              dtype={"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.export_dtype])
+    c.log(f"done: {c.run_dir / 'final'}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+def main(argv: list[str]) -> dict:
+    cfg = parse_and_check(argv)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    info = dist.init_distributed()
+    run_dir, log = open_run(cfg, info)
+    model, opt, compute = build_model(cfg, info.device)
+    c = load_inputs(cfg, info, run_dir, log, compute)
+    start, es, end = resume(c, model, opt)
+    metrics = Metrics(cfg, run_dir, info.is_main)
+    log(summary_line(c, model))
+
+    bar = tqdm(total=c.total, initial=start, disable=not info.is_main, desc="sft", dynamic_ncols=True)
     rec = {}
     for step in range(start, end):
         t0 = time.time()
-        # ---- 1. this rank's strided share of the step's global examples, encoded; bad ones counted
-        rows, tasks_of = [], []
-        counts = torch.zeros(4, dtype=torch.float64)  # skipped, truncated prompts, input tokens, examples
-        for i in range(step * G + R, (step + 1) * G, W):
-            task, ids, mask, truncated = stream.get(i)
-            if ids is None:
-                counts[0] += 1  # a counted, logged skip (the reason names the user / example)
-                msg = f"[rank {R}] skip example {i} ({task}): {mask}"
-                log(msg) if info.is_main else print(msg, file=sys.stderr, flush=True)
-                continue
-            rows.append((ids, mask))
-            tasks_of.append(task)
-            counts[1] += truncated > 0
-            counts[2] += len(ids)
-            counts[3] += 1
-        mbs = pack([len(ids) for ids, _ in rows], cfg.optim.micro_batch_tokens)
-        # ---- 2. global response-token count FIRST (the loss divides by it), and the pass count every rank runs
-        n_resp = torch.tensor([float(sum(sum(m[1:]) for _, m in rows))], dtype=torch.float64)
-        n_resp = dist.all_reduce_sum(n_resp)
-        n_pass = int(dist.all_reduce_max(torch.tensor([len(mbs)])))
-        denom = max(float(n_resp), 1.0)
-
-        # ---- 3. forward/backward over the micro-batches (gradient accumulation)
-        task_sums = torch.zeros(2 * len(TASKS), dtype=torch.float64)  # per task: nll, response tokens
-        for j in range(n_pass):
-            if j < len(mbs):
-                x, y = collate([rows[i] for i in mbs[j]], tok.pad_id)
-                w = 1.0
-            else:  # zero-weight pass: FSDP2 needs the same collectives on every rank
-                x, y, w = torch.full((1, 2), tok.bos_id), torch.tensor([[tok.bos_id, -100]]), 0.0
-            if dist.is_fsdp(model) and cfg.optim.defer_grad_sync:
-                dist.set_grad_sync(model, j == n_pass - 1)
-            nll = response_nll(model, x.to(dev), y.to(dev))  # [B]
-            (nll.sum() * (w * loss_scale / denom)).backward()
-            if w > 0:
-                ntok = (y != -100).sum(1)
-                for r, i in enumerate(mbs[j]):
-                    k = TASKS.index(tasks_of[i])
-                    task_sums[2 * k] += float(nll[r].detach())
-                    task_sums[2 * k + 1] += float(ntok[r])
-        gnorm = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
-        lr = lr_at(step, total, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
-        set_lr(opt, lr)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-        # ---- 4. log: global sums
-        task_sums, counts = dist.all_reduce_sum(task_sums), dist.all_reduce_sum(counts)
-        dt = time.time() - t0
-        tot_nll, tot_tok = float(task_sums[0::2].sum()), float(task_sums[1::2].sum())
-        rec = {"step": step + 1, "epoch": (step + 1) * G / stream.epoch_len, "loss": tot_nll / max(tot_tok, 1.0),
-               **{f"loss/{t}": float(task_sums[2 * k]) / float(task_sums[2 * k + 1])
-                  for k, t in enumerate(TASKS) if task_sums[2 * k + 1] > 0},
-               "lr": lr, "grad_norm": float(gnorm), "examples": int(counts[3]), "skipped": int(counts[0]),
-               "truncated": int(counts[1]), "response_tokens": int(tot_tok), "tokens": int(counts[2]),
-               "micro_batches": n_pass, "time": dt, "tokens_per_s": float(counts[2]) / max(dt, 1e-9),
-               "peak_mem_mb": peak_memory_mb(dev), "compute_dtype": precision.dtype_name(compute)}
-        done = step + 1 == total
-        if (cfg.eval.every and (step + 1) % cfg.eval.every == 0) or done:
-            if val:
-                rec.update(evaluate(model, tok, cfg, val, info))
-        if stop_on and "eval/loss" in rec:
-            done = track_best(es, rec, step + 1, model, run_dir, cfg) or done
-            if done:  # the run's summary: which weights final/ holds, and whether patience ended it
-                rec.update({"best_step": es.best_step, "best_loss": es.best_loss, "stopped_at": es.stopped_at})
-        write_metrics(rec)
-        log(f"step {step + 1:5d}/{total} | loss {rec['loss']:.4f} "
-            + " ".join(f"{t[:3]} {rec[f'loss/{t}']:.3f}" for t in TASKS if f"loss/{t}" in rec)
-            + f" | lr {lr:.2e} gnorm {rec['grad_norm']:.3f} | {rec['examples']} ex {rec['response_tokens']} resp tok"
-            + (f" skip {rec['skipped']}" if rec["skipped"] else "")
-            + (f" trunc {rec['truncated']}" if rec["truncated"] else "")
-            + f" | {n_pass} mb {dt:.2f}s {rec['tokens_per_s']:.0f} tok/s {rec['peak_mem_mb']:.0f} MB"
-            + (f" | eval loss {rec['eval/loss']:.4f}" if "eval/loss" in rec else "")
-            + (f" hr@1 {rec['eval/hr@1']:.3f}" if "eval/hr@1" in rec else "")
-            + (f" (best {es.best_loss:.4f} at step {es.best_step})" if "eval/best_step" in rec else ""))
+        rows, tasks_of, counts = step_examples(c, step)                     # 1. this rank's examples, skips counted
+        task_sums, n_pass = forward_backward(c, model, rows, tasks_of)      # 2. micro-batches, same count per rank
+        gnorm, lr = optimizer_step(c, model, opt, step)                     # 3. clip, lr, step
+        rec = step_record(c, step, task_sums, counts, n_pass, gnorm, lr, t0)  # 4. global sums
+        done = eval_and_stop(c, model, es, rec, step)                       # 5. eval + early stopping
+        metrics.write(rec)
+        log(log_line(rec, c.total))
         bar.update(1)
-
-        # ---- 5. checkpoint (collective)
         if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done:
-            save_checkpoint(run_dir / "checkpoints", step + 1, model, opt,
-                            data={"cursor": (step + 1) * G, **({"early_stop": asdict(es)} if stop_on else {})},
-                            config=cfg, keep_last=cfg.keep_checkpoints, trainable_only=cfg.lora.enabled)
-            if stop_on and info.is_main:
-                prune_best(run_dir / "best", es.best_step)
+            checkpoint(c, model, opt, es, step)                             # 6. save (collective)
         if es.stopped_at:
             log(f"early stop at step {es.stopped_at}: no improvement > min_delta {cfg.eval.min_delta} for "
                 f"{cfg.eval.patience} evals; final = step {es.best_step} (valid loss {es.best_loss:.4f})")
             break
     bar.close()
-    sink.close()
+    metrics.close()
 
-    # ---- early stopping: final/ holds the best eval's weights, not the last step's
-    if stop_on and es.best_step:
-        load_checkpoint(run_dir / "best" / f"step_{es.best_step:06d}", model)
-        log(f"final = step {es.best_step} (best valid loss {es.best_loss:.4f}"
-            + (f"; early stop at step {es.stopped_at})" if es.stopped_at else f"; ran to the cap, {total} steps)"))
-
-    # ---- final model as an HF folder (LoRA merged), tokenizer copied
-    export_hf(model, run_dir / "final", tokenizer_path=Path(cfg.model.path) / "tokenizer.model",
-              dtype={"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.export_dtype])
-    log(f"done: {run_dir / 'final'}")
-    if metrics_f:
-        metrics_f.close()
-    if log_f:
-        log_f.close()
+    export_final(c, model, es)  # the best eval's weights under early stopping, else the last step's
+    log.close()
     dist.cleanup()
     return rec
 
