@@ -46,7 +46,7 @@ from twice.data import load_dataset
 from twice.engine import Engine
 from twice.gemma3 import Gemma3, SharedPrefix
 from twice.grpo import ObjectiveConfig, group_advantages, policy_loss
-from twice.logsink import LogConfig, open_sinks
+from twice.logsink import JsonlWriter, LogConfig, RunLog, open_sinks
 from twice.lora import TARGETS, apply_lora, lora_disabled
 from twice.optim import build_adamw, clip_grad_norm_, lr_at, set_lr
 from twice.rewards import (RewardConfig, RewardContext, check_weights, compute_rewards, normalize_item,
@@ -349,18 +349,6 @@ def dump_grads(model, path: Path, is_main: bool) -> None:
         save_file(grads, str(path))
 
 
-class JsonlWriter:
-    """Append-only JSONL on rank 0, flushed per line (a kill loses at most the line being written)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.f = open(path, "a", encoding="utf-8") if enabled else None
-
-    def write(self, rec: dict) -> None:
-        if self.f:
-            self.f.write(json.dumps(rec) + "\n")
-            self.f.flush()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The run's phases, in the order main() calls them
 
@@ -369,7 +357,7 @@ class Ctx:                      # what every phase reads: set up once, never mut
     cfg: GRPORunConfig
     info: object                # dist.init_distributed(): rank, world_size, device, is_main
     run_dir: Path
-    log: object                 # log(msg): rank 0 -> console + log.txt
+    log: RunLog                 # log(msg): rank 0 -> console + log.txt
     tok: Tokenizer
     ds: object                  # twice.data.Dataset
     sasrec: SASRec
@@ -384,14 +372,7 @@ def open_run(cfg: GRPORunConfig, info):
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    log_f = open(run_dir / "log.txt", "a") if info.is_main else None
-
-    def log(msg: str) -> None:
-        if info.is_main:
-            tqdm.write(msg)
-            log_f.write(msg + "\n")
-            log_f.flush()
-    return run_dir, log
+    return run_dir, RunLog(run_dir / "log.txt", info.is_main)
 
 
 def policy_load(cfg: GRPORunConfig, dev) -> tuple[torch.dtype, str]:
@@ -786,11 +767,13 @@ def main(argv: list[str]) -> dict:
                             data={"prompt_cursor": (step + 1) * cfg.rollout.prompts_per_step},
                             config=cfg, keep_last=cfg.keep_checkpoints, trainable_only=cfg.lora.enabled)
     bar.close()
-    sink.close()
+    for f in (metrics_f, comp_f, sink):
+        f.close()
 
     # ---- final policy as an HF folder (LoRA merged), tokenizer copied
     export_hf(model, run_dir / "final", tokenizer_path=Path(cfg.model.path) / "tokenizer.model")
     log(f"done: {run_dir / 'final'}")
+    log.close()
     dist.cleanup()
     return last
 

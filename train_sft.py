@@ -66,7 +66,7 @@ from tqdm import tqdm
 from twice import dist, precision
 from twice.checkpoint import export_hf, load_checkpoint, load_latest, rewrite_metrics, save_checkpoint, step_dirs
 from twice.config import ConfigError, InputError, check_inputs, parse_args, save_config
-from twice.logsink import LogConfig, open_sinks
+from twice.logsink import JsonlWriter, LogConfig, RunLog, open_sinks
 from twice.data import User, load_dataset
 from twice.engine import Engine
 from twice.gemma3 import Gemma3
@@ -489,43 +489,6 @@ class Ctx:                      # what every phase reads: set up once, never mut
     total: int                  # optimizer steps of the run (the cap under early stopping; the LR schedule's length)
 
 
-class RunLog:
-    """log(msg): rank 0 -> console (above the tqdm bar) + log.txt, flushed per line; other ranks write nothing."""
-
-    def __init__(self, path: Path, is_main: bool):
-        self.f = open(path, "a") if is_main else None
-
-    def __call__(self, msg: str) -> None:
-        if self.f:
-            tqdm.write(msg)
-            self.f.write(msg + "\n")
-            self.f.flush()
-
-    def close(self) -> None:
-        if self.f:
-            self.f.close()
-
-
-class Metrics:
-    """metrics.jsonl on rank 0, flushed per line (a kill loses at most the line being written), mirrored to the
-    optional TensorBoard / W&B sinks (twice/logsink.py)."""
-
-    def __init__(self, cfg: SFTConfig, run_dir: Path, is_main: bool):
-        self.f = open(run_dir / "metrics.jsonl", "a") if is_main else None
-        self.sink = open_sinks(cfg.log, run_dir, cfg, enabled=is_main)
-
-    def write(self, rec: dict) -> None:
-        if self.f:
-            self.f.write(json.dumps(rec) + "\n")
-            self.f.flush()
-        self.sink.write(rec)
-
-    def close(self) -> None:
-        self.sink.close()
-        if self.f:
-            self.f.close()
-
-
 def parse_and_check(argv: list[str]) -> SFTConfig:
     """The config (unknown keys, bad values: one-line errors), and the inputs it names, checked before any model
     load (a missing folder or an empty rationales file fails in one line, not after minutes of loading)."""
@@ -768,7 +731,8 @@ def main(argv: list[str]) -> dict:
     model, opt, compute = build_model(cfg, info.device)
     c = load_inputs(cfg, info, run_dir, log, compute)
     start, es, end = resume(c, model, opt)
-    metrics = Metrics(cfg, run_dir, info.is_main)
+    metrics_f = JsonlWriter(run_dir / "metrics.jsonl", info.is_main)
+    sink = open_sinks(cfg.log, run_dir, cfg, enabled=info.is_main)
     log(summary_line(c, model))
 
     bar = tqdm(total=c.total, initial=start, disable=not info.is_main, desc="sft", dynamic_ncols=True)
@@ -780,7 +744,8 @@ def main(argv: list[str]) -> dict:
         gnorm, lr = optimizer_step(c, model, opt, step)                     # 3. clip, lr, step
         rec = step_record(c, step, task_sums, counts, n_pass, gnorm, lr, t0)  # 4. global sums
         done = eval_and_stop(c, model, es, rec, step)                       # 5. eval + early stopping
-        metrics.write(rec)
+        metrics_f.write(rec)
+        sink.write(rec)
         log(log_line(rec, c.total))
         bar.update(1)
         if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done:
@@ -790,7 +755,8 @@ def main(argv: list[str]) -> dict:
                 f"{cfg.eval.patience} evals; final = step {es.best_step} (valid loss {es.best_loss:.4f})")
             break
     bar.close()
-    metrics.close()
+    metrics_f.close()
+    sink.close()
 
     export_final(c, model, es)  # the best eval's weights under early stopping, else the last step's
     log.close()

@@ -1,4 +1,8 @@
-"""Optional metric sinks beside metrics.jsonl: TensorBoard and Weights & Biases, off by default.
+"""A run's log files (log.txt, metrics.jsonl, completions.jsonl) and the optional metric sinks beside metrics.jsonl:
+TensorBoard and Weights & Biases, off by default.
+
+    log = RunLog(run_dir / "log.txt", is_main)                    # log(msg): rank 0 -> console + log.txt
+    metrics_f = JsonlWriter(run_dir / "metrics.jsonl", is_main)   # metrics_f.write(rec): one JSON line, flushed
 
     log:                       # in a train_sft.py / train_grpo.py YAML (or log.tensorboard=true on the command line)
       tensorboard: true        # -> RUN_DIR/tensorboard (event files); needs `pip install tensorboard`
@@ -14,11 +18,47 @@ not installed is a one-line error before training starts. The scripts need two l
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from twice.config import ConfigError
+
+
+class RunLog:
+    """log(msg): rank 0 -> console (above any tqdm bar) + the file, flushed per line; other ranks write nothing."""
+
+    def __init__(self, path: str | Path, enabled: bool):
+        self.f = open(path, "a", encoding="utf-8") if enabled else None
+
+    def __call__(self, msg: str) -> None:
+        if self.f:
+            tqdm.write(msg)
+            self.f.write(msg + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+
+
+class JsonlWriter:
+    """Append-only JSONL on rank 0, flushed per line (a kill loses at most the line being written)."""
+
+    def __init__(self, path: str | Path, enabled: bool):
+        self.f = open(path, "a", encoding="utf-8") if enabled else None
+
+    def write(self, rec: dict) -> None:
+        if self.f:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
 
 
 @dataclass
