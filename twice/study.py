@@ -1,7 +1,7 @@
 """The study's RQ3 table with paired tests (issue 13): GRPO variants C / D / E against +SFT and SASRec, per protocol.
 
     python -m twice.study runs/study                  # reads OUT/eval/{results.json, predictions_*.jsonl}
-    python -m twice.study runs/study runs/study/eval_base_exact   # models missing from OUT/eval read from more
+    python -m twice.study runs/study runs/x/eval       # models missing from OUT/eval read from more
                                                       #   eval run_dirs (same data, split and users: checked)
     python -m twice.pipeline --preset study           # runs every stage, then prints this table
 
