@@ -332,7 +332,8 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
             out = engine.generate(pids, num_samples=G + K, temperature=[0.0] * G + [S.temperature] * K,
                                   max_new_tokens=[cfg.greedy.max_new_tokens] * G + [S.max_new_tokens] * K,
                                   top_k=S.top_k if K else None, top_p=S.top_p if K else 1.0,
-                                  stop_strings=[item_close], seeds=seeds, prefill=pre)
+                                  stop_strings=[item_close], seeds=seeds, prefill=pre,
+                                  full_logprobs=False)  # eval reads texts: the sampler skips the fp32 vocab passes
             clock["decode"] += time.perf_counter() - t
         if G:
             rows = range(0, len(batch) * (G + K), G + K)

@@ -4,6 +4,8 @@
     python bench/generate.py --quick            # K=4, 128-token prompt, 8 new: a smoke run of every line below
     python bench/generate.py --dtypes bfloat16 --skip-hf --threads 1
     python bench/generate.py --quick --skip-hf --compiled     # + eager vs compiled decode (Engine(decode=...))
+    python bench/generate.py --dtypes bfloat16 --skip-hf --threads 1 --k 48 --prompt-len 512 --new 32 --mixed \
+        --full-vocab     # eval's decode (8 users x 6 rows), candidate-set draw vs whole-vocabulary draw
 
 The GRPO workload: one prompt, K samples of exactly `--new` tokens (stops disabled on our side, min_new_tokens =
 max_new_tokens on HF's), temperature 1, top-k 64, top-p 0.95 (Gemma's generation_config). Every dtype and side runs
@@ -78,9 +80,10 @@ def phase_profile(fn, steps: int):
     return secs, {k: ops[k] / steps for k in STEP}, top
 
 
-def run_ours(path, dtype, prompt, K, N, sample, repeats, decode="eager", with_profile=True):
+def run_ours(path, dtype, prompt, K, N, sample, repeats, decode="eager", with_profile=True, draw_from_top=True):
     model = Gemma3.from_pretrained(path, dtype=dtype).eval()
     eng = Engine(model, decode=decode)
+    eng.draw_from_top &= draw_from_top  # False: every step samples over the whole vocabulary (the peer)
 
     def group():
         return eng.generate([prompt], num_samples=K, max_new_tokens=N, stop_ids=[], seeds=0, **sample)
@@ -91,13 +94,15 @@ def run_ours(path, dtype, prompt, K, N, sample, repeats, decode="eager", with_pr
     t_first = time.perf_counter() - t0
     t, res = timed(group, repeats)
     assert all(len(r) == N for r in res.tokens), "fixed-length run produced a short row"
-    eng.generate([prompt], 1, 2, stop_ids=[], seeds=0, **sample)  # warm-up at K=1 shapes (compiled: compiles)
-    t_pre, _ = timed(lambda: eng.generate([prompt], 1, 1, stop_ids=[], seeds=0, **sample), repeats)
-    t_all, _ = timed(lambda: eng.generate([prompt], 1, N + 1, stop_ids=[], seeds=0, **sample), repeats)
+    one = {**sample, "temperature": max(sample["temperature"])} if isinstance(sample["temperature"], list) else sample
+    eng.generate([prompt], 1, 2, stop_ids=[], seeds=0, **one)  # warm-up at K=1 shapes (compiled: compiles)
+    t_pre, _ = timed(lambda: eng.generate([prompt], 1, 1, stop_ids=[], seeds=0, **one), repeats)
+    t_all, _ = timed(lambda: eng.generate([prompt], 1, N + 1, stop_ids=[], seeds=0, **one), repeats)
     secs, ops, top = phase_profile(group, N - 1) if with_profile else ({}, {}, [])  # N-1 decode steps
+    draws = eng.draws
     del model, eng
     return dict(t=t, tps=K * N / t, k1=N / max(t_all - t_pre, 1e-9), t_pre=t_pre, secs=secs, ops=ops, top=top,
-                t_first=t_first)
+                t_first=t_first, draws=draws, res=res)
 
 
 def run_hf(path, dtype, prompt, K, N, sample, repeats):
@@ -129,11 +134,21 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=1, help="timed calls per side (best is reported)")
     ap.add_argument("--skip-hf", action="store_true", help="only time our engine")
+    ap.add_argument("--mixed", action="store_true",
+                    help="eval's decode instead of GRPO's: slot 0 greedy + K-1 slots at T 1.5, top-k 120, top-p 0.95, "
+                         "no full_logprobs")
+    ap.add_argument("--full-vocab", action="store_true",
+                    help="also time our eager decode sampling over the whole vocabulary every step (the peer of "
+                         "the candidate-set draw, Engine.draw_from_top) and check both give the same tokens")
     ap.add_argument("--compiled", action="store_true",
                     help="also time Engine(decode='compiled') (torch.compile of the static decode step) per dtype")
     args = ap.parse_args()
     if args.quick:
         args.prompt_len, args.new, args.k = 128, 8, 4
+    if args.mixed and not args.skip_hf:
+        print("NOTE: --mixed has no transformers peer (one generate call cannot mix greedy and sampled rows): "
+              "--skip-hf")
+        args.skip_hf = True
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -148,6 +163,8 @@ def main():
     prompt = [2] + torch.randint(1000, 200000, (args.prompt_len - 1,), generator=g).tolist()
     K, N = args.k, args.new
     sample = dict(temperature=1.0, top_k=64, top_p=0.95)
+    if args.mixed:  # configs/quickstart/eval.yaml: the greedy row and the sampled rows of a user in one decode
+        sample = dict(temperature=[0.0] + [1.5] * (args.k - 1), top_k=120, top_p=0.95, full_logprobs=False)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     print(f"model {path}; K={K}, prompt {len(prompt)} + {N} new; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}")
@@ -163,6 +180,16 @@ def main():
         print(f"     decode step: {sum(r['ops'].values()):.0f} aten ops/step ("
               + ", ".join(f"{k.split('.')[1]} {v:.0f}" for k, v in r["ops"].items()) + "); top self time per step: "
               + ", ".join(f"{k.replace('aten::', '')} {v:.1f}ms" for k, v in r["top"]), flush=True)
+        print(f"     decode steps drawn from the head's candidates / over the whole vocabulary (the first of each "
+              f"call) / declined by sample_top, all calls: {r['draws']['top']} / {r['draws']['full']} / "
+              f"{r['draws']['declined']}")
+        if args.full_vocab:
+            f = run_ours(path, dt, prompt, K, N, sample, args.repeats, with_profile=False, draw_from_top=False)
+            same = f["res"].tokens == r["res"].tokens and torch.equal(f["res"].logprobs_padded, r["res"].logprobs_padded)
+            if r["res"].full_logprobs_padded is not None:
+                same &= torch.equal(f["res"].full_logprobs_padded, r["res"].full_logprobs_padded)
+            print(f"ours {name:9s} full-vocabulary draw: {f['t']:7.2f} s {f['tps']:8.1f} tok/s; candidate draw / "
+                  f"full = {r['tps'] / f['tps']:.2f}x; same tokens and log-probs: {same}", flush=True)
         if args.compiled:
             c = run_ours(path, dt, prompt, K, N, sample, args.repeats, decode="compiled", with_profile=False)
             print(f"ours {name:9s} compiled: {c['t']:7.2f} s {c['tps']:8.1f} tok/s | K=1 decode {c['k1']:6.1f} tok/s"

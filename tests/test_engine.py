@@ -635,3 +635,85 @@ def test_prefill_called_directly_with_bf16_weights():
     pre = eng.prefill([P1, P2])
     kw = dict(num_samples=2, max_new_tokens=6, temperature=1.0, seeds=3, stop_ids=[])
     assert eng.generate([P1, P2], prefill=pre, **kw).tokens == eng.generate([P1, P2], **kw).tokens
+
+
+def _bf16_head(V=4096, D=64, B=12, seed=0):
+    """A bf16 tied head with near-duplicate rows (ties in bf16 across the top-R boundary, as a real vocabulary has)
+    -> Engine._head's (logits, top, exact top logits, bound) for B hidden states."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, D, generator=g)
+    W[V // 2:] = W[:V // 2] + 1e-3 * torch.randn(V // 2, D, generator=g)  # pairs within bf16 rounding
+    ns = SimpleNamespace(model=SimpleNamespace(embed_tokens=SimpleNamespace(weight=W.bfloat16())),
+                         config=SimpleNamespace(final_logit_softcapping=None))
+    h = (torch.randn(B, D, generator=g) / D ** 0.5 * 3).bfloat16()
+    return Engine._head(ns, h)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, None, 1.0), (1.0, 64, 0.95), (1.5, 120, 0.95),
+                                                     (0.7, 1, 1.0), (1.5, 200, 1.0)])
+@pytest.mark.parametrize("ban", ["none", "mask", "ids"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_sample_top_equals_full_vocabulary_sampler(temperature, top_k, top_p, ban, mixed):
+    """The candidate-set draw (sample_top) gives bit for bit what sample_tokens gives over the whole vocabulary --
+    tokens, sampler log-probs and full log-probs -- for sampled rows and, mixed, for greedy rows (sample_tokens'
+    temperature-0 call), with banned ids among the top candidates."""
+    from twice.engine import sample_top
+    logits, top, ctop, bound = _bf16_head()
+    B, V = logits.shape
+    assert not torch.equal(logits, logits.bfloat16().float())  # the head really refined something
+    banned = None
+    if ban != "none":  # ban a few of each row's best candidates, and a block of the tail
+        ids = torch.cat([top[:, :3].reshape(-1), torch.arange(V - 100, V)]).unique()
+        banned = torch.zeros(V, dtype=torch.bool).index_fill_(0, ids, True) if ban == "mask" else ids
+    greedy = torch.arange(B) % 3 == 0 if mixed else None
+    u = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = sample_top(top, ctop, bound, u, temperature, greedy, top_k, top_p, banned, logits)
+    assert got is not None
+    lean = sample_top(top, ctop, bound, u, temperature, greedy, top_k, top_p, banned)  # no full_logprobs
+    assert lean[2] is None and torch.equal(lean[0], got[0]) and torch.equal(lean[1], got[1])
+    ref = sample_tokens(logits, u, temperature, top_k, top_p, banned)
+    if mixed:
+        rg = sample_tokens(logits, u, 0.0, None, 1.0, banned)
+        ref = tuple(torch.where(greedy, a, b) for a, b in zip(rg, ref))
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    if banned is not None:
+        assert not (banned if ban == "mask" else torch.isin(torch.arange(V), banned))[got[0]].any()
+
+
+def test_sample_top_declines_when_the_tail_could_compete():
+    """No answer rather than a wrong one: when a row's k-th usable candidate does not beat every logit outside the
+    candidate set (here: all but 2 candidates banned for a top-k of 5), sample_top returns None."""
+    from twice.engine import sample_top
+    logits, *cand = _bf16_head()
+    top = cand[0]
+    banned = torch.zeros(logits.shape[1], dtype=torch.bool)
+    banned[top[0, 2:]] = True  # row 0 keeps only 2 of its candidates
+    u = torch.rand(logits.shape[0], dtype=torch.float64)
+    assert sample_top(*cand, u, 1.0, None, 5, 1.0, banned) is None
+    assert sample_top(*cand, u, 0.0, None, None, 1.0, banned) is not None  # greedy needs one
+    assert sample_top(*cand, u, 1.0, None, top.shape[1] + 1, 1.0) is None  # k beyond the set
+    assert sample_top(*cand, u, 1.0, None, None, 0.9) is None  # top-p alone: a full sort
+
+
+def test_generate_draws_from_candidates_with_the_same_results():
+    """Engine.generate with a bf16 model: drawing from the head's candidates (the CPU default) and over the whole
+    vocabulary give identical outputs (mixed greedy + sampled slots, compaction, stop ids), and the candidate path
+    really ran (only the first step, from the prefill's logits, is full-vocabulary)."""
+    torch.manual_seed(0)
+    m = Gemma3.from_config(PRESETS["tiny"], dtype=torch.bfloat16, std=0.5).eval()
+    kw = dict(num_samples=4, max_new_tokens=12, temperature=[0.0, 1.5, 1.5, 1.5], top_k=40, top_p=0.95,
+              stop_ids=[3, 4], seeds=7, check_every=2)
+    fast, full = Engine(m), Engine(m)
+    full.draw_from_top = False
+    a, b = fast.generate([P1, P2, P3], **kw), full.generate([P1, P2, P3], **kw)
+    N = b.mask.shape[1]
+    assert fast.draws == {"top": N - 1, "full": 1, "declined": 0}  # the first step: the prefill's logits
+    assert full.draws == {"top": 0, "full": N, "declined": 0}
+    lean = fast.generate([P1, P2, P3], **kw, full_logprobs=False)  # the head skips its fp32 vocabulary passes
+    assert lean.tokens == a.tokens and torch.equal(lean.logprobs_padded, a.logprobs_padded)
+    assert lean.full_logprobs is None and lean.full_logprobs_padded is None
+    assert a.tokens == b.tokens and a.stop_reasons == b.stop_reasons
+    assert torch.equal(a.logprobs_padded, b.logprobs_padded) and torch.equal(a.full_logprobs_padded,
+                                                                             b.full_logprobs_padded)
+    assert len({tuple(t) for t in a.tokens}) > 3  # sampled rows differ: the draw is not degenerate

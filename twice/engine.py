@@ -10,7 +10,8 @@ Pieces (nouns only; the loops that use them live in train_grpo.py / eval.py / be
                 `k_all, v_all, mask = cache.update(layer_idx, k, v)`; masks are built once per step per layer kind.
   StaticKVCache the decode-only, graph-capturable view of a filled KVCache (Engine(decode="static"|"compiled")):
                 fixed shapes, device slot counter, index_copy_ writes, masks built on device, no compaction.
-  sample_tokens one vectorised sampling step (temperature, top-k, top-p) driven by per-row uniforms.
+  sample_tokens one vectorised sampling step (temperature, top-k, top-p) driven by per-row uniforms; sample_top
+                the same draw read from the bf16 head's refined candidates (eager decode on a CPU).
   Engine        generate(): prefill every prompt ONCE (left-padded batch), fan the cache out to K rows, decode with
                 one seeded generator per output row; score(): log-likelihood of N continuations of one prompt
                 from one prefill; greedy(): batched greedy decoding.
@@ -300,6 +301,15 @@ def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float
         vals, idx = torch.sort(xs, dim=-1, descending=True)  # [B, V]
     else:
         vals = xs  # no truncation: inverse CDF in vocabulary order is just as exact
+    tok, logp = _draw_kept(vals, idx, u, top_p)
+    full = x.gather(1, tok[:, None])[:, 0] - full_lse
+    return tok, logp, full
+
+
+def _draw_kept(vals, idx, u, top_p: float):
+    """vals [B, n] the tempered logits kept by top-k (sorted descending when top_p < 1), idx [B, n] their token ids
+    (None: vals is the whole vocabulary in id order), u [B] -> (tokens [B], sampler log-probs [B]): top-p, then
+    the inverse-CDF draw."""
     if top_p < 1.0:
         probs = torch.softmax(vals, -1)
         # drop a token once the mass BEFORE it already reaches top_p (so the top token is always kept)
@@ -309,8 +319,51 @@ def sample_tokens(logits, u, temperature: float, top_k: int | None, top_p: float
     j = _inverse_cdf(torch.exp(vals - lse), u)  # [B, 1]
     logp = (vals.gather(1, j) - lse)[:, 0]
     tok = (idx.gather(1, j) if idx is not None else j)[:, 0]
-    full = x.gather(1, tok[:, None])[:, 0] - full_lse
-    return tok, logp, full
+    return tok, logp
+
+
+def sample_top(top, ctop, bound, u, temperature: float, greedy, top_k: int | None, top_p: float, banned=None,
+               logits=None):
+    """sample_tokens' draw (and, for the rows where greedy [B] bool is True, its temperature-0 argmax), read from
+    each row's candidate set instead of the whole vocabulary -> (tokens, logprobs, full_logprobs) [B] each, or
+    None when some row's candidates cannot be shown to hold its answer (the caller then takes the full path).
+
+    top [B, R]: ids of each row's R largest head outputs, ctop [B, R] their fp32 logits, bound [B]: the smallest
+    of those head outputs (Engine._head: every id outside `top` has logits <= bound). logits [B, V]: only for
+    full_logprobs (None: the third output is None). Why: the bf16 head already finds the REFINE_TOP candidates,
+    and on a CPU each pass over [B, 262k] fp32 costs 10-40 ms per step (ban mask, top-k, argmax, logsumexp, once
+    more for the greedy rows), more than the draw itself; full_logprobs alone need x = logits / T and its
+    logsumexp. The answer is sample_tokens' whenever the row's k-th kept candidate (greedy: the first) beats bound
+    strictly, which this checks: a tail token can then enter neither top-k nor the argmax. Ties between EQUAL
+    logits may come out of top-k in another order (the draw is then between tokens of equal probability); the
+    argmax keeps torch's rule (smallest id among the maxima)."""
+    B = top.shape[0]
+    g = greedy if greedy is not None else torch.zeros(B, dtype=torch.bool, device=top.device)
+    k = 1 if temperature == 0 else top_k
+    if k is None or not 0 < k <= top.shape[1]:
+        return None
+    t = None  # the divisor of each row, exactly as sample_tokens divides
+    if temperature != 0:  # greedy rows divide by 1 (exact): their x is the logits, as in the temperature-0 call
+        t = temperature if greedy is None else torch.where(g, 1.0, temperature).to(ctop.dtype)[:, None]  # [B, 1]
+    cx, bx = (ctop, bound) if t is None else (ctop / t, bound / (t if greedy is None else t[:, 0]))  # [B, R], [B]
+    if banned is not None:
+        cb = banned[top] if banned.dtype == torch.bool else torch.isin(top, banned)
+        cx = cx.masked_fill(cb, float("-inf"))
+    vals, j = cx.topk(k, dim=-1)  # [B, k] sorted descending
+    last = torch.where(g, 0, k - 1)[:, None]  # [B, 1]: the candidate that must beat the tail
+    if not bool((vals.gather(1, last)[:, 0] > bx).all()):  # a host read: CPU only (the engine checks)
+        return None
+    tok_g = torch.where(cx == vals[:, :1], top, torch.iinfo(top.dtype).max).amin(-1)  # argmax: smallest id of ties
+    if temperature == 0:
+        tok, lp = tok_g, torch.zeros(B, device=top.device)
+    else:
+        tok, lp = _draw_kept(vals, top.gather(1, j), u, top_p)
+        tok, lp = torch.where(g, tok_g, tok), torch.where(g, 0.0, lp)
+    full = None
+    if logits is not None:
+        x = logits if t is None else logits / t  # [B, V]
+        full = x.gather(1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
+    return tok, lp, full
 
 
 def _search(cdf, target):
@@ -367,7 +420,8 @@ class GenerationResult:
     are [rows, max_new_tokens] (CPU) with mask 1 on generated tokens (stop token included), 0 after."""
     tokens: list[list[int]]
     logprobs: list[list[float]]  # sampler's, processed distribution (after temperature, top-k, top-p)
-    full_logprobs: list[list[float]]  # untruncated log_softmax(logits / T): what the trainer computes
+    full_logprobs: list[list[float]] | None  # untruncated log_softmax(logits / T): what the trainer computes (None:
+    # generate(full_logprobs=False))
     stop_reasons: list[str]  # "stop_id" | "stop_string" | "length"
     texts: list[str] | None = None  # decoded (skip_special) when the engine has a tokenizer
     tokens_padded: torch.Tensor = field(default=None, repr=False)  # [rows, N] long, pad 0
@@ -434,6 +488,11 @@ class Engine:
         self.dtype, self.device = dtype or w.dtype, w.device
         self.pad_id = getattr(self.config, "pad_token_id", 0) or 0
         self.never = never_sample_mask(tokenizer, w.shape[0], self.device)  # [V] bool or None
+        # eager decode draws from the head's refined candidates (sample_top) where its one host read per step is
+        # free: on a CPU. On a GPU the full-vocabulary passes are cheap and a per-step sync is not.
+        self.draw_from_top = self.device.type == "cpu"
+        self.draws = {"top": 0, "full": 0, "declined": 0}  # decode steps by sampler (declined: sample_top had
+        # candidates but could not prove them enough, so the step drew over the whole vocabulary)
 
     # ---- small helpers -----------------------------------------------------------------------------------
     def _logits(self, h):
@@ -449,16 +508,27 @@ class Engine:
         the head's share). Every token top-k/top-p can keep and the argmax sit in the refined set unless more than
         REFINE_TOP - top_k tokens lie within the rounding (+-2^-8 |z|) of the k-th logit, so the sampled and
         greedy tokens see exact logits; the tail outside keeps its bf16 value (it only enters the normaliser)."""
+        return self._head(h)[0]
+
+    def _head(self, h, full: bool = True):
+        """_logits, plus what sample_top reads: (logits [B, V] or None when not `full`, top [B, R] the refined
+        ids, their exact logits [B, R], bound [B] the largest logit any id outside `top` can have); fp32 weights:
+        (logits, None, None, None), no candidate set. full=False (callers that never read full_logprobs) skips
+        every fp32 pass over the vocabulary: top-k straight on the bf16 output, nothing scattered back."""
         W = self.model.embed_tokens.weight.detach()  # [V, D]; the sampler never needs a graph
-        if W.dtype == torch.float32:
-            logits = F.linear(h.float(), W)
-        else:
-            logits = F.linear(h.to(W.dtype), W).float()  # [B, V]
-            top = logits.topk(min(REFINE_TOP, W.shape[0]), dim=-1).indices  # [B, R]
-            exact = torch.bmm(W[top].float(), h.float()[:, :, None])[..., 0]  # [B, R, D] @ [B, D, 1] -> [B, R]
-            logits.scatter_(1, top, exact)
         c = getattr(self.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / c) * c if c else logits
+        cap = (lambda z: torch.tanh(z / c) * c) if c else (lambda z: z)  # monotone: the tail stays below the bound
+        if W.dtype == torch.float32:
+            return cap(F.linear(h.float(), W)), None, None, None
+        z = F.linear(h.to(W.dtype), W)  # [B, V] bf16 out, fp32 accumulation inside
+        logits = z.float() if full else None
+        vals, top = (z if logits is None else logits).topk(min(REFINE_TOP, W.shape[0]), dim=-1)  # [B, R] descending
+        bound = vals[:, -1].float()  # [B]: the tail keeps its bf16 outputs, all <= the smallest one kept
+        exact = torch.bmm(W[top].float(), h.float()[:, :, None])[..., 0]  # [B, R, D] @ [B, D, 1] -> [B, R]
+        if logits is not None:
+            logits.scatter_(1, top, exact)
+            logits = cap(logits)
+        return logits, top, cap(exact), cap(bound)
 
     def _forward(self, ids, cache):
         """One cached forward of ids [B, T] -> final hidden [B, T, D]."""
@@ -501,7 +571,7 @@ class Engine:
     def generate(self, prompts: list[list[int]], num_samples: int = 1, max_new_tokens: int | list[int] = 256,
                  temperature: float | list[float] = 1.0, top_k: int | None = None, top_p: float = 1.0,
                  stop_ids=None, stop_strings=(), seeds=None, min_new_tokens: int = 0, check_every: int = 8,
-                 compact: bool = True, on_done=None, prefill=None) -> GenerationResult:
+                 compact: bool = True, on_done=None, prefill=None, full_logprobs: bool = True) -> GenerationResult:
         """Sample num_samples continuations of every prompt (token id lists, BOS included by the caller).
 
         stop_ids: default tokenizer.stop_ids or [eos, <end_of_turn>] = [1, 106]; pass [] to disable.
@@ -516,7 +586,9 @@ class Engine:
         greedy row and its K sampled rows in ONE decode ([0.0, T, ..., T]): a greedy slot (0) ignores top_k/top_p
         and gets exactly the tokens greedy() gives it; at most one nonzero temperature per call.
         prefill: (cache, logits) = self.prefill(prompts) of these same prompts, reused instead of prefilling again
-        (it is copied, never modified, so one prefill can serve several calls and score(prefix=...))."""
+        (it is copied, never modified, so one prefill can serve several calls and score(prefix=...)).
+        full_logprobs=False: the result's full_logprobs[_padded] are None, and a CPU decode skips the fp32 passes
+        over the vocabulary they need (eval reads tokens only); the tokens and sampler log-probs are the same."""
         K, P = num_samples, len(prompts)
         temps = [float(x) for x in temperature] if isinstance(temperature, (list, tuple)) else [float(temperature)] * K
         limits = [int(x) for x in max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else \
@@ -552,7 +624,7 @@ class Engine:
                 prefill = (prefill[0].fan_out(1, prefill[0].pos, rows=idx), prefill[1][idx])
             return self.generate(prompts + [prompts[0]] * (Pb - P), K, limits, temps, top_k, top_p, stop_ids,
                                  stop_strings, list(seeds) + [0] * ((Pb - P) * K), min_new_tokens, check_every,
-                                 compact, done_cb, prefill).head(rows)
+                                 compact, done_cb, prefill, full_logprobs).head(rows)
         dev = self.device
 
         # all uniforms up front, one generator per row: row r's sample never depends on the batch it sits in
@@ -578,6 +650,7 @@ class Engine:
                 cache = small.fan_out(K, S)  # [rows]
                 del small
         logits = logits.repeat_interleave(K, 0)  # [rows, V]
+        cand = None  # (top, bound) of the last head when sample_top may read them; the prefill's logits have none
         if static:  # fixed shapes from here on: finished rows stay in the batch (masked), never compacted
             cache, compact, step = StaticKVCache(cache), False, self._step_fn()
             cur = torch.empty(rows, 1, dtype=torch.long, device=dev)  # [rows, 1] the step's input tokens
@@ -605,15 +678,24 @@ class Engine:
         for t in range(N):
             with span("engine.sample"):  # draw + per-row bookkeeping, all on device
                 banned = ban_early if t < min_new_tokens else ban
-                tok, lp, full = sample_tokens(logits, u[act, t], temperature, top_k, top_p, banned)  # [n] each
-                if mixed:  # greedy slots: the argmax (no sync: both computed, selected per row)
-                    g = greedy_row[act]
-                    tg, lg, fg = sample_tokens(logits, u[act, t], 0.0, None, 1.0, banned)
-                    tok, lp, full = torch.where(g, tg, tok), torch.where(g, lg, lp), torch.where(g, fg, full)
+                g = greedy_row[act] if mixed else None
+                drawn = None if cand is None else sample_top(*cand, u[act, t], temperature, g, top_k, top_p,
+                                                             banned, logits)
+                self.draws["full" if drawn is None else "top"] += 1
+                self.draws["declined"] += cand is not None and drawn is None
+                if drawn is None:
+                    if logits is None:  # a full=False head (the candidates failed the check): the whole row now
+                        logits = self._head(h[:, -1])[0]
+                    drawn = sample_tokens(logits, u[act, t], temperature, top_k, top_p, banned)
+                    if mixed:  # greedy slots: the argmax (no sync: both computed, selected per row)
+                        tg, lg, fg = sample_tokens(logits, u[act, t], 0.0, None, 1.0, banned)
+                        drawn = tuple(torch.where(g, a, b) for a, b in zip((tg, lg, fg), drawn))
+                tok, lp, full = drawn  # [n] each
                 live = ~done[act]
                 out_tok[act, t] = torch.where(live, tok, self.pad_id)
                 out_lp[act, t] = torch.where(live, lp, 0.0)
-                out_full[act, t] = torch.where(live, full, 0.0)
+                if full is not None:
+                    out_full[act, t] = torch.where(live, full, 0.0)
                 if len(stop_ids):
                     hit = live & torch.isin(tok, stop_t)
                     length[act] = torch.where(hit, t + 1, length[act])
@@ -649,12 +731,14 @@ class Engine:
             with span("engine.forward"):
                 h = self._forward(out_tok[act, t:t + 1], cache)  # [n, 1, D]; finished, uncompacted rows feed pad
             with span("engine.head"):
-                logits = self._logits(h[:, -1])
+                logits, *cand = self._head(h[:, -1], full=full_logprobs or not self.draw_from_top)
+                cand = cand if self.draw_from_top and cand[0] is not None else None
         if stop_strings:  # rows can still complete a stop string in the steps since the last check
             self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
         if on_done is not None:
             self._report_done(on_done, ~told, out_tok, length, steps, reason_id, str_reason)
-        return self._collect(out_tok, out_lp, out_full, length, reason_id, str_reason, steps, stop_strings)
+        return self._collect(out_tok, out_lp, out_full if full_logprobs else None, length, reason_id, str_reason,
+                             steps, stop_strings)
 
     @staticmethod
     def _report_done(on_done, new, out_tok, length, steps, reason_id, str_reason):
@@ -703,7 +787,7 @@ class Engine:
         mask = torch.arange(N)[None, :] < length[:, None]  # [rows, N]
         tok = out_tok.cpu().masked_fill(~mask, self.pad_id)
         lp = out_lp.float().cpu().masked_fill(~mask, 0.0)
-        full = out_full.float().cpu().masked_fill(~mask, 0.0)
+        full = None if out_full is None else out_full.float().cpu().masked_fill(~mask, 0.0)
         reason_id = reason_id.cpu().tolist()
         lens = length.tolist()
         reasons = [_reason(str_reason[r], reason_id[r]) for r in range(len(lens))]
@@ -714,7 +798,8 @@ class Engine:
                 texts[r] = _cut_after_stop(texts[r], stop_strings)
         return GenerationResult(
             tokens=tokens, logprobs=[lp[r, :n].tolist() for r, n in enumerate(lens)],
-            full_logprobs=[full[r, :n].tolist() for r, n in enumerate(lens)], stop_reasons=reasons, texts=texts,
+            full_logprobs=None if full is None else [full[r, :n].tolist() for r, n in enumerate(lens)],
+            stop_reasons=reasons, texts=texts,
             tokens_padded=tok, mask=mask, logprobs_padded=lp, full_logprobs_padded=full)
 
     @torch.inference_mode()
