@@ -773,8 +773,8 @@ def load_finished(out_dir: Path, cfg: EvalConfig, all_sets: list) -> dict[str, t
 
 
 
-def main(argv: list[str]) -> dict | None:
-    cfg = parse_args(EvalConfig, argv)
+def check_config(cfg: EvalConfig) -> None:
+    """Every option and input path, before any model is loaded: one line naming the bad one (a typo costs seconds)."""
     if cfg.split not in ("valid", "test"):
         raise ConfigError(f"split must be 'valid' or 'test', got {cfg.split!r}")
     if cfg.prompts not in ("ours", "authors"):
@@ -791,14 +791,11 @@ def main(argv: list[str]) -> dict | None:
         raise ConfigError(f"sampling.authors_id_pattern={cfg.sampling.authors_id_pattern!r}: {e}") from None
     _parse_dtype(cfg.dtype, torch.device("cpu"))
     cfg.data_dir, cfg.sasrec_dir = (str(Path(p).expanduser()) if p else p for p in (cfg.data_dir, cfg.sasrec_dir))
-    check_inputs(cfg)          # every path, before any model is loaded (a typo costs seconds, not a run)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    info = init_distributed()
-    out_dir = Path(cfg.run_dir)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
+    check_inputs(cfg)
+
+
+def load_users(cfg: EvalConfig):
+    """-> (dataset, the evaluated users' candidate sets: the split's first max_users, each holding its target)."""
     ds = load_dataset(cfg.data_dir)
     all_sets = ds.candidates(cfg.split)
     if not all_sets:
@@ -809,62 +806,87 @@ def main(argv: list[str]) -> dict | None:
         if cs.target not in cs.candidates:
             raise ValueError(f"{cfg.data_dir}/candidates_{cfg.split}.jsonl: user {cs.user}: target {cs.target} is "
                              f"not among its candidates")
-    U = len(all_sets)
-    mine = list(range(info.rank, U, info.world_size))  # users strided over ranks
+    return ds, all_sets
+
+
+def new_results(cfg: EvalConfig, info, all_sets: list) -> dict:
+    """results.json's skeleton: what was evaluated, the random baseline, and each model's compute dtype."""
+    return {"split": cfg.split, "n_users": len(all_sets), "n_candidates": len(all_sets[0].candidates),
+            "data_dir": cfg.data_dir, "complete": False, "models": {},
+            "baselines": {"random": random_baseline([len(cs.candidates) for cs in all_sets], cfg)},
+            "compute_dtype": {n: str(_parse_dtype(cfg.dtype, info.device, s.path)).removeprefix("torch.")
+                              for n, s in cfg.models.items()},
+            # how the weights met that dtype: "merged", or a bf16 base + the fine-tune's fp32 lora_delta
+            "weights": {n: weights_note(_parse_dtype(cfg.dtype, info.device, s.path),
+                                        Path(s.path).expanduser()) for n, s in cfg.models.items()}}
+
+
+def evaluate_sasrec(cfg: EvalConfig, ds, all_sets: list, mine: list[int]) -> tuple[dict, tuple[str, torch.Tensor]]:
+    """SASRec ranks the same candidates (both protocols read its ranking) -> (results block, per-user rows)."""
+    from twice.sasrec import SASRec, check_dataset, rank_candidates
+    sas = SASRec.load(cfg.sasrec_dir)
+    check_dataset(sas, ds, cfg.sasrec_dir)  # one line: a SASRec of another catalogue would rank other items
+    hist = [ds.history(all_sets[i].user, cfg.split) for i in mine]
+    ranks = rank_candidates(sas, hist, [list(all_sets[i].candidates) for i in mine],
+                            [all_sets[i].target for i in mine]).tolist() if mine else []
+    full = gather_values({p: [float(r)] for p, r in zip(mine, ranks)}, len(all_sets), 1)
+    block = ranked_metrics(full[:, 0].long().tolist(), sorted(set(cfg.exact.ks) | set(cfg.sampling.ks)), mrr=True)
+    print0(f"SASRec: exact HR@1 {block['hr@1']['value']:.4f}" if "hr@1" in block else "SASRec done")
+    return {"label": "SASRec (ranking)", "note": SASREC_NOTE, "exact": block, "sampling": block}, ("ranking", full)
+
+
+def evaluate_llm(cfg: EvalConfig, name: str, spec: ModelSpec, ds, all_sets: list, mine: list[int], info,
+                 out_dir: Path) -> tuple[dict, tuple[str, torch.Tensor]]:
+    """One LLM on this rank's users, gathered over ranks -> (results block, per-user rows); writes its predictions."""
+    times: dict = {}
+    records = evaluate_model(cfg, name, spec, ds, [all_sets[i] for i in mine], info, times)
+    rows = gather_values({p: per_user_values(r) for p, r in zip(mine, records)}, len(all_sets), len(PER_USER))
+    block = summarize_model(rows, cfg)
+    block["label"] = spec.label or name
+    # where eval time goes (rank 0's wall seconds): prefill (once per batch of prompts, shared), decode (the
+    # greedy and sampled rows together), exact (scoring from the shared prefill), total (+ model load, parsing)
+    block["time_s"] = {**times, "users": len(mine), "batch_size": cfg.batch_size}
+    block["fingerprint"] = model_fingerprint(cfg, name, spec)
+    merged = merge_predictions(out_dir, f"predictions_{name}", mine, records, info)
+    if info.is_main and cfg.judge.enabled and (not cfg.judge.models or name in cfg.judge.models):
+        block["judge"] = run_judge(cfg, name, merged, ds, out_dir)
+    if cfg.orderings:
+        block["orderings"] = evaluate_orderings(cfg, name, spec, ds, all_sets, mine, info, block, out_dir)
+    g = block.get("greedy", {})
+    print0(f"{name}: " + ", ".join(f"{proto} HR@1 {block[proto]['hr@1']['value']:.4f}"
+                                   for proto in ("sampling", "exact", "greedy") if proto in block)
+           + (f", greedy valid {g['valid']['value']:.3f}" if g else ""))
+    return block, ("llm", rows)
+
+
+def main(argv: list[str]) -> dict | None:
+    cfg = parse_args(EvalConfig, argv)
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info = init_distributed()
+    out_dir = Path(cfg.run_dir)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    ds, all_sets = load_users(cfg)
+    mine = list(range(info.rank, len(all_sets), info.world_size))  # users strided over ranks
     t0 = time.time()
-    results: dict = {"split": cfg.split, "n_users": U, "n_candidates": len(all_sets[0].candidates),
-                     "data_dir": cfg.data_dir, "complete": False, "models": {},
-                     "baselines": {"random": random_baseline([len(cs.candidates) for cs in all_sets], cfg)},
-                     "compute_dtype": {n: str(_parse_dtype(cfg.dtype, info.device, s.path)).removeprefix("torch.")
-                                       for n, s in cfg.models.items()},
-                     # how the weights met that dtype: "merged", or a bf16 base + the fine-tune's fp32 lora_delta
-                     "weights": {n: weights_note(_parse_dtype(cfg.dtype, info.device, s.path),
-                                                 Path(s.path).expanduser()) for n, s in cfg.models.items()}}
+    results = new_results(cfg, info, all_sets)
     per_model: dict[str, tuple[str, torch.Tensor]] = {}   # per-user rows, for the paired tests
     finished = load_finished(out_dir, cfg, all_sets)
     if info.is_main:   # results.md exists only for a COMPLETE run (the pipeline's done-check reads it)
         (out_dir / "results.md").unlink(missing_ok=True)
 
     if cfg.sasrec_dir:
-        from twice.sasrec import SASRec, check_dataset, rank_candidates
-        sas = SASRec.load(cfg.sasrec_dir)
-        check_dataset(sas, ds, cfg.sasrec_dir)  # one line: a SASRec of another catalogue would rank other items
-        hist = [ds.history(all_sets[i].user, cfg.split) for i in mine]
-        ranks = rank_candidates(sas, hist, [list(all_sets[i].candidates) for i in mine],
-                                [all_sets[i].target for i in mine]).tolist() if mine else []
-        full = gather_values({p: [float(r)] for p, r in zip(mine, ranks)}, U, 1)
-        block = ranked_metrics(full[:, 0].long().tolist(), sorted(set(cfg.exact.ks) | set(cfg.sampling.ks)), mrr=True)
-        results["models"]["sasrec"] = {"label": "SASRec (ranking)", "note": SASREC_NOTE, "exact": block,
-                                       "sampling": block}
-        per_model["sasrec"] = ("ranking", full)
-        print0(f"SASRec: exact HR@1 {block['hr@1']['value']:.4f}" if "hr@1" in block else "SASRec done")
-
+        results["models"]["sasrec"], per_model["sasrec"] = evaluate_sasrec(cfg, ds, all_sets, mine)
     for name, spec in cfg.models.items():
         if name in finished:
             block, rows = finished[name]
             results["models"][name], per_model[name] = block, ("llm", rows)
             print0(f"{name}: finished in {out_dir}/results.json for this config, skipped (resume=false redoes it)")
             continue
-        times: dict = {}
-        records = evaluate_model(cfg, name, spec, ds, [all_sets[i] for i in mine], info, times)
-        rows = gather_values({p: per_user_values(r) for p, r in zip(mine, records)}, U, len(PER_USER))
-        block = summarize_model(rows, cfg)
-        block["label"] = spec.label or name
-        # where eval time goes (rank 0's wall seconds): prefill (once per batch of prompts, shared), decode (the
-        # greedy and sampled rows together), exact (scoring from the shared prefill), total (+ model load, parsing)
-        block["time_s"] = {**times, "users": len(mine), "batch_size": cfg.batch_size}
-        block["fingerprint"] = model_fingerprint(cfg, name, spec)
-        per_model[name] = ("llm", rows)
-        merged = merge_predictions(out_dir, f"predictions_{name}", mine, records, info)
-        if info.is_main and cfg.judge.enabled and (not cfg.judge.models or name in cfg.judge.models):
-            block["judge"] = run_judge(cfg, name, merged, ds, out_dir)
-        if cfg.orderings:
-            block["orderings"] = evaluate_orderings(cfg, name, spec, ds, all_sets, mine, info, block, out_dir)
-        results["models"][name] = block
-        g = block.get("greedy", {})
-        print0(f"{name}: " + ", ".join(f"{proto} HR@1 {block[proto]['hr@1']['value']:.4f}"
-                                       for proto in ("sampling", "exact", "greedy") if proto in block)
-               + (f", greedy valid {g['valid']['value']:.3f}" if g else ""))
+        results["models"][name], per_model[name] = evaluate_llm(cfg, name, spec, ds, all_sets, mine, info, out_dir)
         if info.is_main:     # a later failure keeps this model's rows (and resume skips it)
             results["paired"] = paired_comparisons(per_model, cfg)
             write_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")

@@ -134,12 +134,40 @@ def metric_value(res: dict, name: str) -> float:
     return res[proto][metric]
 
 
-def main(argv: list[str]) -> dict:
+@dataclass
+class Run:                      # what every phase reads: set up once by `setup`
+    cfg: Config
+    ds: object                  # twice.data.Dataset
+    out_dir: Path
+    info: object                # init_distributed(): rank, world_size, device, is_main
+    model: torch.nn.Module      # DDP-wrapped when world > 1
+    raw_model: SASRec
+    opt: torch.optim.Optimizer
+    gen: torch.Generator        # negatives (differ per rank)
+    shuffle_gen: torch.Generator  # the epoch permutation (identical on every rank, strided)
+    inputs: torch.Tensor        # [W, L] packed windows
+    targets: torch.Tensor       # [W, L] shifted targets (0 = pad)
+    owner: torch.Tensor         # [W] the user of each window
+    seen: torch.Tensor          # [U, E] each user's whole train part, 0-padded: never a negative
+    steps_per_epoch: int
+
+
+@dataclass
+class Progress:                 # the loop's running state
+    step: int = 0
+    train_s: float = 0.0
+    train_cpu_s: float = 0.0    # CPU seconds of this process: robust to a shared, loaded CPU
+    best: float = -1.0
+    best_epoch: int = 0
+    bad_evals: int = 0
+
+
+def setup(argv: list[str]) -> Run:
+    """Config and inputs checked, run dir, packed windows, model and optimizer (seeded), one summary line."""
     cfg = parse_args(Config, argv)
     tc = cfg.train
     check_inputs(("train.data_dir", tc.data_dir, "dataset"))  # one line naming the field, not a traceback
     info = init_distributed()  # torchrun env -> process group (gloo on CPU, nccl on GPU); world 1 without it
-    rank, world, device, master = info.rank, info.world_size, info.device, info.is_main
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if tc.windows not in ("all", "last"):
@@ -149,114 +177,137 @@ def main(argv: list[str]) -> dict:
     cfg.sasrec.n_items = ds.n_items  # the dataset decides the vocabulary; a YAML value is overridden
     cfg.sasrec.item_ids_sha = item_ids_sha(ds)  # and the id map: SASRec.check_dataset refuses another catalogue
     out_dir = Path(tc.out_dir)
-    if master:
+    if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         (out_dir / "metrics.jsonl").write_text("")
 
     train_parts = [u.items[:-2] for u in ds.users if len(u.items) >= 3]
-    skipped = len(ds.users) - len(train_parts)
     inputs, targets, owner = train_windows(train_parts, cfg.sasrec.maxlen, tc.windows)  # [W, L], [W, L], [W]
-    seen = left_pad(train_parts, max(map(len, train_parts)))  # [U, E] each user's whole train part, 0-padded
-    n_targets = int((targets != 0).sum())
+    seen = left_pad(train_parts, max(map(len, train_parts)))  # [U, E]
 
+    device, world = info.device, info.world_size
     torch.manual_seed(tc.seed)
-    model = SASRec(cfg.sasrec).to(device)
-    raw_model = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    raw_model = SASRec(cfg.sasrec).to(device)
+    model = raw_model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(tc.seed + 1000 * rank)  # negatives differ per rank
-    shuffle_gen = torch.Generator().manual_seed(tc.seed)  # identical on every rank: same permutation, strided
-    steps_per_epoch = math.ceil(math.ceil(len(inputs) / world) / tc.batch_size)
-    if master:
+    r = Run(cfg, ds, out_dir, info, model, raw_model, opt,
+            gen=torch.Generator(device=device).manual_seed(tc.seed + 1000 * info.rank),
+            shuffle_gen=torch.Generator().manual_seed(tc.seed), inputs=inputs, targets=targets, owner=owner,
+            seen=seen, steps_per_epoch=math.ceil(math.ceil(len(inputs) / world) / tc.batch_size))
+    if info.is_main:
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{ds.n_users} users ({skipped} with < 3 items skipped), {ds.n_items} items, {len(inputs)} windows, "
-              f"{n_targets} train targets, {n_params:,} params, loss={cfg.sasrec.loss}, device={device}, world={world}")
+        print(f"{ds.n_users} users ({len(ds.users) - len(train_parts)} with < 3 items skipped), {ds.n_items} items, "
+              f"{len(inputs)} windows, {int((targets != 0).sum())} train targets, {n_params:,} params, "
+              f"loss={cfg.sasrec.loss}, device={device}, world={world}")
+    return r
 
-    best, best_epoch, bad_evals, train_s, train_cpu_s, step = -1.0, 0, 0, 0.0, 0.0, 0
+
+def train_epoch(r: Run, pr: Progress, epoch: int) -> float:
+    """One epoch of packed training over this rank's stride of a fresh permutation -> the summed batch losses."""
+    tc, dev = r.cfg.train, r.info.device
+    r.model.train()
+    t0, c0 = time.perf_counter(), time.process_time()
+    perm = torch.randperm(len(r.inputs), generator=r.shuffle_gen)[r.info.rank::r.info.world_size]
+    total = 0.0
+    for s in tqdm(range(0, len(perm), tc.batch_size), total=r.steps_per_epoch, disable=not r.info.is_main,
+                  desc=f"epoch {epoch}", leave=False):
+        idx = perm[s : s + tc.batch_size]
+        seq, tgt = r.inputs[idx].to(dev), r.targets[idx].to(dev)
+        loss = r.model(seq, tgt, generator=r.gen, exclude=r.seen[r.owner[idx]].to(dev))
+        r.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(r.model.parameters(), tc.grad_clip)
+        r.opt.step()
+        total += loss.item()
+        pr.step += 1
+    pr.train_s += time.perf_counter() - t0
+    pr.train_cpu_s += time.process_time() - c0
+    return total
+
+
+def validate(r: Run, pr: Progress, epoch: int, total: float) -> bool:
+    """Rank 0: valid metric (+ test if tracked), best/ saved on improvement, one metrics.jsonl line -> patience
+    exhausted?"""
+    tc = r.cfg.train
+    te = time.perf_counter()
+    value = metric_value(evaluate(r.raw_model, r.ds, "valid", tc, protocols=(tc.valid_metric.split("/")[0],)),
+                         tc.valid_metric)
+    row = {"epoch": epoch, "step": pr.step, "loss": total / max(1, r.steps_per_epoch), "train_s": pr.train_s,
+           "train_cpu_s": pr.train_cpu_s, f"valid/{tc.valid_metric}": value}
+    if tc.track_test:
+        test = evaluate(r.raw_model, r.ds, "test", tc, protocols=("full",))["full"]
+        row.update({f"test/full/{k}": v for k, v in test.items() if k.startswith(("ndcg@", "hr@", "mrr@"))
+                    and not k.endswith("ci95")})
+    row["eval_s"] = time.perf_counter() - te
+    improved = value > pr.best
+    if improved:
+        pr.best, pr.best_epoch, pr.bad_evals = value, epoch, 0
+        r.raw_model.save(r.out_dir / "best")
+    else:
+        pr.bad_evals += 1
+    row["best"] = improved
+    with open(r.out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"epoch {epoch:3d} | loss {row['loss']:.4f} | valid {tc.valid_metric} {value:.4f}"
+          f"{' *' if improved else ''} | train {pr.train_s:.1f}s"
+          + (f" | test ndcg@10 {row.get('test/full/ndcg@10', float('nan')):.4f}" if tc.track_test else ""))
+    return pr.bad_evals >= tc.patience
+
+
+def final_results(r: Run, pr: Progress, epochs_run: int) -> dict:
+    """Rank 0: the best model on every protocol + the reward's calibration -> results.json, and a summary."""
+    tc = r.cfg.train
+    best_model = SASRec.load(r.out_dir / "best", device=r.info.device)
+    results = {
+        "dataset": str(tc.data_dir), "n_users": r.ds.n_users, "n_items": r.ds.n_items,
+        "n_train_targets": int((r.targets != 0).sum()), "best_epoch": pr.best_epoch, "epochs_run": epochs_run,
+        "train_s": pr.train_s, "train_cpu_s": pr.train_cpu_s, "loss": r.cfg.sasrec.loss,
+        "valid": evaluate(best_model, r.ds, "valid", tc),
+        "test": evaluate(best_model, r.ds, "test", tc),
+        "tie_break": "pessimistic (a tie with the target ranks it lower)",
+        # sigmoid(logit) as the GRPO reward reads it (rho_cf), on the valid histories: is it a probability?
+        "calibration": calibration(best_model, split_lists(r.ds, "valid")[1], tau=tc.calibration_tau),
+    }
+    write_json_atomic(r.out_dir / "results.json", results)
+    t = results["test"]
+    line = [f"best epoch {pr.best_epoch}, train {pr.train_s:.1f}s"]
+    if "candidates" in t:
+        c = t["candidates"]
+        line.append(f"candidates HR@1 {c['hr@1']:.4f} HR@5 {c['hr@5']:.4f} NDCG@5 {c['ndcg@5']:.4f}")
+    for p in ("full", "sampled100"):
+        if 10 in tc.ks:
+            line.append(f"{p} HR@10 {t[p]['hr@10']:.4f} NDCG@10 {t[p]['ndcg@10']:.4f}")
+    print("test: " + " | ".join(line))
+    c = results["calibration"]
+    print(f"calibration (valid histories, sigmoid of the logit): share of unseen items >= {c['tau']}: "
+          f"{c['share_ge_tau']:.3f} | random unseen item median {c['random_unseen_median']:.3f} | "
+          f"top-1 median {c['top1_median']:.3f} (min {c['top1_min']:.3f})")
+    return results
+
+
+def main(argv: list[str]) -> dict:
+    r = setup(argv)
+    tc, info = r.cfg.train, r.info
+    pr = Progress()
     for epoch in range(1, tc.epochs + 1):
-        # ---- one epoch of packed training
-        model.train()
-        t0, c0 = time.perf_counter(), time.process_time()
-        perm = torch.randperm(len(inputs), generator=shuffle_gen)[rank::world]
-        total = 0.0
-        for s in tqdm(range(0, len(perm), tc.batch_size), total=steps_per_epoch, disable=not master,
-                      desc=f"epoch {epoch}", leave=False):
-            idx = perm[s : s + tc.batch_size]
-            seq, tgt = inputs[idx].to(device), targets[idx].to(device)
-            loss = model(seq, tgt, generator=gen, exclude=seen[owner[idx]].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            total += loss.item()
-            step += 1
-        train_s += time.perf_counter() - t0
-        train_cpu_s += time.process_time() - c0  # CPU seconds of this process: robust to a shared, loaded CPU
-
-        # ---- valid evaluation (rank 0), early stopping decision broadcast to every rank
-        stop = torch.zeros(1, device=device)
-        if epoch % tc.eval_every == 0 or epoch == tc.epochs:
-            if master:
-                te = time.perf_counter()
-                valid = evaluate(raw_model, ds, "valid", tc, protocols=(tc.valid_metric.split("/")[0],))
-                value = metric_value(valid, tc.valid_metric)
-                row = {"epoch": epoch, "step": step, "loss": total / max(1, steps_per_epoch), "train_s": train_s,
-                       "train_cpu_s": train_cpu_s, f"valid/{tc.valid_metric}": value}
-                if tc.track_test:
-                    test = evaluate(raw_model, ds, "test", tc, protocols=("full",))["full"]
-                    row.update({f"test/full/{k}": v for k, v in test.items() if k.startswith(("ndcg@", "hr@", "mrr@"))
-                                and not k.endswith("ci95")})
-                row["eval_s"] = time.perf_counter() - te
-                improved = value > best
-                if improved:
-                    best, best_epoch, bad_evals = value, epoch, 0
-                    raw_model.save(out_dir / "best")
-                else:
-                    bad_evals += 1
-                row["best"] = improved
-                with open(out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"epoch {epoch:3d} | loss {row['loss']:.4f} | valid {tc.valid_metric} {value:.4f}"
-                      f"{' *' if improved else ''} | train {train_s:.1f}s"
-                      + (f" | test ndcg@10 {row.get('test/full/ndcg@10', float('nan')):.4f}" if tc.track_test else ""))
-                stop[0] = float(bad_evals >= tc.patience)
-        if (tc.max_train_s and train_s >= tc.max_train_s) or (tc.max_train_cpu_s and train_cpu_s >= tc.max_train_cpu_s):
+        total = train_epoch(r, pr, epoch)
+        # valid evaluation on rank 0; the early-stopping decision is broadcast to every rank
+        stop = torch.zeros(1, device=info.device)
+        if info.is_main and (epoch % tc.eval_every == 0 or epoch == tc.epochs):
+            stop[0] = float(validate(r, pr, epoch, total))
+        if (tc.max_train_s and pr.train_s >= tc.max_train_s) or (
+                tc.max_train_cpu_s and pr.train_cpu_s >= tc.max_train_cpu_s):
             stop[0] = 1.0
-        if world > 1:
+        if info.world_size > 1:
             dist.broadcast(stop, src=0)
         if stop.item():
             break
 
-    results = {}
-    if master:
-        best_model = SASRec.load(out_dir / "best", device=device)
-        results = {
-            "dataset": str(tc.data_dir), "n_users": ds.n_users, "n_items": ds.n_items, "n_train_targets": n_targets,
-            "best_epoch": best_epoch, "epochs_run": epoch, "train_s": train_s, "train_cpu_s": train_cpu_s, "loss": cfg.sasrec.loss,
-            "valid": evaluate(best_model, ds, "valid", tc),
-            "test": evaluate(best_model, ds, "test", tc),
-            "tie_break": "pessimistic (a tie with the target ranks it lower)",
-            # sigmoid(logit) as the GRPO reward reads it (rho_cf), on the valid histories: is it a probability?
-            "calibration": calibration(best_model, split_lists(ds, "valid")[1], tau=tc.calibration_tau),
-        }
-        write_json_atomic(out_dir / "results.json", results)
-        t = results["test"]
-        line = [f"best epoch {best_epoch}, train {train_s:.1f}s"]
-        if "candidates" in t:
-            c = t["candidates"]
-            line.append(f"candidates HR@1 {c['hr@1']:.4f} HR@5 {c['hr@5']:.4f} NDCG@5 {c['ndcg@5']:.4f}")
-        for p in ("full", "sampled100"):
-            if 10 in tc.ks:
-                line.append(f"{p} HR@10 {t[p]['hr@10']:.4f} NDCG@10 {t[p]['ndcg@10']:.4f}")
-        print("test: " + " | ".join(line))
-        c = results["calibration"]
-        print(f"calibration (valid histories, sigmoid of the logit): share of unseen items >= {c['tau']}: "
-              f"{c['share_ge_tau']:.3f} | random unseen item median {c['random_unseen_median']:.3f} | "
-              f"top-1 median {c['top1_median']:.3f} (min {c['top1_min']:.3f})")
-    if world > 1:
+    results = final_results(r, pr, epoch) if info.is_main else {}
+    if info.world_size > 1:
         dist.barrier()  # rank 0 evaluates while the others wait, then everyone leaves the group together
     cleanup()
     return results

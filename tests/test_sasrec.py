@@ -131,6 +131,27 @@ def test_each_loss_decreases(loss):
     assert last < 0.5 * first, (loss, first, last)
 
 
+@pytest.mark.parametrize("loss", ["bce", "sampled_softmax"])
+def test_sampled_losses_give_the_same_gradient_on_two_threads_every_time(loss):
+    """The reward model's BCE (and sampled softmax) are bitwise reproducible with several CPU threads: their item
+    gathers once backpropagated through indexing, whose CPU backward adds into the embedding's gradient with
+    parallel atomic float adds in arbitrary order (a rerun of the main job's SASRec reward differed in the 8th digit
+    from its first epoch on). Many positions hit each of the 24 items, so the adds really do collide."""
+    model = tiny(loss=loss, n_negatives=8)
+    seqs = [cycle_seq(s % N_ITEMS, 13) for s in range(2048)]
+    inputs, targets, _ = train_sasrec.train_windows(seqs, 12, "all")  # [2048, 12]: 24k target positions
+    grads, n = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(6):
+            model.zero_grad()
+            model(inputs, targets, generator=torch.Generator().manual_seed(0)).backward()
+            grads.append(model.item_emb.weight.grad.clone())
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(g, grads[0]) for g in grads[1:])
+
+
 def test_loss_values_at_init_match_their_definitions():
     """With all-zero item embeddings every logit is 0: CE = log(n_items), BCE = 2 log 2, sampled = log(1+K)."""
     seqs = torch.tensor([cycle_seq(0, 12)])

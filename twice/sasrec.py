@@ -202,15 +202,17 @@ class SASRec(nn.Module):
                 seen.scatter_(1, exclude.to(pos.device), True)
                 seen[:, 0] = False
                 neg = sample_unseen(neg, valid.nonzero()[:, 0], seen, generator)  # [N]
-            pos_logit = (h * W[pos]).sum(-1)
-            neg_logit = (h * W[neg]).sum(-1)
+            # F.embedding, not W[pos]: indexing's backward scatters into W.grad with parallel atomic float adds on a
+            # multi-thread CPU (index_put_ accumulate), so the same run gave weights differing in the 8th digit
+            pos_logit = (h * F.embedding(pos, W)).sum(-1)
+            neg_logit = (h * F.embedding(neg, W)).sum(-1)
             keep = (neg != pos).float()  # a "negative" equal to the positive is not a negative
             loss = -F.logsigmoid(pos_logit) - F.logsigmoid(-neg_logit) * keep
             return loss.mean()
         # sampled softmax: K negatives shared by every position in the batch -> one [N, K] matmul
         neg = torch.randint(1, V, (self.cfg.n_negatives,), device=pos.device, generator=generator)  # [K]
-        pos_logit = (h * W[pos]).sum(-1, keepdim=True)  # [N, 1]
-        neg_logit = h @ W[neg].T  # [N, K]
+        pos_logit = (h * F.embedding(pos, W)).sum(-1, keepdim=True)  # [N, 1] (deterministic backward, as above)
+        neg_logit = h @ F.embedding(neg, W).T  # [N, K]
         neg_logit = neg_logit.masked_fill(neg[None, :] == pos[:, None], float("-inf"))
         logits = torch.cat([pos_logit, neg_logit], dim=1)  # [N, 1+K], the positive is class 0
         return F.cross_entropy(logits, torch.zeros_like(pos))
