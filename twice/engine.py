@@ -650,14 +650,14 @@ class Engine:
                 cache = small.fan_out(K, S)  # [rows]
                 del small
         logits = logits.repeat_interleave(K, 0)  # [rows, V]
-        cand = None  # (top, bound) of the last head when sample_top may read them; the prefill's logits have none
+        cand = None  # (top, exact top logits, bound) of the last head for sample_top; the prefill's logits have none
         if static:  # fixed shapes from here on: finished rows stay in the batch (masked), never compacted
             cache, compact, step = StaticKVCache(cache), False, self._step_fn()
             cur = torch.empty(rows, 1, dtype=torch.long, device=dev)  # [rows, 1] the step's input tokens
 
         out_tok = torch.full((rows, N), self.pad_id, dtype=torch.long, device=dev)
         out_lp = torch.zeros(rows, N, device=dev)
-        out_full = torch.zeros(rows, N, device=dev)
+        out_full = torch.zeros(rows, N, device=dev) if full_logprobs else None
         limit = torch.tensor(limits, dtype=torch.long, device=dev).repeat(P)  # [rows] max_new_tokens per row
         uneven = len(set(limits)) > 1
         length = limit.clone()  # tokens kept per row
@@ -694,7 +694,7 @@ class Engine:
                 live = ~done[act]
                 out_tok[act, t] = torch.where(live, tok, self.pad_id)
                 out_lp[act, t] = torch.where(live, lp, 0.0)
-                if full is not None:
+                if out_full is not None:
                     out_full[act, t] = torch.where(live, full, 0.0)
                 if len(stop_ids):
                     hit = live & torch.isin(tok, stop_t)
@@ -737,8 +737,7 @@ class Engine:
             self._scan_stop_strings(out_tok, steps, done, length, stop_strings, str_reason, checked)
         if on_done is not None:
             self._report_done(on_done, ~told, out_tok, length, steps, reason_id, str_reason)
-        return self._collect(out_tok, out_lp, out_full if full_logprobs else None, length, reason_id, str_reason,
-                             steps, stop_strings)
+        return self._collect(out_tok, out_lp, out_full, length, reason_id, str_reason, steps, stop_strings)
 
     @staticmethod
     def _report_done(on_done, new, out_tok, length, steps, reason_id, str_reason):
