@@ -5,7 +5,8 @@
     python -m twice.pipeline --redo sft             # rerun one stage (and every stage after it)
     python -m twice.pipeline --threads 1            # OMP/torch threads per stage (0 = torch's default)
     python -m twice.pipeline --preset study         # issue 13's study: configs/study/, + GRPO (C), RQ3 paired table
-    python -m twice.pipeline --eval-procs 2         # eval as 2 one-thread processes (torchrun, gloo on CPU)
+    python -m twice.pipeline --eval-procs 1         # eval in one process (default: 2 one-thread processes under
+                                                    # torchrun, gloo on CPU; --tiny: 1)
 
 Stages, each a subprocess running the README's stage-by-stage command (configs/quickstart/<stage>.yaml, whose paths
 already chain: runs/quickstart/{data,sasrec,sasrec-reward,rationales,sft,grpo_D,grpo_E,eval}) plus overrides that relocate those
@@ -52,7 +53,7 @@ ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_D", "+SF
 
 # The real quickstart's sizing lives in configs/quickstart/*.yaml (so the README's stage-by-stage commands ARE the main
 # job): SASRec 10 epochs (an epoch count, not a time cap: same seed, same numbers on any machine), stage 1 asks the
-# evidence teacher about 300 users (~200 kept), SFT takes 44 LoRA steps of 4 examples, each GRPO variant 6 steps
+# evidence teacher about 300 users (~200 kept), SFT one epoch (59 LoRA steps of 4 examples), each GRPO variant 6 steps
 # (2 prompts x 4 samples, auto completion budget), eval 100 test users (batches of 8, 88-token completions).
 # Wall seconds each stage took in the README's main-job run (2 shared CPU cores; SFT and before at --threads 1 beside
 # other jobs), for the overall ETA; "model" is the one-time conversion (about 2 min when ~/.cache/twice/gemma-3-270m is
@@ -285,13 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output root (default runs/quickstart, or runs/quickstart-tiny)")
     ap.add_argument("--redo", default=None, choices=STUDY_STAGES, help="rerun this stage and every stage after it")
     ap.add_argument("--threads", type=int, default=0, help="torch/OMP threads per stage (0 = torch's default)")
-    ap.add_argument("--eval-procs", type=int, default=1,
+    ap.add_argument("--eval-procs", type=int, default=0,
                     help="eval as N processes of one thread each (torchrun; on 2 CPU cores 2 x 1 thread decodes "
-                         "~1.2x faster than 1 x 2 threads: the small decode matmuls scale poorly across threads)")
+                         "~1.2x faster than 1 x 2 threads: the small decode matmuls scale poorly across threads); "
+                         "0 = 2, or 1 under --tiny (there a second process costs more to start than it saves)")
     ap.add_argument("--configs", default=str(CONFIGS), help="folder of the stage YAMLs (default configs/quickstart)")
     ap.add_argument("--dry-run", action="store_true", help="print the stage commands, run nothing")
     ap.add_argument("--preset", default="", choices=["", "study"], help="study: issue 13's study (configs/study/)")
     args = ap.parse_args(argv)
+    args.eval_procs = args.eval_procs or (1 if args.tiny else 2)
     STAGES_RUN = STUDY_STAGES if args.preset == "study" else STAGES
     if args.preset == "study" and args.configs == str(CONFIGS):
         args.configs = str(STUDY_CONFIGS)
