@@ -55,11 +55,10 @@ ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_D", "+SF
 # job): SASRec 10 epochs (an epoch count, not a time cap: same seed, same numbers on any machine), stage 1 asks the
 # evidence teacher about 300 users (~200 kept), SFT one epoch (59 LoRA steps of 4 examples), each GRPO variant 6 steps
 # (2 prompts x 4 samples, auto completion budget), eval 100 test users (batches of 8, 88-token completions).
-# Wall seconds each stage took in the README's main-job run (2 shared CPU cores; SFT and before at --threads 1 beside
-# other jobs), for the overall ETA; "model" is the one-time conversion (about 2 min when ~/.cache/twice/gemma-3-270m is
-# not there yet).
-BUDGET_S = {"data": 1, "model": 100, "sasrec": 105, "sasrec_reward": 80, "rationales": 3, "sft": 1075, "grpo_D": 450,
-            "grpo_E": 200, "eval": 3200}
+# Wall seconds each stage took in the README's main-job run (a7f2f7f, 2 CPU cores, quiet), for the overall ETA; "model"
+# is the one-time conversion (about 2 min when ~/.cache/twice/gemma-3-270m is not there yet).
+BUDGET_S = {"data": 1, "model": 100, "sasrec": 38, "sasrec_reward": 32, "rationales": 1, "sft": 563, "grpo_D": 138,
+            "grpo_E": 155, "eval": 1207}
 BUDGET_TINY_S = {"data": 1, "model": 5, "sasrec": 8, "sasrec_reward": 8, "rationales": 10, "sft": 10, "grpo_D": 10,
                  "grpo_E": 10, "eval": 15}
 
