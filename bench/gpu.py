@@ -25,7 +25,8 @@ is 1 if any section failed, after the table is printed):
                  card's datasheet dense bf16 peak when the name is known); eager, then with compiled blocks
                  (Gemma3.compile_blocks, train_sft's model.compile).
   5. grpo        one train_grpo.py step in a subprocess on 1 rank (nccl process group, FSDP2 wrap, as torchrun gives
-                 it) on the tiny tests/grpo_fixture world with a Gemma-3-270m-shaped random model: s/step and phases.
+                 it) on the tiny tests/grpo_fixture world with a Gemma-3-270m-shaped random model: s/step and phases;
+                 --grpo-decode eager compiled runs it once per rollout.decode mode (one row each).
 Targets (issue 14): kernel fwd+bwd <= 2x its FLOP bound; decode >= 5k tokens/s compiled on an H100; SFT MFU >= 40%.
 """
 from __future__ import annotations
@@ -386,7 +387,12 @@ print('RESULT', json.dumps(m[-1]))
 
 @section("grpo")
 def bench_grpo(args, dev):
-    extra = {"rollout.group_size": args.grpo_K, "rollout.max_new_tokens": args.grpo_new,
+    for decode in args.grpo_decode:
+        grpo_step(args, dev, decode)
+
+
+def grpo_step(args, dev, decode):
+    extra = {"rollout.group_size": args.grpo_K, "rollout.max_new_tokens": args.grpo_new, "rollout.decode": decode,
              "optim.micro_batch_size": args.grpo_K, "rollout.stop_strings": "[]", "rollout.log_completions": 0}
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(ROOT)
@@ -398,7 +404,7 @@ def bench_grpo(args, dev):
                            f"exit {r.returncode}")
     m = json.loads(r.stdout.split("RESULT", 1)[1])
     group = "nccl 1-rank group + FSDP2" if dev.type == "cuda" else "CPU, no process group (dry run)"
-    row("grpo", "s/step (2nd step)", f"{m['time/step']:.2f}",
+    row("grpo", f"s/step (2nd step), {decode} decode", f"{m['time/step']:.2f}",
         f"{group}; sample {m['time/sample']:.2f} s, logprobs {m['time/logprobs']:.2f} s, update "
         f"{m['time/update']:.2f} s; K={args.grpo_K}, {args.grpo_new} new, "
         f"{'tiny' if args.dry_run else 'gemma-3-270m'} shape, fixture vocab")
@@ -411,6 +417,8 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy shapes (CI): proves the script runs")
     ap.add_argument("--only", nargs="*", default=None, help="sections to run (default: all)")
     ap.add_argument("--profile", action="store_true", help="print the SFT step's top GPU kernels (torch.profiler)")
+    ap.add_argument("--grpo-decode", nargs="+", default=["eager"], choices=["eager", "static", "compiled"],
+                    help="rollout.decode of the grpo section's step, one row each (compiled: CUDA graphs)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if dev.type == "cpu" and not args.dry_run:

@@ -82,7 +82,7 @@ TINY = {
 TASK_TINY = ["task.max_history=3", "task.max_prompt_tokens=4096"]
 
 # --preset study (issue 13; README "The study"): the stages read configs/study/*.yaml, whose sizes are the study's
-# (300 test users, SFT one epoch with valid-loss evals, 30 GRPO steps per variant, the evidence teacher); GRPO
+# (300 test users, SFT to a valid-loss plateau (120-step cap), 10 GRPO steps per variant, the evidence teacher); GRPO
 # variant C (from the base model, rewards of E) joins D and E; the table is twice.study's RQ3 table with paired
 # tests against +SFT and SASRec. With --tiny it runs the tiny model and the TINY sizes (what the test runs).
 STUDY_STAGES = STAGES[:STAGES.index("sft") + 1] + ("grpo_C",) + STAGES[STAGES.index("sft") + 1:]
