@@ -23,7 +23,8 @@ if str(ROOT) not in sys.path:
 
 sys.path.insert(0, str(ROOT / "tests"))
 from fixtures.ml100k_like import write_ml100k_like  # noqa: E402
-from twice.pipeline import BUDGET_S, ROWS, STAGES, VARIANTS, eta_s, stage_command  # noqa: E402
+from twice.pipeline import (BUDGET_S, BUDGET_STUDY_S, ROWS, STAGES, STUDY_STAGES, VARIANTS, eta_s,  # noqa: E402
+                            stage_command)
 from twice.rewards import REWARDS  # noqa: E402
 
 torch.set_num_threads(1)
@@ -147,3 +148,9 @@ def test_eta_scales_the_budgets_by_the_observed_speed():
     assert eta_s(BUDGET_S, done, []) == 0
     # a cached model (2 s against a 100 s conversion budget) says nothing about compute speed: not counted
     assert eta_s(BUDGET_S, {"model": 2.0, "sasrec": 2 * BUDGET_S["sasrec"]}, ["eval"]) == 2 * BUDGET_S["eval"]
+
+
+def test_every_stage_has_a_budget():
+    assert set(BUDGET_S) == set(STAGES) and set(BUDGET_STUDY_S) == set(STUDY_STAGES)
+    # the study's budgets are its own run's: SFT to a plateau and five models x 300 users cost more than the quickstart
+    assert BUDGET_STUDY_S["sft"] > BUDGET_S["sft"] and BUDGET_STUDY_S["eval"] > BUDGET_S["eval"]

@@ -59,6 +59,9 @@ ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_D", "+SF
 # is the one-time conversion (about 2 min when ~/.cache/twice/gemma-3-270m is not there yet).
 BUDGET_S = {"data": 1, "model": 100, "sasrec": 38, "sasrec_reward": 32, "rationales": 1, "sft": 563, "grpo_D": 138,
             "grpo_E": 155, "eval": 1207}
+# The same for --preset study, from the README's study run (2757be6, 2 CPU cores, quiet; eval = five models, 300 users)
+BUDGET_STUDY_S = {"data": 1, "model": 100, "sasrec": 41, "sasrec_reward": 33, "rationales": 1, "sft": 1346,
+                  "grpo_C": 198, "grpo_D": 255, "grpo_E": 269, "eval": 4850}
 BUDGET_TINY_S = {"data": 1, "model": 5, "sasrec": 8, "sasrec_reward": 8, "rationales": 10, "sft": 10, "grpo_D": 10,
                  "grpo_E": 10, "eval": 15}
 
@@ -321,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     model_dir = out / "model"
     t_all = time.time()
-    budgets = BUDGET_TINY_S if args.tiny else BUDGET_S
-    budgets = {**budgets, "grpo_C": budgets["grpo_E"]}   # study: C costs what E does
+    budgets = BUDGET_TINY_S if args.tiny else BUDGET_STUDY_S if args.preset == "study" else BUDGET_S
+    budgets = {"grpo_C": budgets["grpo_E"], **budgets}   # study --tiny: C costs what E does
     ran: dict[str, float] = {}  # wall seconds of the stages run in this invocation (ETA scaling)
 
     def pending(i: int) -> list[str]:  # stages from index i on that will run (not recorded complete)
