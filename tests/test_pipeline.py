@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:
 
 sys.path.insert(0, str(ROOT / "tests"))
 from fixtures.ml100k_like import write_ml100k_like  # noqa: E402
-from twice.pipeline import (BUDGET_S, BUDGET_STUDY_S, ROWS, STAGES, STUDY_STAGES, VARIANTS, eta_s,  # noqa: E402
-                            stage_command)
+from twice.pipeline import (BUDGET_S, BUDGET_STUDY_S, BUDGET_TINY_S, ROWS, STAGES, STUDY_STAGES,  # noqa: E402
+                            VARIANTS, eta_s, stage_command)
 from twice.rewards import REWARDS  # noqa: E402
 
 torch.set_num_threads(1)
@@ -152,5 +152,6 @@ def test_eta_scales_the_budgets_by_the_observed_speed():
 
 def test_every_stage_has_a_budget():
     assert set(BUDGET_S) == set(STAGES) and set(BUDGET_STUDY_S) == set(STUDY_STAGES)
+    assert set(BUDGET_TINY_S) == set(STUDY_STAGES)   # --tiny serves both presets
     # the study's budgets are its own run's: SFT to a plateau and five models x 300 users cost more than the quickstart
     assert BUDGET_STUDY_S["sft"] > BUDGET_S["sft"] and BUDGET_STUDY_S["eval"] > BUDGET_S["eval"]

@@ -62,8 +62,8 @@ BUDGET_S = {"data": 1, "model": 100, "sasrec": 38, "sasrec_reward": 32, "rationa
 # The same for --preset study, from the README's study run (2757be6, 2 CPU cores, quiet; eval = five models, 300 users)
 BUDGET_STUDY_S = {"data": 1, "model": 100, "sasrec": 41, "sasrec_reward": 33, "rationales": 1, "sft": 1346,
                   "grpo_C": 198, "grpo_D": 255, "grpo_E": 269, "eval": 4850}
-BUDGET_TINY_S = {"data": 1, "model": 5, "sasrec": 8, "sasrec_reward": 8, "rationales": 10, "sft": 10, "grpo_D": 10,
-                 "grpo_E": 10, "eval": 15}
+BUDGET_TINY_S = {"data": 1, "model": 5, "sasrec": 8, "sasrec_reward": 8, "rationales": 10, "sft": 10, "grpo_C": 10,
+                 "grpo_D": 10, "grpo_E": 10, "eval": 15}
 
 # --tiny: step counts and sizes small enough for CI (a few minutes on 2 shared cores), every stage still real
 TINY = {
@@ -325,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = out / "model"
     t_all = time.time()
     budgets = BUDGET_TINY_S if args.tiny else BUDGET_STUDY_S if args.preset == "study" else BUDGET_S
-    budgets = {"grpo_C": budgets["grpo_E"], **budgets}   # study --tiny: C costs what E does
     ran: dict[str, float] = {}  # wall seconds of the stages run in this invocation (ETA scaling)
 
     def pending(i: int) -> list[str]:  # stages from index i on that will run (not recorded complete)
