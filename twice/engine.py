@@ -542,7 +542,17 @@ class Engine:
         if self.decode != "compiled":
             return self._static_step
         if self._compiled_step is None:
-            self._compiled_step = torch.compile(self._static_step, mode="reduce-overhead", dynamic=False)
+            compiled = torch.compile(self._static_step, mode="reduce-overhead", dynamic=False)
+            # Under FSDP2 each fully_shard block's hooks break the graph, so dynamo traces every block's forward as a
+            # frame of its own, specialised on its layer_idx (the cache slot it writes): one entry per layer. At
+            # dynamo's default recompile_limit (8) layers 9+ fell back to eager and compiled rollouts ran slower
+            # than eager ones (H200, GRPO step 2.13 vs 1.44 s); with room for every layer, 0.89 vs 1.43 s.
+            limit = max(self.config.num_hidden_layers + 8, torch._dynamo.config.recompile_limit)
+
+            def step(ids, cache):
+                with torch._dynamo.config.patch(recompile_limit=limit):
+                    return compiled(ids, cache)
+            self._compiled_step = step
         return self._compiled_step
 
     def _left_pad(self, prompts):
