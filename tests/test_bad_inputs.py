@@ -58,7 +58,7 @@ CASES = {
     "train_grpo misspelled key": (["train_grpo.py", Q + "grpo.yaml", "rollout.group=2"], "rollout.group_size"),
     "train_grpo missing sasrec": (["train_grpo.py", Q + "grpo.yaml", "model.path=MODEL", "data_dir=DATA", "sasrec_dir=NOPE", "rollout.max_new_tokens=8"], "sasrec_dir: NOPE does not exist"),
     "eval misspelled key": (["eval.py", Q + "eval.yaml", "max_user=3"], "max_users"),
-    "eval missing model": (["eval.py", Q + "eval.yaml", "data_dir=DATA", "sasrec_dir=SASREC", "models.base.path=MODEL", "models.sft.path=NOPE", "models.grpo_D.path=MODEL", "models.grpo_E.path=MODEL"], "models.sft.path=NOPE: no such folder"),  # eval.py's own check_inputs (evalfix)
+    "eval missing model": (["eval.py", Q + "eval.yaml", "data_dir=DATA", "sasrec_dir=SASREC", "models.base.path=MODEL", "models.sft.path=NOPE", "models.grpo_E.path=MODEL"], "models.sft.path=NOPE: no such folder"),  # eval.py's own check_inputs (evalfix)
     "twice.data misspelled key": (["-m", "twice.data", "prepare", Q + "data.yaml", "k_cor=3"], "k_core"),
     "twice.data missing raw dir": (["-m", "twice.data", "prepare", "configs/data/recbole.yaml", "raw_dir=NOPE", "domain=x", "out_dir=NOPE/out"], "NOPE/x.inter not found"),
     "twice.serve missing model": (["-m", "twice.serve", "--model", "NOPE"], "--model: NOPE does not exist"),

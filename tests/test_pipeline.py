@@ -50,15 +50,15 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert all(s["rc"] == 0 and s["wall_s"] >= 0 for s in state["stages"].values())
     for f in ("data/candidates_test.jsonl", "model/config.json", "model/tokenizer.model", "sasrec/best/config.json",
               "sasrec-reward/best/config.json",
-              "rationales/stats.json", "sft/final/config.json", "grpo_D/final/config.json",
-              "grpo_E/final/config.json", "eval/results.json", "eval/results.md", "results.md"):
+              "rationales/stats.json", "sft/final/config.json", "grpo_E/final/config.json", "eval/results.json", "eval/results.md", "results.md"):
         assert (out / f).exists(), f
-    for name in ("base", "sft", "grpo_D", "grpo_E"):
+    assert not (out / "grpo_D").exists()  # the RQ3 ablations are the study's (test_study.py), not the main job's
+    for name in ("base", "sft", "grpo_E"):
         preds = (out / "eval" / f"predictions_{name}.jsonl").read_text().splitlines()
         assert len(preds) == 4 and all("rationale" in json.loads(x)["greedy"] for x in preds)
 
-    # GRPO ran its steps, logged every reward component, and the two variants used their own reward weights
-    for variant, weights in VARIANTS.items():
+    # GRPO ran its steps, logged every reward component, and used the paper's reward weights (E)
+    for variant, weights in [("grpo_E", VARIANTS["grpo_E"])]:
         rows = [json.loads(x) for x in (out / variant / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "reward" in r]
         assert [r["step"] for r in steps] == [1, 2]
@@ -68,17 +68,17 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         cfg = yaml.safe_load((out / variant / "config.yaml").read_text())
         assert cfg["rewards"]["weights"] == yaml.safe_load(weights)
 
-    # the final table: five model rows + the random row, eight cells each (value [95% interval] or "-"), in [0, 1],
+    # the final table: four model rows + the random row, eight cells each (value [95% interval] or "-"), in [0, 1],
     # each the value results.json holds; then the paired tests, each a line per protocol
     table = (out / "results.md").read_text()
     res = json.loads((out / "eval" / "results.json").read_text())
     lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
     assert "paper sampling HR@1" in lines[0] and "exact NDCG@5" in lines[0] and "greedy format" in lines[0]
-    labels = [ln.split("|")[1].strip() for ln in lines[1:7]]
+    labels = [ln.split("|")[1].strip() for ln in lines[1:6]]
     assert labels == [label for _, label in ROWS] + ["random (expectation)"]
     cols = [("sampling", "hr@1"), ("sampling", "hr@5"), ("sampling", "ndcg@5"), ("exact", "hr@1"), ("exact", "hr@5"),
             ("exact", "ndcg@5"), ("greedy", "valid"), ("greedy", "format")]
-    for (key, _), ln in zip(list(ROWS) + [("random", "")], lines[1:7]):
+    for (key, _), ln in zip(list(ROWS) + [("random", "")], lines[1:6]):
         cells = [c.strip() for c in ln.split("|")[2:-1]]
         assert len(cells) == 8
         m = res["baselines"]["random"] if key == "random" else res["models"][key]
@@ -93,7 +93,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
                 assert lo <= v + 5e-3 and v <= hi + 5e-3
     paired = [ln for ln in lines if " vs " in ln.split("|")[1]]
     assert [ln.split("|")[1].strip() for ln in paired][:2] == ["+SFT vs base"] * 2
-    assert len(paired) == 8
+    assert len(paired) == 6  # +SFT vs base, E vs +SFT, E vs SASRec; exact and sampling each
     assert table.splitlines()[0] in p.stdout   # printed too
     assert "stage(s) to run, about" in p.stdout and ", ETA " in p.stdout   # the overall ETA from the stage budgets
 
@@ -106,7 +106,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
             for v in x.values():
                 walk(v)
     walk(res["models"])
-    assert set(res["models"]) == {"sasrec", "base", "sft", "grpo_D", "grpo_E"}
+    assert set(res["models"]) == {"sasrec", "base", "sft", "grpo_E"}
 
     # resumable: a second run skips every stage and prints the same table
     p2 = _run(out)
@@ -128,12 +128,16 @@ def test_stage_commands_chain_paths(tmp_path):
         g = " ".join(stage_command(v, out, model, tiny=False))
         assert f"model.path={out / 'sft' / 'final'}" in g and f"sasrec_dir={out / 'sasrec-reward' / 'best'}" in g
     ev = " ".join(stage_command("eval", out, model, tiny=False))
-    for v in ("sft", "grpo_D", "grpo_E"):
+    for v in ("sft", "grpo_E"):
+        assert f"models.{v}.path={out / v / 'final'}" in ev
+    assert "grpo_D" not in ev and "grpo_C" not in ev  # the study's variants (below) are not the main job's
+    ev = " ".join(stage_command("eval", out, model, tiny=False, preset="study"))
+    for v in ("sft", "grpo_C", "grpo_D", "grpo_E"):
         assert f"models.{v}.path={out / v / 'final'}" in ev
     # the same prompt layout for SFT, GRPO and eval: task.yaml (included by the three), and --tiny changes it the
     # same way for all three
     tasks = [[a for a in stage_command(s, out, model, tiny=tiny) if a.startswith("task.")]
-             for tiny in (False, True) for s in ("sft", "grpo_D", "eval")]
+             for tiny in (False, True) for s in ("sft", "grpo_E", "eval")]
     assert tasks[0] == tasks[1] == tasks[2] == [] and tasks[3] == tasks[4] == tasks[5] and tasks[3]
     # no CPU-time cap anywhere: the quickstart's length is in epochs/steps (same seed, same numbers on any machine)
     for s in STAGES:

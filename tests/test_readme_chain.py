@@ -64,7 +64,7 @@ def test_readme_chain_is_the_pipeline(tmp_path, monkeypatch):
     for argv in readme_chain():
         st = stage_of(argv)
         if st == "grpo":
-            st = "grpo_D" if any(a.startswith("run_dir=") for a in argv) else "grpo_E"
+            st = "grpo_E"
         cmds[st] = argv
     assert set(STAGES) <= set(cmds), sorted(set(STAGES) - set(cmds))
     out = tmp_path / "runs" / "quickstart"          # tmp_path stands for the clone's root
@@ -132,24 +132,22 @@ def test_readme_chain_runs_as_written(tmp_path):
         if st == "data":
             from twice.pipeline import build_tiny_model
             build_tiny_model(work / "runs/quickstart/data", home / ".cache/twice/gemma-3-270m")
-    assert ran == ["data", "sasrec", "sasrec_reward", "rationales", "sft", "grpo", "grpo", "eval"]
+    assert ran == ["data", "sasrec", "sasrec_reward", "rationales", "sft", "grpo", "eval"]
 
     q = work / "runs" / "quickstart"
     res = json.loads((q / "eval" / "results.json").read_text())
-    assert set(res["models"]) == {"sasrec", "base", "sft", "grpo_D", "grpo_E"}
+    assert set(res["models"]) == {"sasrec", "base", "sft", "grpo_E"}
     assert res["data_dir"].endswith("runs/quickstart/data")
-    # one prompt layout, by construction: the resolved task blocks of SFT, both GRPO runs and eval are identical
-    tasks = [yaml.safe_load((q / d / "config.yaml").read_text())["task"] for d in ("sft", "grpo_E", "grpo_D", "eval")]
-    assert tasks[0] == tasks[1] == tasks[2] == tasks[3]
+    # one prompt layout, by construction: the resolved task blocks of SFT, GRPO and eval are identical
+    tasks = [yaml.safe_load((q / d / "config.yaml").read_text())["task"] for d in ("sft", "grpo_E", "eval")]
+    assert tasks[0] == tasks[1] == tasks[2]
     assert tasks[0]["max_history"] == 3 and tasks[0]["n_negatives"] == 9   # task.yaml + the tiny override
     # each stage read the previous stage's output
-    g = yaml.safe_load((q / "grpo_D" / "config.yaml").read_text())
+    g = yaml.safe_load((q / "grpo_E" / "config.yaml").read_text())
     assert g["model"]["path"] == "runs/quickstart/sft/final" and g["sasrec_dir"] == "runs/quickstart/sasrec-reward/best"
     assert yaml.safe_load((q / "sasrec-reward" / "config.yaml").read_text())["sasrec"]["loss"] == "bce"
-    assert g["rewards"]["weights"] == {"match": 1.0, "format": 1.0}
-    assert yaml.safe_load((q / "grpo_E" / "config.yaml").read_text())["rewards"]["weights"] == {"cg": 1.0,
-                                                                                                 "format": 1.0}
-    for d in ("sft", "grpo_D", "grpo_E"):
+    assert g["rewards"]["weights"] == {"cg": 1.0, "format": 1.0}
+    for d in ("sft", "grpo_E"):
         assert (q / d / "final" / "model.safetensors").is_file()
     from twice.config import check_inputs
     opt = dict(zip(serve[3::2], serve[4::2]))

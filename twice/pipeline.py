@@ -9,8 +9,8 @@
                                                     # torchrun, gloo on CPU; --tiny: 1)
 
 Stages, each a subprocess running the README's stage-by-stage command (configs/quickstart/<stage>.yaml, whose paths
-already chain: runs/quickstart/{data,sasrec,sasrec-reward,rationales,sft,grpo_D,grpo_E,eval}) plus overrides that relocate those
-paths under --out (identical to the YAMLs' own for the default out) and, under --tiny, shrink the sizes:
+already chain: runs/quickstart/{data,sasrec,sasrec-reward,rationales,sft,grpo_E,eval}) plus overrides that relocate
+those paths under --out (identical to the YAMLs' own for the default out) and, under --tiny, shrink the sizes:
     data       python -m twice.data prepare            -> OUT/data
     model      python -m twice.convert gemma-3-270m   (--tiny: a random tiny Gemma-3 + a SentencePiece model trained
                                                         on the dataset's text, saved as an HF folder: OUT/model)
@@ -19,14 +19,14 @@ paths under --out (identical to the YAMLs' own for the default out) and, under -
     rationales python build_rationales.py              -> OUT/rationales/rationales.jsonl (evidence teacher, brief;
                                                         --tiny: the tiny model as the local teacher)
     sft        python train_sft.py                     -> OUT/sft/final          (LoRA, T1 + T2 + T3)
-    grpo_D     python train_grpo.py                    -> OUT/grpo_D/final       (rewards: item match + format)
+    grpo_C     python train_grpo.py  (--preset study)  -> OUT/grpo_C/final       (E's rewards, from the base model)
+    grpo_D     python train_grpo.py  (--preset study)  -> OUT/grpo_D/final       (rewards: item match + format)
     grpo_E     python train_grpo.py                    -> OUT/grpo_E/final       (rewards: rho_cg + format, the paper)
     eval       python eval.py                          -> OUT/eval/results.json, results.md, predictions_*.jsonl
 Resumable: a stage whose outputs are complete (its script exited 0 and its outputs exist; OUT/pipeline.json
 records it) is skipped; an interrupted stage is rerun and resumes from its own checkpoints. Stage 1 keeps no
 rationale when the teacher writes nothing usable (an LLM teacher as small as the 270m often does not): SFT then
-trains T1 + T2 only, and the pipeline says so. The final table (SASRec, base, +SFT, +SFT+GRPO (D), +SFT+GRPO (E),
-random; HR@1, HR@5, NDCG@5 under the paper's sampling protocol and under exact ranking, with 95% intervals, greedy
+trains T1 + T2 only, and the pipeline says so. The final table (SASRec, base, +SFT, +SFT+GRPO (E), random; HR@1, HR@5, NDCG@5 under the paper's sampling protocol and under exact ranking, with 95% intervals, greedy
 validity and format; then the paired tests of each stage against the one it builds on) is printed and written to
 OUT/results.md; the wall and CPU seconds of every stage go to OUT/pipeline.json.
 """
@@ -45,20 +45,21 @@ from twice.fileio import write_atomic, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "quickstart"
-STAGES = ("data", "model", "sasrec", "sasrec_reward", "rationales", "sft", "grpo_D", "grpo_E", "eval")
-# GRPO variants of the paper's RQ3 that the quickstart trains (reward weights, twice/rewards.py registry names)
+# The main job trains the paper's GRPO (E) only: the RQ3 ablations C and D are the study's (--preset study), which
+# is where their comparison has the users to mean something (D cost the quickstart 7 of its 36 minutes).
+STAGES = ("data", "model", "sasrec", "sasrec_reward", "rationales", "sft", "grpo_E", "eval")
+# GRPO variants of the paper's RQ3 (reward weights, twice/rewards.py registry names); C: E's rewards from the base model
 VARIANTS = {"grpo_D": "{match: 1.0, format: 1.0}", "grpo_E": "{cg: 1.0, format: 1.0}"}
-ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_D", "+SFT+GRPO (D)"),
-        ("grpo_E", "+SFT+GRPO (E)"))
+ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_E", "+SFT+GRPO (E)"))
 
 # The real quickstart's sizing lives in configs/quickstart/*.yaml (so the README's stage-by-stage commands ARE the main
 # job): SASRec 10 epochs (an epoch count, not a time cap: same seed, same numbers on any machine), stage 1 asks the
-# evidence teacher about 300 users (~200 kept), SFT one epoch (59 LoRA steps of 4 examples), each GRPO variant 6 steps
-# (2 prompts x 4 samples, auto completion budget), eval 100 test users (batches of 8, 88-token completions).
+# evidence teacher about 300 users (~200 kept), SFT one epoch (59 LoRA steps of 4 examples), GRPO (E) 6 steps
+# (2 prompts x 4 samples, auto completion budget), eval 100 test users (batches of 25, 88-token completions).
 # Wall seconds each stage took in the README's main-job run (a7f2f7f, 2 CPU cores, quiet), for the overall ETA; "model"
 # is the one-time conversion (about 2 min when ~/.cache/twice/gemma-3-270m is not there yet).
-BUDGET_S = {"data": 1, "model": 100, "sasrec": 38, "sasrec_reward": 32, "rationales": 1, "sft": 563, "grpo_D": 138,
-            "grpo_E": 155, "eval": 1207}
+BUDGET_S = {"data": 1, "model": 100, "sasrec": 38, "sasrec_reward": 32, "rationales": 1, "sft": 563, "grpo_E": 155,
+            "eval": 900}
 # The same for --preset study, from the README's study run (2757be6, 2 CPU cores, quiet; eval = five models, 300 users)
 BUDGET_STUDY_S = {"data": 1, "model": 100, "sasrec": 41, "sasrec_reward": 33, "rationales": 1, "sft": 1346,
                   "grpo_C": 198, "grpo_D": 255, "grpo_E": 269, "eval": 4850}
@@ -88,7 +89,7 @@ TASK_TINY = ["task.max_history=3", "task.max_prompt_tokens=4096"]
 # (300 test users, SFT to a valid-loss plateau (120-step cap), 10 GRPO steps per variant, the evidence teacher); GRPO
 # variant C (from the base model, rewards of E) joins D and E; the table is twice.study's RQ3 table with paired
 # tests against +SFT and SASRec. With --tiny it runs the tiny model and the TINY sizes (what the test runs).
-STUDY_STAGES = STAGES[:STAGES.index("sft") + 1] + ("grpo_C",) + STAGES[STAGES.index("sft") + 1:]
+STUDY_STAGES = STAGES[:STAGES.index("sft") + 1] + ("grpo_C", "grpo_D") + STAGES[STAGES.index("sft") + 1:]
 STUDY_CONFIGS = ROOT / "configs" / "study"
 
 
@@ -172,12 +173,11 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
     if stage == "eval":
         launch = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={eval_procs}"] \
             if eval_procs > 1 else [py]
+        grpo = [s for s in (STUDY_STAGES if preset == "study" else STAGES) if s.startswith("grpo_")]
         return launch + [
             str(ROOT / "eval.py"), str(configs / "eval.yaml"), f"run_dir={out / 'eval'}", f"data_dir={data}",
-            f"sasrec_dir={sas / 'best'}", f"models.base.path={model_dir}",
-            f"models.sft.path={out / 'sft' / 'final'}", f"models.grpo_D.path={out / 'grpo_D' / 'final'}",
-            f"models.grpo_E.path={out / 'grpo_E' / 'final'}"] + task + t("eval") + (
-            [f"models.grpo_C.path={out / 'grpo_C' / 'final'}"] if preset == "study" else [])
+            f"sasrec_dir={sas / 'best'}", f"models.base.path={model_dir}", f"models.sft.path={out / 'sft' / 'final'}"
+        ] + [f"models.{s}.path={out / s / 'final'}" for s in grpo] + task + t("eval")
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -226,7 +226,7 @@ def _self_cpu() -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # the table
 
-PAIRS = (("sft", "base"), ("grpo_D", "sft"), ("grpo_E", "sft"), ("grpo_E", "sasrec"))  # A vs B: eval.py's paired
+PAIRS = (("sft", "base"), ("grpo_E", "sft"), ("grpo_E", "sasrec"))  # A vs B: eval.py's paired
 
 
 def _cell(m: dict | None) -> str:
@@ -245,7 +245,7 @@ def _diff(c: dict | None) -> str:
 
 
 def final_table(results: dict) -> str:
-    """Markdown: SASRec, base, +SFT, +SFT+GRPO (D), (E), random x HR@1, HR@5, NDCG@5 under both protocols (95%
+    """Markdown: SASRec, base, +SFT, +SFT+GRPO (E), random x HR@1, HR@5, NDCG@5 under both protocols (95%
     intervals) + greedy validity and format; then the paired tests of each stage against the one it builds on."""
     cols = [("sampling", "hr@1"), ("sampling", "hr@5"), ("sampling", "ndcg@5"),
             ("exact", "hr@1"), ("exact", "hr@5"), ("exact", "ndcg@5"), ("greedy", "valid"), ("greedy", "format")]
