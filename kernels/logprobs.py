@@ -29,7 +29,6 @@ Tests: pytest tests/test_logprobs.py        Benchmark: python bench/logprobs.py
 import importlib
 import math
 import os
-import weakref
 
 import torch
 
@@ -104,30 +103,6 @@ def _acc_dtype(hidden):
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-# The frozen bf16 head of a CPU run read in fp32, kept for the ONE tensor it was cast from. Why: the reference path
-# casts each [Vc, D] chunk of W to fp32 in forward and again in backward, and on a CPU those casts cost as much as a
-# third of the head (SFT step of 4 x 550 tokens: 1.0 of 9.4 CPU-s; eval's exact scoring pays them once per user).
-# A frozen weight (requires_grad False: the tied embedding under LoRA, every eval model) does not change between calls,
-# so one fp32 copy serves them all, bit for bit the values the chunk casts give. Keyed on the tensor object (a weak
-# reference: a freed weight never matches a new one at the same address) and its in-place version counter.
-_ACC_COPY: dict = {"ref": None, "version": -1, "w": None}
-
-
-def _acc_weight(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor | None:
-    """weight in the accumulation dtype for the whole vocabulary, or None: cast chunk by chunk (a trainable or
-    non-CPU weight; the fp32 copy of a 262k x 1152 head is 1.2 GB, kept off accelerators)."""
-    if weight.dtype == acc:
-        return weight
-    if weight.requires_grad or weight.device.type != "cpu":
-        return None
-    c = _ACC_COPY
-    if c["ref"] is None or c["ref"]() is not weight or c["version"] != weight._version:
-        c["w"] = None  # free the previous copy before making the next
-        c["ref"] = weakref.ref(weight, lambda _: c.update(ref=None, w=None, version=-1))
-        c["w"], c["version"] = weight.to(acc), weight._version
-    return c["w"]
-
-
 def _ref_chunks(n: int, v: int, d: int) -> tuple[int, int]:
     """Token rows and vocab columns per tile: [rows, vchunk] and the [vchunk, D] W / dW chunk both <= REF_TILE_ELEMS."""
     rows = max(1, min(n, REF_MAX_ROWS))
@@ -142,14 +117,13 @@ def _ref_forward(hidden, weight, targets, temperature, with_entropy):
     dev, acc = hidden.device, _acc_dtype(hidden)
     rows, vchunk = _ref_chunks(n, v, hidden.shape[1])
     h32 = hidden.to(acc)                                       # [N, D]; a no-op for fp32, O(N*D) for bf16
-    w_acc = _acc_weight(weight, acc)                           # [V, D] or None (cast per chunk below)
     m = torch.full((n,), -1e30, dtype=acc, device=dev)         # finite init: alpha = 0 and 0 * (m - m') = 0 on chunk 1
     s = torch.zeros(n, dtype=acc, device=dev)
     t = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
     zy = torch.zeros(n, dtype=acc, device=dev)
     for v0 in range(0, v, vchunk):
         v1 = min(v, v0 + vchunk)
-        w32 = weight[v0:v1].to(acc) if w_acc is None else w_acc[v0:v1]  # [Vc, D]
+        w32 = weight[v0:v1].to(acc)                            # [Vc, D]
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
             z = h32[n0:n1] @ w32.T                              # [Nc, Vc] fp32
@@ -199,10 +173,9 @@ def _ref_backward(hidden, weight, targets, temperature, lse, ent, g_lp, g_h, nee
     else:
         c_all = (-inv_t * g_lp)[:, None]
     neg_lse = -lse[:, None]                                     # [N, 1]
-    w_acc = _acc_weight(weight, acc)                           # [V, D] or None (cast per chunk below)
     for v0 in range(0, v, vchunk):
         v1 = min(v, v0 + vchunk)
-        w32 = weight[v0:v1].to(acc) if w_acc is None else w_acc[v0:v1]  # [Vc, D]
+        w32 = weight[v0:v1].to(acc)                            # [Vc, D]
         dw_acc = dw[v0:v1] if dw_direct else (torch.empty(w32.shape, dtype=acc, device=w32.device) if need_dw else None)
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
