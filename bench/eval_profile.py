@@ -1,7 +1,8 @@
 """Where eval's decode time goes: eval.py run as written, with every Engine.generate call under torch.profiler.
 
     python bench/eval_profile.py configs/quickstart/eval.yaml run_dir=/tmp/evprof data_dir=runs/quickstart/data \
-        max_users=8 batch_size=8 threads=1 sasrec_dir= "models={sft: {path: runs/quickstart/sft/final, reasoning: true}}"
+        max_users=8 batch_size=8 threads=1 sasrec_dir= \
+        "models={sft: {path: runs/quickstart/sft/final, reasoning: true}}"
 
 Every argument is eval.py's (the config and its overrides). Prints, per generate call (one per batch of users), the
 self CPU time by category, read off the ops' input shapes: `head` = the [rows, D] x [D, V] vocabulary matmul,

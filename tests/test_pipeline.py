@@ -50,7 +50,8 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert all(s["rc"] == 0 and s["wall_s"] >= 0 for s in state["stages"].values())
     for f in ("data/candidates_test.jsonl", "model/config.json", "model/tokenizer.model", "sasrec/best/config.json",
               "sasrec-reward/best/config.json",
-              "rationales/stats.json", "sft/final/config.json", "grpo_E/final/config.json", "eval/results.json", "eval/results.md", "results.md"):
+              "rationales/stats.json", "sft/final/config.json", "grpo_E/final/config.json", "eval/results.json",
+              "eval/results.md", "results.md"):
         assert (out / f).exists(), f
     assert not (out / "grpo_D").exists()  # the RQ3 ablations are the study's (test_study.py), not the main job's
     for name in ("base", "sft", "grpo_E"):
@@ -58,15 +59,14 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         assert len(preds) == 4 and all("rationale" in json.loads(x)["greedy"] for x in preds)
 
     # GRPO ran its steps, logged every reward component, and used the paper's reward weights (E)
-    for variant, weights in [("grpo_E", VARIANTS["grpo_E"])]:
-        rows = [json.loads(x) for x in (out / variant / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "reward" in r]
-        assert [r["step"] for r in steps] == [1, 2]
-        for r in steps:
-            for comp in REWARDS:
-                assert f"reward/{comp}" in r, (variant, comp)
-        cfg = yaml.safe_load((out / variant / "config.yaml").read_text())
-        assert cfg["rewards"]["weights"] == yaml.safe_load(weights)
+    rows = [json.loads(x) for x in (out / "grpo_E" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        for comp in REWARDS:
+            assert f"reward/{comp}" in r, comp
+    cfg = yaml.safe_load((out / "grpo_E" / "config.yaml").read_text())
+    assert cfg["rewards"]["weights"] == yaml.safe_load(VARIANTS["grpo_E"])
 
     # the final table: four model rows + the random row, eight cells each (value [95% interval] or "-"), in [0, 1],
     # each the value results.json holds; then the paired tests, each a line per protocol

@@ -546,7 +546,8 @@ class Engine:
             # Under FSDP2 each fully_shard block's hooks break the graph, so dynamo traces every block's forward as a
             # frame of its own, specialised on its layer_idx (the cache slot it writes): one entry per layer. At
             # dynamo's default recompile_limit (8) layers 9+ fell back to eager and compiled rollouts ran slower
-            # than eager ones (H200, GRPO step 2.13 vs 1.44 s); with room for every layer, 0.89 vs 1.43 s.
+            # than eager ones (H200, bench/gpu.py --grpo-decode: 2.13 vs 1.44 s/step); with room for every layer,
+            # 0.98 vs 1.38 s.
             limit = max(self.config.num_hidden_layers + 8, torch._dynamo.config.recompile_limit)
 
             def step(ids, cache):

@@ -26,9 +26,9 @@ those paths under --out (identical to the YAMLs' own for the default out) and, u
 Resumable: a stage whose outputs are complete (its script exited 0 and its outputs exist; OUT/pipeline.json
 records it) is skipped; an interrupted stage is rerun and resumes from its own checkpoints. Stage 1 keeps no
 rationale when the teacher writes nothing usable (an LLM teacher as small as the 270m often does not): SFT then
-trains T1 + T2 only, and the pipeline says so. The final table (SASRec, base, +SFT, +SFT+GRPO (E), random; HR@1, HR@5, NDCG@5 under the paper's sampling protocol and under exact ranking, with 95% intervals, greedy
-validity and format; then the paired tests of each stage against the one it builds on) is printed and written to
-OUT/results.md; the wall and CPU seconds of every stage go to OUT/pipeline.json.
+trains T1 + T2 only, and the pipeline says so. The final table (SASRec, base, +SFT, +SFT+GRPO (E), random; HR@1,
+HR@5, NDCG@5 under the paper's sampling protocol and under exact ranking, with 95% intervals, greedy validity and
+format; then the paired tests of each stage against the one it builds on) is printed and written to OUT/results.md; the wall and CPU seconds of every stage go to OUT/pipeline.json.
 """
 from __future__ import annotations
 
@@ -91,6 +91,11 @@ TASK_TINY = ["task.max_history=3", "task.max_prompt_tokens=4096"]
 # tests against +SFT and SASRec. With --tiny it runs the tiny model and the TINY sizes (what the test runs).
 STUDY_STAGES = STAGES[:STAGES.index("sft") + 1] + ("grpo_C", "grpo_D") + STAGES[STAGES.index("sft") + 1:]
 STUDY_CONFIGS = ROOT / "configs" / "study"
+
+
+def preset_stages(preset: str) -> tuple[str, ...]:
+    """The stages a preset runs, in order ("" = the main job)."""
+    return STUDY_STAGES if preset == "study" else STAGES
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +178,7 @@ def stage_command(stage: str, out: Path, model_dir: Path, tiny: bool, configs: P
     if stage == "eval":
         launch = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={eval_procs}"] \
             if eval_procs > 1 else [py]
-        grpo = [s for s in (STUDY_STAGES if preset == "study" else STAGES) if s.startswith("grpo_")]
+        grpo = [s for s in preset_stages(preset) if s.startswith("grpo_")]
         return launch + [
             str(ROOT / "eval.py"), str(configs / "eval.yaml"), f"run_dir={out / 'eval'}", f"data_dir={data}",
             f"sasrec_dir={sas / 'best'}", f"models.base.path={model_dir}", f"models.sft.path={out / 'sft' / 'final'}"
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="", choices=["", "study"], help="study: issue 13's study (configs/study/)")
     args = ap.parse_args(argv)
     args.eval_procs = args.eval_procs or (1 if args.tiny else 2)
-    STAGES_RUN = STUDY_STAGES if args.preset == "study" else STAGES
+    STAGES_RUN = preset_stages(args.preset)
     if args.preset == "study" and args.configs == str(CONFIGS):
         args.configs = str(STUDY_CONFIGS)
     configs = Path(args.configs).expanduser().resolve()
