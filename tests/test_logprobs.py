@@ -315,3 +315,13 @@ def test_empty_batch_gives_empty_outputs_and_zero_grads():
     assert logp.shape == (0,) and ent.shape == (0,)
     dh, dw = torch.autograd.grad(logp.sum() + ent.sum(), (h, w))
     assert dh.shape == (0, 4) and torch.equal(dw, torch.zeros_like(w))
+
+
+def test_cpu_weight_chunk_stays_cache_sized():
+    """On CPU the fp32 copy of each W chunk is bounded by REF_CPU_W_CHUNK_ELEMS (the matmul of a 16 MB chunk ran
+    1.5x slower than of a 2.6 MB one here); on CUDA the chunk stays as large as REF_TILE_ELEMS allows."""
+    for n in (1, 64, 256, 4800):
+        rows, vc = L._ref_chunks(n, 262144, 640, cpu=True)
+        assert vc == L.REF_MIN_VCHUNK or vc * 640 <= L.REF_CPU_W_CHUNK_ELEMS, (n, vc)
+        rows_gpu, vc_gpu = L._ref_chunks(n, 262144, 640, cpu=False)
+        assert rows_gpu == rows and vc * 640 <= vc_gpu * 640 <= L.REF_TILE_ELEMS and vc_gpu > vc, (n, vc_gpu)
