@@ -89,6 +89,8 @@ class ModelSpec:
     path: str = ""                    # HF folder (python -m twice.convert ..., an SFT/GRPO run's final/)
     reasoning: bool = True            # T3 prompt (<think> then <item>); False: T2 prompt (<item> only)
     label: str = ""                   # row name in the table (default: the key in `models`)
+    sampling: bool = True             # False: this model skips the sampling protocol (greedy and exact still run), so
+                                      #   its sampling cells read "-" and no sampling test involves it
 
 
 @dataclass
@@ -305,7 +307,7 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
     item_close = f"</{tags.item}>"
     S = cfg.sampling
     G = int(cfg.greedy.enabled or cfg.exact.enabled)   # the exact protocol scores after the greedy rationale
-    K = S.num_samples if S.enabled else 0
+    K = S.num_samples if S.enabled and spec.sampling else 0
     clock = dict.fromkeys(("prefill", "decode", "exact"), 0.0)
     t_model = time.perf_counter()
     records = []
@@ -363,7 +365,7 @@ def evaluate_model(cfg: EvalConfig, name: str, spec: ModelSpec, ds, users: list,
             clock["exact"] += time.perf_counter() - t
         pre = None   # the batch's cache: free it before the next batch's prefill
 
-        if S.enabled:
+        if K:
             for i, r in enumerate(recs):
                 texts = out.texts[i * (G + K) + G:(i + 1) * (G + K)]
                 parsed = [parse_completion(t, tags.think, tags.item) for t in texts]
@@ -396,8 +398,14 @@ def gather_values(values_by_pos: dict[int, list[float]], n: int, width: int) -> 
     return all_reduce_sum(t)
 
 
-def summarize_model(rows: torch.Tensor, cfg: EvalConfig) -> dict:
-    """rows [U, len(PER_USER)] per user -> the results.json block of one model."""
+def sampled(cfg: EvalConfig, name: str) -> bool:
+    """Does this row carry the sampling protocol? Every LLM unless its spec says sampling: false; SASRec's ranking
+    fills the sampling columns."""
+    return cfg.sampling.enabled and (name not in cfg.models or cfg.models[name].sampling)
+
+
+def summarize_model(rows: torch.Tensor, cfg: EvalConfig, with_sampling: bool = True) -> dict:
+    """rows [U, len(PER_USER)] per user -> the results.json block of one model (with_sampling: it ran that protocol)."""
     out: dict = {}
     U = rows.shape[0]
     col = {k: rows[:, i] for i, k in enumerate(PER_USER)}
@@ -420,7 +428,7 @@ def summarize_model(rows: torch.Tensor, cfg: EvalConfig) -> dict:
                                            "n_users": int(rho.numel())}
         if cfg.exact.constrained:
             out["constrained"] = {"hr@1": rate(int(col["c_hit"].sum()), U)}
-    if cfg.sampling.enabled:
+    if cfg.sampling.enabled and with_sampling:
         K = cfg.sampling.num_samples
         n_s = U * K
         out["sampling"] = ranked_metrics([int(x) for x in col["s_rank"]], cfg.sampling.ks)
@@ -506,7 +514,8 @@ def paired_comparisons(per_model: dict[str, tuple[str, torch.Tensor]], cfg: Eval
             kind_b, rows_b = per_model[b]
             block = {}
             for proto in ("sampling", "exact", "authors"):
-                if (proto == "exact" and not cfg.exact.enabled) or (proto != "exact" and not cfg.sampling.enabled):
+                if (proto == "exact" and not cfg.exact.enabled) or \
+                        (proto != "exact" and not (sampled(cfg, a) and sampled(cfg, b))):
                     continue
                 ma = user_metrics(rows_a, proto, ks)
                 mb = user_metrics(rows_b, "ranking" if kind_b == "ranking" else proto, ks)
@@ -554,7 +563,7 @@ def evaluate_orderings(cfg: EvalConfig, name: str, spec: ModelSpec, ds, all_sets
         records = evaluate_model(cfg, f"{name} order {o}", spec, ds, [sets[i] for i in mine], info)
         merge_predictions(out_dir, f"predictions_{name}.order{o}", mine, records, info)
         rows = gather_values({p: per_user_values(r) for p, r in zip(mine, records)}, U, len(PER_USER))
-        b = summarize_model(rows, cfg)
+        b = summarize_model(rows, cfg, sampled(cfg, name))
         for p, k in heads:
             values[f"{p} {k}"].append(b[p][k]["value"])
     return {"n": cfg.orderings + 1, "seed": cfg.orderings_seed, **{m: spread(v) for m, v in values.items()}}
@@ -841,7 +850,7 @@ def evaluate_llm(cfg: EvalConfig, name: str, spec: ModelSpec, ds, all_sets: list
     times: dict = {}
     records = evaluate_model(cfg, name, spec, ds, [all_sets[i] for i in mine], info, times)
     rows = gather_values({p: per_user_values(r) for p, r in zip(mine, records)}, len(all_sets), len(PER_USER))
-    block = summarize_model(rows, cfg)
+    block = summarize_model(rows, cfg, sampled(cfg, name))
     block["label"] = spec.label or name
     # where eval time goes (rank 0's wall seconds): prefill (once per batch of prompts, shared), decode (the
     # greedy and sampled rows together), exact (scoring from the shared prefill), total (+ model load, parsing)

@@ -303,6 +303,31 @@ def test_eval_end_to_end_files_and_consistency(world, tmp_path):
     assert res["models"]["sasrec"]["exact"]["hr@1"]["value"] == pytest.approx(sum(r == 1 for r in ranks) / N_USERS)
 
 
+def test_a_model_without_sampling_keeps_greedy_and_exact_and_drops_only_its_sampling_tests(world, tmp_path):
+    """models.NAME.sampling=false (the main job's base model, which never answers in format): its greedy and exact
+    rows are the ones a full run gives (same tokens, same scores), it has no sampling/authors block, its sampling
+    cells read "-", and only the sampling tests that involve it are dropped."""
+    full = _run(world, tmp_path / "full")
+    part = _run(world, tmp_path / "part", "models.base.sampling=false")
+    b_full, b_part = full["models"]["base"], part["models"]["base"]
+    assert "sampling" not in b_part and "authors" not in b_part
+    assert b_part["exact"] == b_full["exact"] and b_part["greedy"] == b_full["greedy"]
+    assert part["models"]["plain"]["sampling"] == full["models"]["plain"]["sampling"]
+    preds = [json.loads(x) for x in (tmp_path / "part" / "predictions_base.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (tmp_path / "full" / "predictions_base.jsonl").read_text().splitlines()]
+    assert all("sampling" not in p for p in preds)
+    assert [p["greedy"]["text"] for p in preds] == [w["greedy"]["text"] for w in want]
+    assert [p["exact"]["scores"] for p in preds] == [w["exact"]["scores"] for w in want]
+    assert set(part["paired"]["plain vs base"]) == {"exact"}
+    assert set(part["paired"]["base vs sasrec"]) == {"exact"}
+    assert set(part["paired"]["plain vs sasrec"]) == set(full["paired"]["plain vs sasrec"]) == {"exact", "sampling",
+                                                                                                "authors"}
+    lines = (tmp_path / "part" / "results.md").read_text().splitlines()
+    head = [c.strip() for c in lines[0].split("|")[1:-1]]
+    base = dict(zip(head, (c.strip() for c in next(ln for ln in lines if ln.startswith("| base |")).split("|")[1:-1])))
+    assert base["sampling HR@1"] == base["authors HR@1"] == "-" and base["exact HR@1"] != "-"
+
+
 def test_exact_ranking_equals_full_forward_loglik(world, tmp_path):
     """The engine's one-prefill candidate scores == log-likelihoods from plain full forwards (no cache), so the
     exact protocol ranks candidates by sum log p(<item>ID</item> | prompt [+ rationale])."""

@@ -267,12 +267,15 @@ def final_table(results: dict) -> str:
                  for p, k in cols]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     n = results["n_users"]
+    unsampled = [label for key, label, m in rows if m and key not in ("sasrec", "random") and "sampling" not in m]
+    skipped = (f" {', '.join(unsampled)}: the sampling protocol was not run (`sampling: false` in eval.yaml: it never "
+               f"answers in format, see its greedy valid rate), so no sampling test involves it." if unsampled else "")
     lines += ["", f"MovieLens-100k, {n} test users x {results['n_candidates']} candidates (target + negatives never "
                   f"seen by the user); 95% intervals in brackets (Wilson / bootstrap). paper sampling: 5 samples at "
                   f"T=1.5 (top-k 120, top-p 0.95), item IDs in sample order; exact: every candidate ranked by "
                   f"log p(<item>ID</item> | prompt, greedy rationale); greedy valid = the greedy answer names a "
                   f"candidate, format = `<think>...</think><item>ID</item>` well formed. SASRec's own ranking fills "
-                  f"both protocols. Everything: eval/results.json.", "",
+                  f"both protocols. Everything: eval/results.json." + skipped, "",
               "| paired, same users (A - B) | protocol | HR@1 (McNemar p) | HR@5 (McNemar p) | NDCG@5 |",
               "|---|---|---|---|---|"]
     labels = dict(ROWS)
