@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twice.engine import Engine, KVCache, sample_tokens
+from twice.engine import Engine, FanoutKVCache, KVCache, sample_tokens
 from twice.gemma3 import Gemma3, PRESETS
 
 W = PRESETS["tiny"].sliding_window  # 4
@@ -319,6 +319,37 @@ def test_compaction_changes_nothing(engine, monkeypatch):
     assert len({len(t) for t in a.tokens}) > 2  # rows really finished at different steps
     for x, y in zip(a.logprobs, b.logprobs):
         assert x == pytest.approx(y, abs=1e-5)
+
+
+@pytest.mark.parametrize("with_prefill", [False, True])
+def test_shared_prompt_decode_equals_copied_cache(model, monkeypatch, with_prefill):
+    """FanoutKVCache (each prompt's cache read in place by its K rows) == KVCache.fan_out (K copies), fp32: the same
+    tokens, stop reasons and log-probs, with left padding (P2, P3 shorter than P1), a prompt longer than the window
+    (its ring wrapped in the prefill), decodes that push prompt keys and then the rows' own oldest keys out of the
+    window (14 new tokens > W = 4), mixed greedy/sampled slots of different lengths, and compaction."""
+    made, selected = [], []
+    init, select = FanoutKVCache.__init__, FanoutKVCache.select
+    monkeypatch.setattr(FanoutKVCache, "__init__", lambda self, *a: (made.append(a[1]), init(self, *a))[1])
+    monkeypatch.setattr(FanoutKVCache, "select", lambda self, idx: (selected.append(len(idx)), select(self, idx))[1])
+    prompts, K = [P1, P2, P3], 4
+    kw = dict(max_new_tokens=[14, 5, 14, 9], temperature=[0.0, 1.0, 1.0, 1.0], top_k=40, top_p=0.95, seeds=7,
+              stop_ids=list(range(3, 512, 9)), check_every=2)
+    shared, copied = Engine(model, share_prompt=True), Engine(model, share_prompt=False)
+    a = shared.generate(prompts, K, prefill=shared.prefill(prompts) if with_prefill else None, **kw)
+    b = copied.generate(prompts, K, **kw)
+    assert made == [K] and selected and min(selected) < len(prompts) * K  # the shared path ran, and compacted
+    assert a.tokens == b.tokens and a.stop_reasons == b.stop_reasons
+    assert max(len(t) for t in a.tokens) > W + 1 and len({len(t) for t in a.tokens}) > 2
+    for x, y in zip(a.logprobs, b.logprobs):
+        assert x == pytest.approx(y, abs=1e-5)
+    for x, y in zip(a.full_logprobs, b.full_logprobs):
+        assert x == pytest.approx(y, abs=1e-5)
+
+
+def test_shared_prompt_is_the_half_precision_default(model):
+    """share_prompt=None: on for bf16 caches, off for fp32 ones (whose samples stay bit-identical whatever the batch)."""
+    assert Engine(model).share_prompt is False
+    assert Engine(model, dtype=torch.bfloat16).share_prompt is True
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function as span  # named phases for bench/generate.py (~1 us when not profiling)
 
 from kernels import token_logprobs
-from twice.gemma3 import FULL, SLIDING  # the layer kinds of Gemma3Config.layer_types
+from twice.gemma3 import FULL, SLIDING, PromptFanout  # layer kinds of Gemma3Config.layer_types; decode fan-out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,6 +268,94 @@ class StaticKVCache:
         return self.k[layer_idx], self.v[layer_idx], mask
 
 
+class FanoutKVCache:
+    """Decode cache for K rows per prompt that read their prompt's keys from the prefill cache itself.
+
+    `prompt`: Engine.prefill's KVCache of the P prompts (read, never written or copied). Each of the P*K rows caches
+    only the tokens it generates: k[l], v[l] [rows, KV, max_new, hd]. update() writes the step's key, then hands
+    attention its own keys plus a PromptFanout (the prompt's keys and the step's masks), and
+    gemma3.attend_prompt_fanout scores each prompt's K rows against its keys in one matmul. Against
+    KVCache.fan_out: no [rows, KV, S, hd] copy of the prompt per row, decode attention streams each prompt cache once
+    per step instead of K times, and compaction (select) copies only the rows' own tokens. Single-token steps only.
+    """
+
+    def __init__(self, prompt: KVCache, K: int, max_new: int):
+        self.prompt, self.K = prompt, K
+        self.layer_types, self.window, self.n_layers = prompt.layer_types, prompt.window, prompt.n_layers
+        P, dev, dt = prompt.batch_size, prompt.device, prompt.dtype
+        KV, hd = prompt.k[0].shape[1], prompt.k[0].shape[3]
+        self.L = prompt.pos  # prompt slots (left-padded batch): the rows' tokens take slots L, L+1, ...
+        self.batch_size, self.dtype, self.device = P * K, dt, dev
+        self.k = [torch.zeros(P * K, KV, max_new, hd, dtype=dt, device=dev) for _ in self.layer_types]
+        self.v = [torch.zeros_like(x) for x in self.k]
+        self.start = prompt.start.repeat_interleave(K)  # [rows]: first real slot (RoPE positions)
+        self.slot = torch.arange(P * K, device=dev)  # [rows] place in the dense [P*K] layout; compaction keeps it
+        self.pos = self.L  # Python int, shared by every row (as KVCache.pos)
+        zero, neg = torch.zeros((), dtype=dt, device=dev), torch.finfo(dt).min
+        self._zero, self._neg = zero, neg
+        # absolute slot held by each column of the prompt cache: full layers [0, L); a sliding layer's ring (R) holds
+        # the last R prompt slots, slot s at s % R
+        self._prompt_slots = {FULL: torch.arange(self.L, device=dev)}
+        R = prompt.ring
+        j = torch.arange(R, device=dev)
+        self._prompt_slots[SLIDING] = (self.L - 1) - (self.L - 1 - j) % R
+        real = {kind: s[None] >= prompt.start[:, None] for kind, s in self._prompt_slots.items()}  # [P, S_p]
+        self._real = real
+        self._full_bias = torch.where(real[FULL], zero, neg)[:, None, None]  # [P, 1, 1, L]: constant
+        self._layouts = {}
+
+    @property
+    def past_len(self) -> int:
+        return self.pos
+
+    def position_ids(self, T: int):
+        if T != 1:
+            raise ValueError("FanoutKVCache decodes one token per step")
+        return (self.pos - self.start)[:, None].clamp_min(0)  # [rows, 1]
+
+    def _bias(self, kind: str):
+        """(prompt bias [P, 1, 1, S_p], own-key bias [rows, 1, 1, n] or None) for the query at slot pos."""
+        if kind == FULL:
+            return self._full_bias, None
+        q, W = self.pos, self.window  # a query at slot q sees slots q-W+1 .. q
+        seen = self._real[SLIDING] & (self._prompt_slots[SLIDING] > q - W)[None]
+        n = q - self.L + 1  # own keys after this step's write, slots L .. q
+        own = None
+        if n > W:  # the rows' own oldest tokens left the window too
+            own = torch.where(torch.arange(n, device=self.device) + self.L > q - W, self._zero, self._neg)
+            own = own.expand(self.batch_size, n)[:, None, None]
+        return torch.where(seen, self._zero, self._neg)[:, None, None], own
+
+    def update(self, layer_idx: int, k, v):
+        """k, v [rows, KV, 1, hd] of this step -> (own keys, own values [rows, KV, n, hd], PromptFanout)."""
+        if k.shape[2] != 1:
+            raise ValueError("FanoutKVCache decodes one token per step")
+        n = self.pos - self.L
+        if n >= self.k[layer_idx].shape[2]:
+            raise ValueError(f"FanoutKVCache overflow: {n + 1} new tokens > max_new {self.k[layer_idx].shape[2]}")
+        kind = self.layer_types[layer_idx]
+        self.k[layer_idx][:, :, n] = k[:, :, 0]
+        self.v[layer_idx][:, :, n] = v[:, :, 0]
+        if kind not in self._layouts:
+            self._layouts[kind] = self._bias(kind)
+        prompt_bias, own_bias = self._layouts[kind]
+        pk, pv = self.prompt.k[layer_idx], self.prompt.v[layer_idx]
+        if kind == FULL:
+            pk, pv = pk[:, :, :self.L], pv[:, :, :self.L]
+        lay = PromptFanout(pk, pv, prompt_bias, own_bias, self.slot, self.K)
+        if layer_idx == self.n_layers - 1:
+            self.pos += 1
+            self._layouts = {}
+        return self.k[layer_idx][:, :, :n + 1], self.v[layer_idx][:, :, :n + 1], lay
+
+    def select(self, idx):
+        """Keep only rows idx [n] (compaction, as KVCache.select): the rows' own tokens are copied, the prompts not."""
+        self.k = [k.index_select(0, idx) for k in self.k]  # [n, KV, max_new, hd]: max_new slots, not the prompt's
+        self.v = [v.index_select(0, idx) for v in self.v]
+        self.start, self.slot = self.start.index_select(0, idx), self.slot.index_select(0, idx)
+        self.batch_size = idx.shape[0]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling: one vectorised step
 
@@ -467,7 +555,7 @@ def never_sample_mask(tokenizer, n_rows: int, device="cpu"):
 
 class Engine:
     def __init__(self, model, tokenizer=None, prefill_chunk: int | None = None, decode: str = "eager",
-                 compile: bool = False, dtype: torch.dtype | None = None):
+                 compile: bool = False, dtype: torch.dtype | None = None, share_prompt: bool | None = None):
         """dtype: the activations' (= KV cache's) dtype; None = the weights'. Under FSDP2 with bf16 mixed precision
         the weights are fp32 masters but the forward computes bf16: pass the compute dtype.
         prefill_chunk: run prompt prefills in chunks of this many slots (bounds the [P, H, T, T] attention
@@ -475,7 +563,13 @@ class Engine:
         decode: "eager" (the reference: growing key views, compaction of finished rows), "static" (StaticKVCache:
         fixed shapes, no host sync in a step, no compaction) or "compiled" (the static step through
         torch.compile(mode="reduce-overhead"): CUDA graphs on GPU, inductor on CPU; compiled once per batch
-        shape, so the first call pays the compilation). compile=True is shorthand for decode="compiled"."""
+        shape, so the first call pays the compilation). compile=True is shorthand for decode="compiled".
+        share_prompt: an eager decode of K > 1 samples per prompt reads each prompt's cache in place
+        (FanoutKVCache) instead of K copies of it (False: KVCache.fan_out, the layout it is tested against).
+        None = on for bf16/fp16 caches, off for fp32. Why not always: its prompt-part matmul has K*G rows, and a
+        BLAS may round a row differently at another row count, so an fp32 sample would no longer be bit-identical
+        whatever the batch it sits in (KVCache.fan_out's per-row products are); in half precision rows already
+        depend on their batch (left padding, `python bench/batch_invariance.py`), and the shared read pays."""
         decode = "compiled" if compile else decode
         if decode not in ("eager", "static", "compiled"):
             raise ValueError(f"Engine: decode must be eager, static or compiled (got {decode!r})")
@@ -486,6 +580,7 @@ class Engine:
         self.config = model.config
         w = model.embed_tokens.weight
         self.dtype, self.device = dtype or w.dtype, w.device
+        self.share_prompt = self.dtype != torch.float32 if share_prompt is None else share_prompt
         self.pad_id = getattr(self.config, "pad_token_id", 0) or 0
         self.never = never_sample_mask(tokenizer, w.shape[0], self.device)  # [V] bool or None
         # eager decode draws from the head's refined candidates (sample_top) where its one host read per step is
@@ -648,17 +743,18 @@ class Engine:
         static = self.decode != "eager"
         # static decode: cache length bucketed to a multiple of 256, so one compiled step serves many prompt lengths
         S = -(-(L + N) // STATIC_BUCKET) * STATIC_BUCKET if static else L + N
+        share = self.share_prompt and K > 1 and not static
         with span("engine.prefill"):
-            if prefill is not None:  # the caller's prefill of these prompts: copied to the K rows, never modified
+            if prefill is not None:  # the caller's prefill of these prompts: read or copied, never modified
                 small, logits = prefill
                 if small.batch_size != P or small.pos != L or small.start.tolist() != [L - len(p) for p in prompts]:
                     raise ValueError("generate: prefill must be Engine.prefill(prompts) of these same prompts")
-                cache = small.fan_out(K, S)  # [rows]
+                cache = FanoutKVCache(small, K, max(N, 1)) if share else small.fan_out(K, S)  # [rows]
             elif K == 1:  # nothing to share: prefill straight into a cache with room for the new tokens
                 cache, logits = self.prefill(prompts, max_len=S)
-            else:  # each prompt once, then its cache copied to its K rows (once)
+            else:  # each prompt once, then read in place by its K rows (share) or copied to them (once)
                 small, logits = self.prefill(prompts)
-                cache = small.fan_out(K, S)  # [rows]
+                cache = FanoutKVCache(small, K, max(N, 1)) if share else small.fan_out(K, S)  # [rows]
                 del small
         logits = logits.repeat_interleave(K, 0)  # [rows, V]
         cand = None  # (top, exact top logits, bound) of the last head for sample_top; the prefill's logits have none

@@ -240,6 +240,8 @@ class Attention(nn.Module):
             k, v, mask = kv_cache.update(self.layer_idx, k, v)  # [B, KV, S, hd] x2, [B, 1, T, S]
         if isinstance(mask, SharedPrefixLayout):  # packed prompt+completions stream (training only, see below)
             return self.o_proj(attend_shared_prefix(q, k, v, mask, self.sliding, self.scale, self.sdpa))  # [1, N, D]
+        if isinstance(mask, PromptFanout):  # decode rows over their prompt's shared cache (twice/engine.py)
+            return self.o_proj(attend_prompt_fanout(q, k, v, mask, self.scale))  # [N, 1, D]
         return self.o_proj(attend(q, k, v, mask, self.scale, self.sdpa))  # [B, T, D]
 
 
@@ -452,6 +454,52 @@ class Gemma3(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Decode over a shared prompt cache (Engine.generate, K samples per prompt): the prompt's keys/values exist once per
+# prompt (the prefill's cache, never copied to the K rows) and each row caches only its own tokens. A step's K*G
+# queries of one prompt meet that prompt's keys in ONE matmul ([K*G, hd] x [hd, S_p]) instead of K matrix-vector
+# products that each stream the whole prompt cache from memory; the row's own keys are scored as usual, and one
+# softmax runs over [prompt keys ; own keys]. Same math as attend_eager's decode branch on the fanned-out cache.
+
+@dataclass
+class PromptFanout:
+    """The prompt half of a fan-out decode step, handed to attention by the cache in place of a mask."""
+    k: torch.Tensor            # [P, KV, S_p, hd] the prompts' keys (this layer), read-only
+    v: torch.Tensor            # [P, KV, S_p, hd]
+    prompt_bias: torch.Tensor  # [P, 1, 1, S_p] additive: left pads and slots out of the sliding window
+    own_bias: torch.Tensor | None  # [N, 1, 1, n] additive over the rows' own keys (None: all visible)
+    slot: torch.Tensor         # [N] long: row r's place p*K + k in the dense [P*K] layout (rows compact, slots stay)
+    K: int
+
+
+def attend_prompt_fanout(q, k, v, lay: PromptFanout, scale: float):
+    """One decode step of N rows: q [N, H, 1, hd], k/v [N, KV, n, hd] each row's own keys -> [N, 1, H*hd].
+
+    Scores in the model dtype, + bias, fp32 softmax over [prompt keys ; own keys], cast back (attend_eager's decode
+    branch); the two halves of p @ V are added in fp32 before the cast."""
+    N, H, _, hd = q.shape
+    P, KV, Sp, _ = lay.k.shape
+    G, K, n = H // KV, lay.K, k.shape[2]
+
+    def dense(x):  # [N, KV, G, m] rows -> [P, KV, K*G, m]: each prompt's rows side by side (finished ones zero)
+        d = x.new_zeros(P * K, *x.shape[1:])
+        d[lay.slot] = x
+        return d.view(P, K, KV, G, -1).transpose(1, 2).reshape(P, KV, K * G, -1)
+
+    def rows(x):  # the inverse: [P, KV, K*G, m] -> [N, KV, G, m]
+        return x.view(P, KV, K, G, -1).transpose(1, 2).reshape(P * K, KV, G, -1)[lay.slot]
+
+    qr = q.reshape(N, KV, G, hd)  # heads in order j*G + g: kv head j serves query heads j*G .. j*G+G-1
+    s_p = rows(torch.matmul(dense(qr), lay.k.transpose(2, 3)) * scale)  # [N, KV, G, Sp]
+    s_p = s_p + lay.prompt_bias[lay.slot // K]
+    s_o = torch.matmul(qr, k.transpose(2, 3)) * scale  # [N, KV, G, n]
+    if lay.own_bias is not None:
+        s_o = s_o + lay.own_bias
+    p = F.softmax(torch.cat([s_p, s_o], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+    p_p, p_o = p.split([Sp, n], dim=-1)
+    o = rows(torch.matmul(dense(p_p), lay.v)).float() + torch.matmul(p_o, v).float()  # [N, KV, G, hd]
+    return o.to(q.dtype).reshape(N, 1, H * hd)
+
+
 # Shared-prefix training forward (GRPO): a group's K completions share one prompt, ~95% of the tokens in the paper.
 #
 #   logp = model(completions [G*K, Tc], shared_prefix=SharedPrefix(prompts [G, P], prompt_lens [G], K),
