@@ -37,6 +37,13 @@ def test_compare_counts_each_kind_of_difference(tmp_path, capsys):
     batch_invariance.compare(a, c)
     out = capsys.readouterr().out
     assert "(DIFFERENT)" in out and "samples 0, greedy text 0, exact rank 0" in out
+    # a run whose eval skipped a model's sampling (models.NAME.sampling: false): the other kinds are still counted
+    d = fake_run(tmp_path / "d", 1.0, [(["x", "y"], "g", 1), (["x"], "g", 4), (["z"], "h", 3)])
+    f = d / "eval" / "predictions_sft.jsonl"
+    f.write_text("".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "sampling"}) + "\n"
+                         for x in f.read_text().splitlines()))
+    batch_invariance.compare(a, d)
+    assert "differ in samples - (not in both), greedy text 0, exact rank 1" in capsys.readouterr().out
 
 
 def test_matmul_rows_prints_each_shape(capsys):
