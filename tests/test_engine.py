@@ -773,3 +773,27 @@ def test_generate_draws_from_candidates_with_the_same_results():
     assert torch.equal(a.logprobs_padded, b.logprobs_padded) and torch.equal(a.full_logprobs_padded,
                                                                              b.full_logprobs_padded)
     assert len({tuple(t) for t in a.tokens}) > 3  # sampled rows differ: the draw is not degenerate
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
+def test_attend_prompt_fanout_equals_attention_over_copied_keys(dtype, tol):
+    """gemma3.attend_prompt_fanout on compacted rows (prompt 1 lost two of its rows, prompt 0 one) == attend_eager's
+    decode branch over each row's [prompt keys ; own keys] copied out, masks included (a pad slot, a window cut)."""
+    from twice.gemma3 import PromptFanout, attend_eager, attend_prompt_fanout
+    g = torch.Generator().manual_seed(0)
+    P, K, H, KV, hd, Sp, n = 3, 4, 4, 2, 8, 7, 3
+    slot = torch.tensor([0, 2, 3, 4, 7, 8, 9, 10, 11])  # rows still decoding, as compaction leaves them
+    N = len(slot)
+    q, k, v = (torch.randn(N, H if i == 0 else KV, 1 if i == 0 else n, hd, generator=g).to(dtype) for i in range(3))
+    pk, pv = (torch.randn(P, KV, Sp, hd, generator=g).to(dtype) for _ in range(2))
+    neg = torch.finfo(dtype).min
+    pb = torch.zeros(P, 1, 1, Sp, dtype=dtype)
+    pb[0, ..., 0] = neg          # prompt 0 is left-padded by one slot
+    pb[2, ..., :3] = neg         # prompt 2's oldest slots are out of a sliding window
+    ob = torch.zeros(N, 1, 1, n, dtype=dtype)
+    ob[..., 0] = neg             # and every row's oldest own key too
+    got = attend_prompt_fanout(q, k, v, PromptFanout(pk, pv, pb, ob, slot, K), 0.3)
+    p = slot // K
+    want = attend_eager(q, torch.cat([pk[p], k], 2), torch.cat([pv[p], v], 2), torch.cat([pb[p], ob], -1), 0.3)
+    assert got.shape == want.shape == (N, 1, H * hd)
+    assert torch.allclose(got.double(), want.double(), atol=tol, rtol=tol)

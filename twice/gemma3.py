@@ -475,7 +475,7 @@ def attend_prompt_fanout(q, k, v, lay: PromptFanout, scale: float):
     """One decode step of N rows: q [N, H, 1, hd], k/v [N, KV, n, hd] each row's own keys -> [N, 1, H*hd].
 
     Scores in the model dtype, + bias, fp32 softmax over [prompt keys ; own keys], cast back (attend_eager's decode
-    branch); the two halves of p @ V are added in fp32 before the cast."""
+    branch); the two halves of p @ V are added in fp32 (or wider) before the cast."""
     N, H, _, hd = q.shape
     P, KV, Sp, _ = lay.k.shape
     G, K, n = H // KV, lay.K, k.shape[2]
@@ -496,7 +496,8 @@ def attend_prompt_fanout(q, k, v, lay: PromptFanout, scale: float):
         s_o = s_o + lay.own_bias
     p = F.softmax(torch.cat([s_p, s_o], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     p_p, p_o = p.split([Sp, n], dim=-1)
-    o = rows(torch.matmul(dense(p_p), lay.v)).float() + torch.matmul(p_o, v).float()  # [N, KV, G, hd]
+    acc = torch.promote_types(q.dtype, torch.float32)  # bf16 halves add in fp32; fp64 stays fp64
+    o = rows(torch.matmul(dense(p_p), lay.v)).to(acc) + torch.matmul(p_o, v).to(acc)  # [N, KV, G, hd]
     return o.to(q.dtype).reshape(N, 1, H * hd)
 
 
