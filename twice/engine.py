@@ -64,6 +64,12 @@ from twice.gemma3 import FULL, SLIDING, PromptFanout  # layer kinds of Gemma3Con
 # ----------------------------------------------------------------------------------------------------------------
 # KV cache
 
+def ring_slots(last, j, R: int):
+    """Absolute slot held by ring index j once slot `last` is written: the latest s <= last with s % R == j
+    (negative: never written). last: int or a [1] tensor (StaticKVCache); j: indices [S]."""
+    return last - (last - j) % R
+
+
 class KVCache:
     """Preallocated cache for a batch of B rows that share one slot counter (left padding).
 
@@ -153,12 +159,12 @@ class KVCache:
             return torch.arange(p + T, device=dev)
         R = self.ring
         j = torch.arange(R, device=dev)
-        if T == 1:  # ring after writing slot p: index j holds the latest slot s <= p with s % R == j
-            return p - (p - j) % R
+        if T == 1:  # ring after writing slot p
+            return ring_slots(p, j, R)
         new = torch.arange(p, p + T, device=dev)
         if p == 0:
             return new
-        return torch.cat([(p - 1) - (p - 1 - j) % R, new])  # ring before writing (negative = never written)
+        return torch.cat([ring_slots(p - 1, j, R), new])  # ring before writing (negative = never written)
 
     def _decode_mask(self, kind: str):
         """The [B, 1, 1, S] mask of a single-token step at slot pos (== _build_mask(kind, 1)), mostly a view."""
@@ -248,7 +254,7 @@ class StaticKVCache:
 
     def _mask(self, kind: str):
         p, j = self.pos, self.slots[kind]  # [1], [S]
-        ks = j if kind == FULL else p - (p - j) % self.ring  # absolute slot held by each key column
+        ks = j if kind == FULL else ring_slots(p, j, self.ring)  # absolute slot held by each key column
         allowed = (ks <= p) & (ks >= 0) & (ks[None] >= self.start[:, None])  # [B, S]; ring slots are in-window
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.where(allowed, zero, torch.finfo(self.dtype).min)[:, None, None]  # [B, 1, 1, S]
@@ -291,17 +297,13 @@ class FanoutKVCache:
         self.start = prompt.start.repeat_interleave(K)  # [rows]: first real slot (RoPE positions)
         self.slot = torch.arange(P * K, device=dev)  # [rows] place in the dense [P*K] layout; compaction keeps it
         self.pos = self.L  # Python int, shared by every row (as KVCache.pos)
-        zero, neg = torch.zeros((), dtype=dt, device=dev), torch.finfo(dt).min
-        self._zero, self._neg = zero, neg
-        # absolute slot held by each column of the prompt cache: full layers [0, L); a sliding layer's ring (R) holds
-        # the last R prompt slots, slot s at s % R
-        self._prompt_slots = {FULL: torch.arange(self.L, device=dev)}
-        R = prompt.ring
-        j = torch.arange(R, device=dev)
-        self._prompt_slots[SLIDING] = (self.L - 1) - (self.L - 1 - j) % R
-        real = {kind: s[None] >= prompt.start[:, None] for kind, s in self._prompt_slots.items()}  # [P, S_p]
-        self._real = real
-        self._full_bias = torch.where(real[FULL], zero, neg)[:, None, None]  # [P, 1, 1, L]: constant
+        self._zero, self._neg = torch.zeros((), dtype=dt, device=dev), torch.finfo(dt).min
+        # absolute slot held by each column of the prompt cache: full layers [0, L), a sliding layer's ring its last
+        # R prompt slots
+        self._prompt_slots = {FULL: torch.arange(self.L, device=dev),
+                              SLIDING: ring_slots(self.L - 1, torch.arange(prompt.ring, device=dev), prompt.ring)}
+        self._real = {kind: s[None] >= prompt.start[:, None] for kind, s in self._prompt_slots.items()}  # [P, S_p]
+        self._full_bias = torch.where(self._real[FULL], self._zero, self._neg)[:, None, None]  # [P, 1, 1, L]
         self._layouts = {}
 
     @property
@@ -749,11 +751,11 @@ class Engine:
                 small, logits = prefill
                 if small.batch_size != P or small.pos != L or small.start.tolist() != [L - len(p) for p in prompts]:
                     raise ValueError("generate: prefill must be Engine.prefill(prompts) of these same prompts")
-                cache = FanoutKVCache(small, K, max(N, 1)) if share else small.fan_out(K, S)  # [rows]
             elif K == 1:  # nothing to share: prefill straight into a cache with room for the new tokens
-                cache, logits = self.prefill(prompts, max_len=S)
-            else:  # each prompt once, then read in place by its K rows (share) or copied to them (once)
+                small, (cache, logits) = None, self.prefill(prompts, max_len=S)
+            else:  # each prompt once
                 small, logits = self.prefill(prompts)
+            if small is not None:  # its K rows read it in place (share) or get a copy of it (once)
                 cache = FanoutKVCache(small, K, max(N, 1)) if share else small.fan_out(K, S)  # [rows]
                 del small
         logits = logits.repeat_interleave(K, 0)  # [rows, V]
