@@ -8,7 +8,7 @@
     ...
     sd = merge_lora_state_dict(full_state_dict(model), scale)   # export: original key names, plain Linear weights
 
-y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with A [r, in] ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with
+y = x W^T + b + ((alpha / r) * dropout(x) A^T) B^T, with A [r, in] ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with
 a=sqrt(5), as nn.Linear and peft) and B [out, r] = 0, so the adapted model equals the base model at step 0.
 
 On a fine-tuned folder loaded as bf16 base + frozen delta (Gemma3.from_pretrained(delta="adapters")), apply_lora
@@ -71,8 +71,11 @@ class LoRALinear(nn.Module):
         A, B = self.lora_A, self.lora_B
         if A.dtype != x.dtype:  # fp32 adapters on a bf16 base: compute in bf16, autograd hands back fp32 grads
             A, B = A.to(x.dtype), B.to(x.dtype)
-        d = F.linear(F.linear(self.dropout(x), A), B)
-        return y + (d if self.scale == 1 else d * self.scale)
+        t = F.linear(self.dropout(x), A)  # [..., r]
+        if self.scale != 1:  # scale the r-wide intermediate, not the [..., out] product (fwd and bwd: 2 full passes)
+            t = t * self.scale
+        # accumulate t B^T into y in one GEMM (why in place: _add_frozen); autograd differentiates it w.r.t. t and B
+        return y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
 
     def _add_frozen(self, x, y, A, B, cache: str):
         """y [..., out] + x A^T B^T for a frozen pair, in x's dtype: cast once and cached under `cache`, not per call
