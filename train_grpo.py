@@ -66,6 +66,8 @@ class ModelConfig:
                                         #   CPUs, else fp32; float32 forces fp32 everywhere. Trainable weights and
                                         #   AdamW state stay fp32 either way (LoRA A/B; FSDP2 / MasterAdamW masters)
     gradient_checkpointing: bool = True   # recompute each block in backward (activation memory ~ one block)
+    attn_implementation: str = "sdpa"   # "sdpa" (fused) | "eager" (materialised scores): train_sft.py's ModelConfig;
+                                        #   rollouts' prefill, the update and the reference model all use it
 
 
 @dataclass
@@ -159,6 +161,7 @@ def check_config(cfg: GRPORunConfig) -> None:
                      ("rollout.decode in eager|static|compiled", c.rollout.decode in ("eager", "static", "compiled")),
                      ("optim.micro_batch_size >= 1", c.optim.micro_batch_size >= 1), ("optim.mu >= 1", c.optim.mu >= 1),
                      ("model.dtype in auto|bfloat16|float32", c.model.dtype in precision.CHOICES),
+                     ("model.attn_implementation in sdpa|eager", c.model.attn_implementation in ("sdpa", "eager")),
                      ("rollout.split in train|valid", c.rollout.split in ("train", "valid")),
                      ("steps >= 1", c.steps >= 1),
                      ("rollout.max_new_tokens >= 1", c.rollout.max_new_tokens == "auto" or c.rollout.max_new_tokens >= 1),
@@ -391,13 +394,14 @@ def build_policy(cfg: GRPORunConfig, dev):
     # writes the total delta (twice/checkpoint.py export_hf)
     model = Gemma3.from_pretrained(cfg.model.path, dtype=dtype, device=dev, delta=delta)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.set_attn_implementation(cfg.model.attn_implementation)
     ref_model = None
     if cfg.objective.beta > 0 and (cfg.reference.source != "auto" or not cfg.lora.enabled):
         # a separate reference folder with a delta: in bf16 its delta stays exact as frozen adapters
         ref_delta = "merged" if compute == torch.float32 else "adapters"
         ref_model = (copy.deepcopy(model) if cfg.reference.source == "auto"
                      else Gemma3.from_pretrained(cfg.reference.source, dtype=dtype, device=dev, delta=ref_delta))
-        ref_model.requires_grad_(False).eval()
+        ref_model.set_attn_implementation(cfg.model.attn_implementation).requires_grad_(False).eval()
         ref_model = dist.wrap_fsdp(ref_model, mixed_precision=precision.fsdp_mixed(compute))
     if cfg.lora.enabled:
         apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),

@@ -89,6 +89,9 @@ class ModelConfig:
                                         #   CPUs, else fp32; float32 forces fp32 everywhere. Trainable weights and
                                         #   AdamW state stay fp32 either way (LoRA A/B; FSDP2 / MasterAdamW masters)
     gradient_checkpointing: bool = True  # recompute each block in backward (activation memory ~ one block)
+    attn_implementation: str = "sdpa"   # "sdpa": fused attention, no [B, H, T, T] score tensor (long contexts, GPUs);
+                                        #   "eager": materialised scores (HF's eager math), faster to train on a CPU
+                                        #   at ~550 tokens in bf16 (bench/sft.py --variants fused,fused+eager)
     compile: bool = False               # torch.compile each block's training forward (Gemma3.compile_blocks): GPU
                                         #   SFT step 1.47x at 1B on an H100 (bench/gpu.py); the in-loop eval decodes
                                         #   eager; the first steps (and each new sequence length) pay compilation
@@ -172,6 +175,7 @@ def expand_paths(c: SFTConfig) -> None:
 def check_config(c: SFTConfig) -> None:
     rules = [("model.path is set", bool(c.model.path)), ("data_dir is set", bool(c.data_dir)),
              ("model.dtype in auto|bfloat16|float32", c.model.dtype in precision.CHOICES),
+             ("model.attn_implementation in sdpa|eager", c.model.attn_implementation in ("sdpa", "eager")),
              ("export_dtype in auto|float32|bfloat16", c.export_dtype in ("auto", "float32", "bfloat16")),
              ("optim.batch_size >= 1", c.optim.batch_size >= 1),
              ("optim.micro_batch_tokens >= max_seq_len", c.optim.micro_batch_tokens >= c.max_seq_len),
@@ -526,6 +530,7 @@ def build_model(cfg: SFTConfig, dev):
     # lora_delta is either frozen fp32 adapters under this run's LoRA (bf16) or rides along merged (fp32): the
     # export records it plus this run's LoRA either way
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.set_attn_implementation(cfg.model.attn_implementation)
     if cfg.lora.enabled:
         apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),
                    dropout=cfg.lora.dropout, seed=cfg.seed)

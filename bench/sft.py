@@ -1,6 +1,7 @@
 """SFT step throughput (tokens/s) and peak memory (RSS) on CPU: Gemma-3-270m + LoRA (r 8, q/k/v/o/gate/up/down) at a
 fixed batch, our training step (fused response-only loss, per-block activation checkpointing) against peers measured
-in the same run: the same step without checkpointing, and the naive loss (full [B, T, V] logits + F.cross_entropy).
+in the same run: the same step without checkpointing, with the materialised eager attention instead of SDPA
+(`fused+eager`), and the naive loss (full [B, T, V] logits + F.cross_entropy).
 Every variant runs in each compute dtype (--dtypes, default fp32 and bf16: frozen base in that dtype, fp32 LoRA
 adapters and AdamW state, twice/precision.py), same threads, and the bf16 / fp32 ratios are printed side by side.
 Each (variant, dtype) runs in its own child process so its peak RSS (ru_maxrss) is its own.
@@ -8,6 +9,7 @@ Each (variant, dtype) runs in its own child process so its peak RSS (ru_maxrss) 
     python bench/sft.py                                  # real 270m from ~/.cache/twice/gemma-3-270m if converted
     python bench/sft.py --batch 4 --seq 256 --resp 64 --steps 3 --threads 2 --variants fused+ckpt,fused
     python bench/sft.py --mfu-only                       # just print the GPU MFU formula (Gemma-3-1B, 4k prompts)
+    python bench/sft.py --batch 4 --seq 550 --resp 62 --variants fused,fused+eager --dtypes bfloat16   # attention
 
 Converting the real model first: `python -m twice.convert gemma-3-270m`. Without it a random model of the 270m
 preset shape is used, and the output says so (throughput is the same; only the loss values differ).
@@ -89,6 +91,8 @@ def child(args) -> dict:
     model = Gemma3.from_pretrained(path, dtype=dt) if real else Gemma3.from_config(PRESETS["gemma-3-270m"], dtype=dt)
     apply_lora(model, r=8, alpha=16)  # adapters fp32 whatever the base dtype
     model.gradient_checkpointing = args.variant == "fused+ckpt"
+    if args.variant == "fused+eager":  # materialised attention (train_sft.py model.attn_implementation: eager)
+        model.set_attn_implementation("eager")
     model.train()
     opt = build_adamw(model, lr=1e-5)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -176,6 +180,11 @@ def main() -> None:
                       f"{ra['peak_rss_mb']:.0f} vs {rb['peak_rss_mb']:.0f} MB "
                       f"({ra['peak_rss_mb'] / rb['peak_rss_mb']:.2f}x), "
                       f"step-0 loss {ra['losses'][0]:.4f} vs {rb['losses'][0]:.4f}")
+    if "fused" in res and "fused+eager" in res:
+        f, e = res["fused"], res["fused+eager"]
+        print(f"  eager vs SDPA attention (no checkpointing): {f['step_s'] / e['step_s']:.2f}x step time "
+              f"({f['step_cpu_s'] / e['step_cpu_s']:.2f}x in CPU seconds), peak RSS {e['peak_rss_mb']:.0f} vs "
+              f"{f['peak_rss_mb']:.0f} MB, step-0 loss {e['losses'][0]:.6f} vs {f['losses'][0]:.6f}")
     if "naive" in res:
         base = res["naive"]
         for v, r in res.items():

@@ -381,6 +381,20 @@ def test_static_decode_rollouts_equal_eager(world, tmp_path):
         train_grpo.main(overrides(world, tmp_path / "x", **{"rollout.decode": "graph"}))
 
 
+def test_attn_implementation_eager_matches_sdpa(world, tmp_path):
+    """model.attn_implementation=eager (the CPU quickstart's setting): the same rollouts and step-1 gradients as
+    SDPA up to fp32 reduction order; an unknown name is refused before any work."""
+    m = {impl: run(world, tmp_path / impl, steps=1, dump_grads=True, **{"model.attn_implementation": impl})
+         for impl in ("sdpa", "eager")}
+    texts = {impl: [r["text"] for r in map(json.loads, (tmp_path / impl / "completions.jsonl").open())]
+             for impl in m}
+    assert texts["eager"] == texts["sdpa"] and texts["sdpa"]
+    assert_grads_close(grads(tmp_path / "eager"), grads(tmp_path / "sdpa"))
+    assert m["eager"][0]["loss"] == pytest.approx(m["sdpa"][0]["loss"], rel=1e-4, abs=1e-6)
+    with pytest.raises(train_grpo.ConfigError, match="attn_implementation"):
+        train_grpo.main(overrides(world, tmp_path / "x", **{"model.attn_implementation": "flash"}))
+
+
 def test_grpo_on_a_delta_folder_exports_the_concatenated_delta(world, tmp_path):
     """GRPO trains a fresh LoRA on SFT's final/, which carries SFT's lora_delta (twice/hf.py): build_policy loads it
     merged with the delta riding along, and the export records base -> total delta, rank r_sft + r_grpo, SFT's part

@@ -219,6 +219,38 @@ def _batch(world):
     return torch.tensor([tok.apply_chat_template([{"role": "user", "content": "red soft thing, item I3?"}])])
 
 
+def multi_token_attention_calls(monkeypatch) -> list[int]:
+    """Spy on gemma3.attend_eager: the query length of every call with more than one query (a training forward or a
+    prefill; single-token decode always runs it, whatever the implementation)."""
+    import twice.gemma3 as G
+    calls, orig = [], G.attend_eager
+
+    def spy(q, *a, **kw):
+        if q.shape[2] > 1:
+            calls.append(q.shape[2])
+        return orig(q, *a, **kw)
+    monkeypatch.setattr(G, "attend_eager", spy)
+    return calls
+
+
+def test_attn_implementation_eager_trains_like_sdpa(world, ref_run, tmp_path, monkeypatch):
+    """model.attn_implementation=eager (the CPU quickstart's setting) really trains on the materialised attention
+    path, and to the same adapters as SDPA (ref_run) up to fp32 reduction order; an unknown name is refused."""
+    calls = multi_token_attention_calls(monkeypatch)
+    run(world, tmp_path, keep_checkpoints=0, **{"model.attn_implementation": "eager"})
+    assert calls, "the eager run never called the materialised attention"
+    a = load_file(tmp_path / "checkpoints" / "step_000004" / "model.safetensors")
+    b = load_file(ref_run / "checkpoints" / "step_000004" / "model.safetensors")
+    assert a.keys() == b.keys() and a
+    for k in a:  # Adam divides each gradient entry by its own scale, so near-zero entries amplify the fp32
+        # reduction-order noise between the two attention paths: measured worst 2.4e-3 of a tensor's largest entry
+        assert (a[k] - b[k]).abs().max() <= 1e-2 * b[k].abs().max(), k
+    la, lb = read_metrics(tmp_path), read_metrics(ref_run)
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
+    with pytest.raises(S.ConfigError, match="attn_implementation"):
+        run(world, tmp_path / "bad", **{"model.attn_implementation": "flash"})
+
+
 def test_lora_merged_equals_unmerged(world, ref_run):
     x = _batch(world)
     base = Gemma3.from_pretrained(world["model"])
