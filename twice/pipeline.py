@@ -56,10 +56,10 @@ ROWS = (("sasrec", "SASRec"), ("base", "base"), ("sft", "+SFT"), ("grpo_E", "+SF
 # job): SASRec 10 epochs (an epoch count, not a time cap: same seed, same numbers on any machine), stage 1 asks the
 # evidence teacher about 300 users (~200 kept), SFT one epoch (59 LoRA steps of 4 examples), GRPO (E) 6 steps
 # (2 prompts x 4 samples, auto completion budget), eval 100 test users (batches of 25, 88-token completions).
-# Wall seconds each stage took in the README's main-job run (a0334ac, 2 CPU cores, quiet), for the overall ETA; "model"
+# Wall seconds each stage took in the README's main-job run (3e4f8e2, 2 CPU cores, quiet), for the overall ETA; "model"
 # is the one-time conversion (about 2 min when ~/.cache/twice/gemma-3-270m is not there yet).
-BUDGET_S = {"data": 1, "model": 100, "sasrec": 43, "sasrec_reward": 33, "rationales": 1, "sft": 542, "grpo_E": 139,
-            "eval": 705}
+BUDGET_S = {"data": 1, "model": 100, "sasrec": 38, "sasrec_reward": 27, "rationales": 1, "sft": 450, "grpo_E": 118,
+            "eval": 625}
 # The same for --preset study, from the README's study run (2757be6, 2 CPU cores, quiet; eval = five models, 300 users)
 BUDGET_STUDY_S = {"data": 1, "model": 100, "sasrec": 41, "sasrec_reward": 33, "rationales": 1, "sft": 1346,
                   "grpo_C": 198, "grpo_D": 255, "grpo_E": 269, "eval": 4850}
