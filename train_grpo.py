@@ -44,7 +44,7 @@ from twice.checkpoint import export_hf, load_latest, rewrite_metrics, save_check
 from twice.config import ConfigError, check_inputs, parse_args, save_config
 from twice.data import load_dataset
 from twice.engine import Engine
-from twice.gemma3 import Gemma3, SharedPrefix
+from twice.gemma3 import ATTN_IMPLEMENTATIONS, Gemma3, SharedPrefix
 from twice.grpo import ObjectiveConfig, group_advantages, policy_loss
 from twice.logsink import JsonlWriter, LogConfig, RunLog, open_sinks
 from twice.lora import TARGETS, apply_lora, lora_disabled
@@ -161,7 +161,7 @@ def check_config(cfg: GRPORunConfig) -> None:
                      ("rollout.decode in eager|static|compiled", c.rollout.decode in ("eager", "static", "compiled")),
                      ("optim.micro_batch_size >= 1", c.optim.micro_batch_size >= 1), ("optim.mu >= 1", c.optim.mu >= 1),
                      ("model.dtype in auto|bfloat16|float32", c.model.dtype in precision.CHOICES),
-                     ("model.attn_implementation in sdpa|eager", c.model.attn_implementation in ("sdpa", "eager")),
+                     ("model.attn_implementation in sdpa|eager", c.model.attn_implementation in ATTN_IMPLEMENTATIONS),
                      ("rollout.split in train|valid", c.rollout.split in ("train", "valid")),
                      ("steps >= 1", c.steps >= 1),
                      ("rollout.max_new_tokens >= 1", c.rollout.max_new_tokens == "auto" or c.rollout.max_new_tokens >= 1),

@@ -69,7 +69,7 @@ from twice.config import ConfigError, InputError, check_inputs, parse_args, save
 from twice.logsink import JsonlWriter, LogConfig, RunLog, open_sinks
 from twice.data import User, load_dataset
 from twice.engine import Engine
-from twice.gemma3 import Gemma3
+from twice.gemma3 import ATTN_IMPLEMENTATIONS, Gemma3
 from twice.lora import TARGETS, apply_lora
 from twice.optim import build_adamw, clip_grad_norm_, lr_at, set_lr
 from twice.rewards import normalize_item, parse_completion
@@ -175,7 +175,7 @@ def expand_paths(c: SFTConfig) -> None:
 def check_config(c: SFTConfig) -> None:
     rules = [("model.path is set", bool(c.model.path)), ("data_dir is set", bool(c.data_dir)),
              ("model.dtype in auto|bfloat16|float32", c.model.dtype in precision.CHOICES),
-             ("model.attn_implementation in sdpa|eager", c.model.attn_implementation in ("sdpa", "eager")),
+             ("model.attn_implementation in sdpa|eager", c.model.attn_implementation in ATTN_IMPLEMENTATIONS),
              ("export_dtype in auto|float32|bfloat16", c.export_dtype in ("auto", "float32", "bfloat16")),
              ("optim.batch_size >= 1", c.optim.batch_size >= 1),
              ("optim.micro_batch_tokens >= max_seq_len", c.optim.micro_batch_tokens >= c.max_seq_len),

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # Gemma3Config.attn_implementation / set_attn_implementation; the training
+                                          #   scripts' model.attn_implementation is checked against it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,7 +56,8 @@ class Gemma3Config:
     pad_token_id: int = 0               # <pad>
     bos_token_id: int = 2               # <bos>
     eos_token_id: int | list[int] = 1   # <eos>; -it checkpoints list [1, 106] (<end_of_turn>)
-    attn_implementation: str = "sdpa"   # "sdpa" (fused kernels, default) | "eager" (materialised scores, HF-exact)
+    attn_implementation: str = "sdpa"   # ATTN_IMPLEMENTATIONS: "sdpa" (fused kernels, default) | "eager" (materialised
+                                        #   scores, HF-exact)
 
     def __post_init__(self):
         if not self.layer_types:
@@ -67,7 +70,7 @@ class Gemma3Config:
         bad = sorted(set(self.layer_types) - {SLIDING, FULL})
         if bad:
             raise ValueError(f"layer_types: unknown kind(s) {bad}; expected '{SLIDING}' or '{FULL}'")
-        if self.attn_implementation not in ("sdpa", "eager"):
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation {self.attn_implementation!r}: expected 'sdpa' or 'eager'")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "

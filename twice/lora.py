@@ -31,6 +31,15 @@ import torch.nn.functional as F
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def add_low_rank_(y, t, B):
+    """y [..., out] += t [..., r] @ B^T [r, out] in one GEMM, in place -> y. Why in place: torch.addmm(y, ..) returns a
+    new [..., out] tensor with y copied into it first (a 54 MB copy per MLP projection of a 25-prompt eval prefill) and
+    y + t B^T allocates one more; the GEMM accumulating into y is bit-identical to addmm (eval predictions identical).
+    Autograd allows it: F.linear saves its input and weight, never its output, and differentiates the addmm_ w.r.t.
+    t and B."""
+    return y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable rank-r update. Built from an existing Linear, sharing its parameters."""
 
@@ -74,23 +83,18 @@ class LoRALinear(nn.Module):
         t = F.linear(self.dropout(x), A)  # [..., r]
         if self.scale != 1:  # scale the r-wide intermediate, not the [..., out] product (fwd and bwd: 2 full passes)
             t = t * self.scale
-        # accumulate t B^T into y in one GEMM (why in place: _add_frozen); autograd differentiates it w.r.t. t and B
-        return y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
+        return add_low_rank_(y, t, B)  # autograd differentiates it w.r.t. t and B
 
     def _add_frozen(self, x, y, A, B, cache: str):
         """y [..., out] + x A^T B^T for a frozen pair, in x's dtype: cast once and cached under `cache`, not per call
-        (decode: 126 modules per step), then one addmm_ into y itself. Why in place: torch.addmm(y, ..) returns a new
-        [..., out] tensor with y copied into it first, a 54 MB copy per MLP projection of a 25-prompt eval prefill;
-        the same GEMM accumulates into y, so the result is bit-identical (eval predictions identical). Autograd allows
-        it: F.linear saves its input and weight, never its output."""
+        (decode: 126 modules per step), then one addmm_ into y itself (add_low_rank_)."""
         if A.dtype != x.dtype:
             low = self.__dict__.get(cache)
             if low is None or low[0].dtype != x.dtype or low[0].device != A.device:
                 with torch.inference_mode(False):  # first call may be a rollout: a normal tensor, usable in backward
                     low = self.__dict__[cache] = (A.detach().to(x.dtype), B.detach().to(x.dtype))
             A, B = low
-        t = F.linear(x, A)  # [..., r]
-        return y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
+        return add_low_rank_(y, F.linear(x, A), B)
 
     def extra_repr(self) -> str:
         d = "" if self.delta_A is None else f", frozen delta r={self.delta_A.shape[0]}"
